@@ -1,0 +1,12 @@
+"""lol-kernels: per-head jittered 3D RoPE in-register over a paged sink + window KV cache.
+
+Public API (DESIGN.md §4): :func:`rope_frequencies`, :func:`apply_rope`,
+:func:`paged_attention`, the paged cache (:class:`PagedKVCache`) and its position policies.
+"""
+
+from .attention import paged_attention
+from .rope import RopeTable, apply_rope, rope_frequencies
+
+__version__ = "0.1.0"
+
+__all__ = ["RopeTable", "apply_rope", "paged_attention", "rope_frequencies"]

@@ -1,0 +1,61 @@
+"""Input validation shared by every public op.
+
+Each check raises ``TypeError`` (wrong type or dtype) or ``ValueError`` (wrong rank, shape,
+device or range) with a message that names the argument and states what was expected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+BACKENDS = ("auto", "torch", "triton", "cpp", "cuda")
+
+
+def check_tensor(name: str, x, *, ndim: int | None = None, kind: str | None = None,
+                 dtypes: Sequence[torch.dtype] | None = None) -> torch.Tensor:
+    """Check that ``x`` is a tensor of rank ``ndim`` and of a float/int/bool ``kind``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    if kind == "float" and x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (fp16/bf16/fp32/fp64), got {x.dtype}")
+    if kind == "int" and x.dtype not in INT_DTYPES:
+        raise TypeError(f"{name} must be an integer tensor of positions/ids, got {x.dtype}")
+    if kind == "bool" and x.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor, got {x.dtype}")
+    if dtypes is not None and x.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {list(dtypes)}, got {x.dtype}")
+    return x
+
+
+def check_shape(name: str, x: torch.Tensor, expected: Sequence[int | None], what: str = ""):
+    """Check ``x.shape`` against ``expected`` (``None`` matches any size)."""
+    ok = x.dim() == len(expected) and all(e is None or e == s for e, s in zip(expected, x.shape))
+    if not ok:
+        want = "[" + ", ".join("*" if e is None else str(e) for e in expected) + "]"
+        extra = f" ({what})" if what else ""
+        raise ValueError(f"{name} must have shape {want}{extra}, got {list(x.shape)}")
+
+
+def check_same_device(ref_name: str, ref: torch.Tensor, **tensors):
+    for name, t in tensors.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"{name} must be on {ref.device} like {ref_name}, got {t.device}")
+
+
+def check_backend(backend: str, allowed: Sequence[str]) -> str:
+    if not isinstance(backend, str) or backend not in allowed:
+        raise ValueError(f"backend must be one of {list(allowed)}, got {backend!r}")
+    return backend
+
+
+def check_positions_fit(name: str, pos: torch.Tensor, limit: int = 2**31 - 1):
+    """Positions must fit int32 arithmetic in the kernels (and be finite integers)."""
+    if pos.numel() and (pos.max().item() > limit or pos.min().item() < -limit):
+        raise ValueError(f"{name} must hold positions in [-{limit}, {limit}] (int32), "
+                         f"got range [{pos.min().item()}, {pos.max().item()}]")

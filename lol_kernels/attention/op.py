@@ -1,0 +1,165 @@
+"""Public ``paged_attention``: validation, backend dispatch, ``lol::paged_attention`` custom op."""
+
+from __future__ import annotations
+
+import torch
+
+from .._checks import (
+    check_backend,
+    check_positions_fit,
+    check_same_device,
+    check_shape,
+    check_tensor,
+)
+from ..rope.op import check_table
+from ..rope.table import RopeTable
+from .reference import paged_attention_torch
+
+POS_LIMIT = 2**30  # stored position + page_shift must still fit int32 in the kernels
+
+
+def _triton_impl():
+    try:
+        from .triton_kernel import paged_attention_triton
+    except ImportError as e:
+        raise RuntimeError(f"backend='triton' is unavailable: {e}") from e
+    return paged_attention_triton
+
+
+def triton_available() -> bool:
+    try:
+        _triton_impl()
+        return True
+    except RuntimeError:
+        return False
+
+
+@torch.library.custom_op("lol::paged_attention", mutates_args=())
+def _paged_attention_op(q: torch.Tensor, q_pos: torch.Tensor, cache_k: torch.Tensor,
+                        cache_v: torch.Tensor, cache_pos: torch.Tensor, page_len: torch.Tensor,
+                        page_table: torch.Tensor, freqs: torch.Tensor, pair_axis: torch.Tensor,
+                        k_new: torch.Tensor | None, v_new: torch.Tensor | None, causal: bool,
+                        page_shift: torch.Tensor | None, scale: float,
+                        backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    table = RopeTable.from_tensors(freqs, pair_axis)
+    fn = _triton_impl() if backend == "triton" else paged_attention_torch
+    out, lse = fn(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table, table,
+                  k_new=k_new, v_new=v_new, causal=causal, page_shift=page_shift, scale=scale)
+    return out, lse.float()
+
+
+@_paged_attention_op.register_fake
+def _(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table, freqs, pair_axis, k_new,
+      v_new, causal, page_shift, scale, backend):
+    B, Nq, Hq, _ = q.shape
+    return torch.empty_like(q), q.new_empty((B, Hq, Nq), dtype=torch.float32)
+
+
+def validate_paged_inputs(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table, table,
+                          k_new, v_new, causal, page_shift, scale):
+    """All the checks of :func:`paged_attention` (shared with the MoC op). Returns the scale."""
+    check_tensor("q", q, ndim=4, kind="float")
+    B, Nq, Hq, D = q.shape
+    check_tensor("q_pos", q_pos, ndim=3, kind="int")
+    check_shape("q_pos", q_pos, (B, Nq, None), "[B, Nq, A]")
+    A = q_pos.shape[2]
+    check_tensor("cache_k", cache_k, ndim=4, kind="float")
+    P, S, Hkv, Dk = cache_k.shape
+    if Dk != D:
+        raise ValueError(f"cache_k must have head dim D={D} like q, got {Dk}")
+    if Hq % Hkv:
+        raise ValueError(f"q heads Hq={Hq} must be a multiple of cache_k heads Hkv={Hkv} (GQA)")
+    check_tensor("cache_v", cache_v, ndim=4, kind="float")
+    check_shape("cache_v", cache_v, (P, S, Hkv, D), "like cache_k")
+    for name, t in (("cache_k", cache_k), ("cache_v", cache_v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+    check_tensor("cache_pos", cache_pos, ndim=3, kind="int")
+    check_shape("cache_pos", cache_pos, (P, S, A), "[P, S, A] with A like q_pos")
+    check_tensor("page_len", page_len, ndim=1, kind="int")
+    check_shape("page_len", page_len, (P,), "[P]")
+    check_tensor("page_table", page_table, ndim=2, kind="int")
+    if page_table.shape[0] != B:
+        raise ValueError(f"page_table must have shape [B={B}, M], got {list(page_table.shape)}")
+    M = page_table.shape[1]
+    if page_shift is not None:
+        check_tensor("page_shift", page_shift, ndim=3, kind="int")
+        check_shape("page_shift", page_shift, (B, M, A), "[B, M, A]")
+    if (k_new is None) != (v_new is None):
+        raise ValueError("k_new and v_new must be given together")
+    if k_new is not None:
+        for name, t in (("k_new", k_new), ("v_new", v_new)):
+            check_tensor(name, t, ndim=4, kind="float")
+            check_shape(name, t, (B, Nq, Hkv, D), "[B, Nq, Hkv, D]")
+            if t.dtype != q.dtype:
+                raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if causal and k_new is None:
+        raise ValueError("causal=True needs k_new/v_new (it masks the block's own keys)")
+    check_same_device("q", q, q_pos=q_pos, cache_k=cache_k, cache_v=cache_v, cache_pos=cache_pos,
+                      page_len=page_len, page_table=page_table, page_shift=page_shift,
+                      k_new=k_new, v_new=v_new)
+    check_table(table, Hq, D, A, heads_name="q")
+    if page_table.numel():
+        lo, hi = page_table.min().item(), page_table.max().item()
+        if lo < -1 or hi >= P:
+            raise ValueError(f"page_table holds page ids in [{lo}, {hi}]; expected -1 (empty) "
+                             f"or a page of the pool [0, {P})")
+    if page_len.numel() and (page_len.min().item() < 0 or page_len.max().item() > S):
+        raise ValueError(f"page_len must be in [0, S={S}], got [{page_len.min().item()}, "
+                         f"{page_len.max().item()}]")
+    check_positions_fit("q_pos", q_pos, POS_LIMIT)
+    check_positions_fit("cache_pos", cache_pos, POS_LIMIT)
+    if page_shift is not None:
+        check_positions_fit("page_shift", page_shift, POS_LIMIT)
+    if scale is None:
+        return D**-0.5
+    if not isinstance(scale, (int, float)) or not scale > 0:
+        raise ValueError(f"scale must be a positive number, got {scale!r}")
+    return float(scale)
+
+
+def paged_attention(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table, table, *,
+                    k_new=None, v_new=None, causal=False, page_shift=None, scale=None,
+                    backend="auto"):
+    """Attention of a block of queries over a paged sink + window cache, RoPE applied at read.
+
+    Keys live un-rotated in the pool; each key is rotated at read time with its stored position
+    plus the ``page_shift`` of its page-table entry, using the frequencies of the **query head
+    that reads it** (so GQA with per-head jitter stays exactly relative).
+
+    Args:
+        q: ``[B, Nq, Hq, D]`` un-rotated queries of the current block (fp16/bf16/fp32/fp64).
+        q_pos: ``[B, Nq, A]`` int positions of the queries (``t, h, w``).
+        cache_k, cache_v: ``[P, S, Hkv, D]`` pools of ``P`` pages of ``S`` slots, q's dtype.
+            Query head ``h`` reads KV head ``h // (Hq // Hkv)``.
+        cache_pos: ``[P, S, A]`` int stored positions. page_len: ``[P]`` int filled slots.
+        page_table: ``[B, M]`` int page ids to read, any order, ``-1`` = empty entry.
+        table: :class:`RopeTable` with ``Hq`` rows.
+        k_new, v_new: ``[B, Nq, Hkv, D]`` the block's own keys/values at ``q_pos`` (optional).
+        causal: ``False``: every query sees every new key (block-causal video); ``True``: query
+            ``i`` sees new keys ``j <= i`` (token-causal). Cached keys are always all visible.
+        page_shift: ``[B, M, A]`` int added to the stored positions of that entry's page.
+        scale: softmax scale, default ``D ** -0.5``.
+        backend: ``"auto"`` (Triton on CUDA, torch otherwise), ``"torch"``, ``"triton"``.
+
+    Returns:
+        ``out [B, Nq, Hq, D]`` in q's dtype and ``lse [B, Hq, Nq]`` fp32: the natural-log
+        softmax denominator of the scaled scores, ``log sum_k exp(scale * q.k)``. A query row
+        that sees no key returns zeros and ``lse = -inf``.
+
+    Example:
+        >>> out, lse = lk.paged_attention(q, q_pos, cache.k[layer], cache.v[layer], cache.pos,
+        ...                               cache.page_len, read.page_table, table,
+        ...                               k_new=k, v_new=v, page_shift=read.page_shift)
+    """
+    scale = validate_paged_inputs(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table,
+                                  table, k_new, v_new, causal, page_shift, scale)
+    check_backend(backend, ("auto", "torch", "triton"))
+    if backend == "auto":
+        backend = "triton" if q.is_cuda and triton_available() else "torch"
+    t = table.to(q.device)
+    return _paged_attention_op(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table,
+                               t.freqs, t.pair_axis, k_new, v_new, causal, page_shift, scale,
+                               backend)

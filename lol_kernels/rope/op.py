@@ -1,0 +1,90 @@
+"""Public ``apply_rope``: validation, backend dispatch and the ``lol::apply_rope`` custom op."""
+
+from __future__ import annotations
+
+import torch
+
+from .._checks import check_backend, check_positions_fit, check_same_device, check_tensor
+from .reference import apply_rope_torch
+from .table import RopeTable
+
+
+def check_table(table, num_heads: int | None, head_dim: int, num_axes: int | None = None,
+                heads_name: str = "x"):
+    """Validate a :class:`RopeTable` against the tensor it rotates."""
+    if not isinstance(table, RopeTable):
+        raise TypeError(f"table must be a RopeTable (lk.rope_frequencies), got {type(table).__name__}")
+    if table.head_dim != head_dim:
+        raise ValueError(f"table has head_dim {table.head_dim} but {heads_name} has D={head_dim}")
+    if num_heads is not None and table.num_heads != num_heads:
+        raise ValueError(f"table must have one row per head of {heads_name} ({num_heads}), "
+                         f"got {table.num_heads} heads")
+    if num_axes is not None and table.num_axes > num_axes:
+        raise ValueError(f"positions have A={num_axes} axes but table needs {table.num_axes}")
+
+
+def _triton_apply_rope():
+    try:
+        from .triton_kernel import apply_rope_triton
+    except ImportError as e:  # triton missing or kernel not built on this platform
+        raise RuntimeError(f"backend='triton' is unavailable: {e}") from e
+    return apply_rope_triton
+
+
+@torch.library.custom_op("lol::apply_rope", mutates_args=())
+def _apply_rope_op(x: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor,
+                   pair_axis: torch.Tensor, backend: str) -> torch.Tensor:
+    table = RopeTable.from_tensors(freqs, pair_axis)
+    if backend == "triton":
+        return _triton_apply_rope()(x, pos, table)
+    return apply_rope_torch(x, pos, table)
+
+
+@_apply_rope_op.register_fake
+def _(x, pos, freqs, pair_axis, backend):
+    return torch.empty_like(x)
+
+
+def apply_rope(x: torch.Tensor, pos: torch.Tensor, table: RopeTable, *,
+               backend: str = "auto") -> torch.Tensor:
+    """Rotate ``x`` with per-head (optionally jittered) 3D RoPE.
+
+    Args:
+        x: ``[..., N, H, D]`` fp16/bf16/fp32/fp64 (queries or keys, un-rotated).
+        pos: ``[..., N, A]`` integer positions, ``A >= table.num_axes`` (``t, h, w`` for video);
+            leading dims equal to those of ``x``.
+        table: :class:`RopeTable` with ``H`` rows (one per head of ``x``).
+        backend: ``"auto"`` (Triton on CUDA when available, else torch), ``"torch"``, ``"triton"``.
+
+    Returns:
+        ``[..., N, H, D]`` in ``x.dtype``: pair ``j`` of head ``h`` rotated by
+        ``pos[..., axis(j)] * freqs[h, j]``. Angles are formed in float64 and reduced mod 2 pi,
+        so positions up to 2^24 stay accurate.
+
+    Example:
+        >>> table = lk.rope_frequencies(128, 12, jitter_sigma=0.8)
+        >>> y = lk.apply_rope(torch.randn(1, 1560, 12, 128), pos, table)
+    """
+    check_tensor("x", x, kind="float")
+    if x.dim() < 3:
+        raise ValueError(f"x must be [..., N, H, D] (at least 3 dims), got shape {tuple(x.shape)}")
+    check_tensor("pos", pos, ndim=x.dim() - 1, kind="int")
+    if tuple(pos.shape[:-1]) != tuple(x.shape[:-2]):
+        raise ValueError(f"pos must have shape [{', '.join(map(str, x.shape[:-2]))}, A] "
+                         f"matching x [..., N, H, D], got {list(pos.shape)}")
+    check_same_device("x", x, pos=pos)
+    check_table(table, x.shape[-2], x.shape[-1], pos.shape[-1])
+    check_positions_fit("pos", pos)
+    check_backend(backend, ("auto", "torch", "triton"))
+    if backend == "auto":
+        backend = "triton" if x.is_cuda and _has_triton_kernel() else "torch"
+    t = table.to(x.device)
+    return _apply_rope_op(x, pos, t.freqs, t.pair_axis, backend)
+
+
+def _has_triton_kernel() -> bool:
+    try:
+        _triton_apply_rope()
+        return True
+    except RuntimeError:
+        return False
