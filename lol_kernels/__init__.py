@@ -4,9 +4,12 @@ Public API (DESIGN.md §4): :func:`rope_frequencies`, :func:`apply_rope`,
 :func:`paged_attention`, the paged cache (:class:`PagedKVCache`) and its position policies.
 """
 
+from . import cache
 from .attention import paged_attention
+from .cache import CacheRead, PagedKVCache, read_cache, token_positions
 from .rope import RopeTable, apply_rope, rope_frequencies
 
 __version__ = "0.1.0"
 
-__all__ = ["RopeTable", "apply_rope", "paged_attention", "rope_frequencies"]
+__all__ = ["CacheRead", "PagedKVCache", "RopeTable", "apply_rope", "cache", "paged_attention",
+           "read_cache", "rope_frequencies", "token_positions"]

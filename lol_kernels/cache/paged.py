@@ -1,0 +1,221 @@
+"""Paged sink + window KV cache with un-rotated keys and per-frame chunk summaries.
+
+Layout (all fixed at creation, never grown):
+
+* ``k[layer], v[layer]``: ``[P, S, Hkv, D]`` pools, one per layer, sharing one page allocator.
+* ``pos``: ``[P, S, A]`` int32 stored positions of every slot (the same for every layer).
+* ``page_len``: ``[P]`` int32 filled slots of each page.
+* ``summary[layer]``: ``[F_max, B, Hkv, D]`` fp32 mean un-rotated key of each frame slot (the
+  chunk summary the MoC router reads), indexed by ``Frame.fid``.
+
+A frame of ``Nf`` tokens of batch row ``b`` occupies ``ceil(Nf / S)`` fresh pages (a frame always
+starts on a new page; only its last page may be partial). ``P = F_max * B * ceil(Nf / S)`` with
+``F_max = sink + window + block`` frame slots: the block of headroom is what lets a new block be
+written while the window it was denoised against is still intact.
+
+Life of a block (see :mod:`lol_kernels.cache.policies` for reads)::
+
+    read = policies.absolute(cache, F)          # page table of the frames before the block
+    ... denoise with paged_attention(..., read.page_table, k_new=..., v_new=...)
+    blk = cache.append_frames(pos)              # allocate F frames, evict the oldest window frames
+    for layer: cache.write(layer, blk, k, v)    # write the clean block's un-rotated K/V
+
+Pages freed by an eviction go to the back of the free list and are only reused by the *next*
+``append_frames``, so a read built before ``append_frames`` stays valid through the write pass.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from .._checks import check_shape, check_tensor
+
+
+@dataclass
+class Frame:
+    """One cached latent frame: slot ``fid``, stored temporal position ``t``, pages ``[B, n]``."""
+
+    fid: int
+    t: int
+    pages: torch.Tensor
+    serial: int
+    sink: bool = False
+
+
+@dataclass
+class FrameBlock:
+    """Frames allocated by one :meth:`PagedKVCache.append_frames` call, ready to be written."""
+
+    frames: list[Frame]
+    slots: torch.Tensor  # [B, F * Nf] flat slot index (page * S + slot) of every token
+
+
+class PagedKVCache:
+    """Fixed-memory paged KV cache of ``sink`` pinned frames plus a ``window`` of recent frames.
+
+    Args:
+        num_layers: layers sharing the allocator (each gets its own K/V pool).
+        num_kv_heads: ``Hkv``. head_dim: ``D``.
+        frame_tokens: ``Nf`` tokens per latent frame (1560 for Wan at 480x832).
+        sink_frames: frames pinned forever (the first ones written).
+        window_frames: most recent non-sink frames kept; the oldest is evicted first.
+        block_frames: frames per generated block (headroom; at most this many per append).
+        page_size: ``S`` slots per page, a power of two >= 16 (what the Triton kernel tiles).
+        batch_size: ``B`` streams, generated in lockstep.
+        num_axes: ``A`` position axes (3 for ``t, h, w``).
+        extra_frames: additional frame slots for subclasses (slow memory).
+        dtype, device: of the K/V pools.
+    """
+
+    def __init__(self, *, num_layers: int, num_kv_heads: int, head_dim: int, frame_tokens: int,
+                 sink_frames: int = 3, window_frames: int = 9, block_frames: int = 3,
+                 page_size: int = 256, batch_size: int = 1, num_axes: int = 3,
+                 extra_frames: int = 0, dtype: torch.dtype = torch.float32, device="cpu"):
+        for name, val, lo in (("num_layers", num_layers, 1), ("num_kv_heads", num_kv_heads, 1),
+                              ("head_dim", head_dim, 1), ("frame_tokens", frame_tokens, 1),
+                              ("sink_frames", sink_frames, 0), ("window_frames", window_frames, 1),
+                              ("block_frames", block_frames, 1), ("batch_size", batch_size, 1),
+                              ("num_axes", num_axes, 1), ("extra_frames", extra_frames, 0)):
+            if not isinstance(val, int) or val < lo:
+                raise ValueError(f"{name} must be an int >= {lo}, got {val!r}")
+        if not isinstance(page_size, int) or page_size < 16 or page_size & (page_size - 1):
+            raise ValueError(f"page_size must be a power of two >= 16, got {page_size!r}")
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.frame_tokens, self.page_size, self.batch_size = frame_tokens, page_size, batch_size
+        self.sink_frames, self.window_frames, self.block_frames = sink_frames, window_frames, block_frames
+        self.num_axes, self.dtype, self.device = num_axes, dtype, torch.device(device)
+        self.pages_per_frame = math.ceil(frame_tokens / page_size)
+        self.max_frames = sink_frames + window_frames + block_frames + extra_frames
+        self.num_pages = self.max_frames * batch_size * self.pages_per_frame
+        P, S = self.num_pages, page_size
+        self.k = [torch.zeros(P, S, num_kv_heads, head_dim, dtype=dtype, device=device)
+                  for _ in range(num_layers)]
+        self.v = [torch.zeros_like(self.k[0]) for _ in range(num_layers)]
+        self.pos = torch.zeros(P, S, num_axes, dtype=torch.int32, device=device)
+        self.page_len = torch.zeros(P, dtype=torch.int32, device=device)
+        self.summary = [torch.zeros(self.max_frames, batch_size, num_kv_heads, head_dim,
+                                    dtype=torch.float32, device=device) for _ in range(num_layers)]
+        # token n of a frame lives on page n // S of that frame, slot n % S
+        n = torch.arange(frame_tokens, device=device)
+        self._tok_page, self._tok_slot = n // S, n % S
+        self._last_fill = frame_tokens - (self.pages_per_frame - 1) * S
+        self.reset()
+
+    # ----------------------------------------------------------------- state
+    def reset(self) -> None:
+        """Forget every frame (pools are kept; nothing is reallocated)."""
+        self.free_pages: deque[int] = deque(range(self.num_pages))
+        self.free_fids: deque[int] = deque(range(self.max_frames))
+        self.sink: list[Frame] = []
+        self.window: deque[Frame] = deque()
+        self.frames_written = 0
+        self.next_t = 0
+        self.page_len.zero_()
+
+    def frames(self) -> list[Frame]:
+        """Cached frames in read order: sink frames, then window frames oldest to newest."""
+        return self.sink + list(self.window)
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.sink) + len(self.window)
+
+    @property
+    def max_read_pages(self) -> int:
+        """Page-table width ``M`` of a full read (sink + window), for fixed-shape reads."""
+        return (self.sink_frames + self.window_frames) * self.pages_per_frame
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the cache's tensors (constant for the cache's lifetime)."""
+        ts = self.k + self.v + self.summary + [self.pos, self.page_len]
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    # ----------------------------------------------------------------- writes
+    def append_frames(self, pos: torch.Tensor) -> FrameBlock:
+        """Allocate pages for ``F`` new frames, record their positions, then evict.
+
+        Args:
+            pos: ``[B, F * Nf, A]`` int positions of the new tokens, frame-major; all tokens of a
+                frame share one temporal position ``pos[..., 0]``.
+
+        Returns:
+            :class:`FrameBlock` to pass to :meth:`write` for every layer.
+        """
+        check_tensor("pos", pos, ndim=3, kind="int")
+        B, Nf, A = self.batch_size, self.frame_tokens, self.num_axes
+        if pos.shape[1] % Nf or pos.shape[0] != B or pos.shape[2] != A:
+            raise ValueError(f"pos must have shape [B={B}, F*{Nf}, A={A}], got {list(pos.shape)}")
+        F = pos.shape[1] // Nf
+        if not 1 <= F <= self.block_frames:
+            raise ValueError(f"pos holds {F} frames; append 1..block_frames={self.block_frames}")
+        pos = pos.to(self.device, torch.int32).view(B, F, Nf, A)
+        t = pos[..., 0]
+        if bool((t != t[:, :, :1]).any()) or bool((t[:, :, 0] != t[:1, :, 0]).any()):
+            raise ValueError("pos[..., 0] must be one temporal position per frame, equal across B")
+        frames, slots = [], []
+        ppf, S = self.pages_per_frame, self.page_size
+        for f in range(F):
+            if len(self.free_pages) < B * ppf or not self.free_fids:
+                raise RuntimeError("cache is out of pages: append at most block_frames frames "
+                                   "between evictions")
+            pages = torch.tensor([self.free_pages.popleft() for _ in range(B * ppf)],
+                                 dtype=torch.int64, device=self.device).view(B, ppf)
+            fr = Frame(self.free_fids.popleft(), int(t[0, f, 0]), pages, self.frames_written,
+                       sink=len(self.sink) < self.sink_frames)
+            self.frames_written += 1
+            tok_pages = pages[:, self._tok_page]  # [B, Nf]
+            flat = tok_pages * S + self._tok_slot
+            self.pos.view(-1, A)[flat.reshape(-1)] = pos[:, f].reshape(-1, A)
+            self.page_len[pages.reshape(-1)] = S
+            self.page_len[pages[:, -1]] = self._last_fill
+            (self.sink if fr.sink else self.window).append(fr)
+            frames.append(fr)
+            slots.append(flat)
+            self.next_t = max(self.next_t, fr.t + 1)
+        while len(self.window) > self.window_frames:
+            self._evict(self.window.popleft())
+        return FrameBlock(frames, torch.cat(slots, dim=1))
+
+    def write(self, layer: int, block: FrameBlock, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write the un-rotated ``k, v [B, F * Nf, Hkv, D]`` of ``block`` into ``layer``'s pool
+        and update each frame's chunk summary (mean key per head, fp32)."""
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer must be in [0, {self.num_layers}), got {layer}")
+        n = block.slots.shape[1]
+        want = (self.batch_size, n, self.num_kv_heads, self.head_dim)
+        for name, t in (("k", k), ("v", v)):
+            check_tensor(name, t, ndim=4, kind="float")
+            check_shape(name, t, want, "[B, F*Nf, Hkv, D] of the block")
+        P, S = self.num_pages, self.page_size
+        idx = block.slots.reshape(-1)
+        self.k[layer].view(P * S, self.num_kv_heads, self.head_dim)[idx] = \
+            k.reshape(-1, self.num_kv_heads, self.head_dim).to(self.dtype)
+        self.v[layer].view(P * S, self.num_kv_heads, self.head_dim)[idx] = \
+            v.reshape(-1, self.num_kv_heads, self.head_dim).to(self.dtype)
+        means = k.float().view(self.batch_size, len(block.frames), self.frame_tokens,
+                               self.num_kv_heads, self.head_dim).mean(dim=2)
+        for f, fr in enumerate(block.frames):
+            self.summary[layer][fr.fid] = means[:, f]
+
+    # ----------------------------------------------------------------- eviction
+    def _evict(self, fr: Frame) -> None:
+        """Return a frame's pages and slot to the free lists (subclasses may promote instead)."""
+        self.free_pages.extend(fr.pages.reshape(-1).tolist())
+        self.free_fids.append(fr.fid)
+
+    def drop_window(self, keep_last: int) -> list[Frame]:
+        """Evict all window frames but the newest ``keep_last``; returns the evicted frames."""
+        if not isinstance(keep_last, int) or keep_last < 0:
+            raise ValueError(f"keep_last must be an int >= 0, got {keep_last!r}")
+        gone = []
+        while len(self.window) > keep_last:
+            fr = self.window.popleft()
+            self._evict(fr)
+            gone.append(fr)
+        return gone
