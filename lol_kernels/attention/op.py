@@ -10,6 +10,7 @@ from .._checks import (
     check_same_device,
     check_shape,
     check_tensor,
+    value_checks_enabled,
 )
 from ..rope.op import check_table
 from ..rope.table import RopeTable
@@ -45,7 +46,7 @@ def _paged_attention_op(q: torch.Tensor, q_pos: torch.Tensor, cache_k: torch.Ten
     fn = _triton_impl() if backend == "triton" else paged_attention_torch
     out, lse = fn(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table, table,
                   k_new=k_new, v_new=v_new, causal=causal, page_shift=page_shift, scale=scale)
-    return out, lse.float()
+    return out.contiguous(), lse.float().contiguous()
 
 
 @_paged_attention_op.register_fake
@@ -101,12 +102,12 @@ def validate_paged_inputs(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_
                       page_len=page_len, page_table=page_table, page_shift=page_shift,
                       k_new=k_new, v_new=v_new)
     check_table(table, Hq, D, A, heads_name="q")
-    if page_table.numel():
+    if value_checks_enabled() and page_table.numel():
         lo, hi = page_table.min().item(), page_table.max().item()
         if lo < -1 or hi >= P:
             raise ValueError(f"page_table holds page ids in [{lo}, {hi}]; expected -1 (empty) "
                              f"or a page of the pool [0, {P})")
-    if page_len.numel() and (page_len.min().item() < 0 or page_len.max().item() > S):
+    if value_checks_enabled() and page_len.numel() and (page_len.min().item() < 0 or page_len.max().item() > S):
         raise ValueError(f"page_len must be in [0, S={S}], got [{page_len.min().item()}, "
                          f"{page_len.max().item()}]")
     check_positions_fit("q_pos", q_pos, POS_LIMIT)
