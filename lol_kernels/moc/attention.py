@@ -1,0 +1,242 @@
+"""Public ``moc_attention`` (block-sparse paged attention over routed chunks) and
+``moc_route_tiles``: validation, backend dispatch, the ``lol::moc_attention`` custom op.
+
+Query tiles. Routing is per **query tile** of ``tile_size`` consecutive query tokens (default
+128) and per query head, not per token as in MoBA: every query of a tile reads the same key
+pages, so one kernel program (a query block of ``BLOCK_M`` rows, ``tile_size % BLOCK_M == 0``)
+loops over one page list with dense tensor-core tiles instead of a per-row gather. 128 tokens
+are about 2.5 patch rows of a Wan frame (30 x 52 patches): spatially coherent, so the tile's mean
+query is a meaningful summary; a 4680-token block has ``T = 37`` tiles, and routing costs
+``T * C * H * D`` MACs (14.5 M for 256 chunks and 12 heads of 128), nothing beside the attention.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._checks import check_backend, check_positions_fit, check_shape, check_tensor
+from ..attention.op import POS_LIMIT, validate_paged_inputs
+from ..rope.table import RopeTable
+from .attention_reference import moc_attention_torch
+
+TILE_MULTIPLE = 16  # smallest query block of the kernel (tl.dot needs >= 16 rows)
+
+
+def _triton_impl():
+    try:
+        from .attention_triton import moc_attention_triton
+    except ImportError as e:
+        raise RuntimeError(f"backend='triton' is unavailable: {e}") from e
+    return moc_attention_triton
+
+
+def triton_available() -> bool:
+    try:
+        _triton_impl()
+        return True
+    except RuntimeError:
+        return False
+
+
+@torch.library.custom_op("lol::moc_attention", mutates_args=())
+def _moc_attention_op(q: torch.Tensor, q_pos: torch.Tensor, cache_k: torch.Tensor,
+                      cache_v: torch.Tensor, cache_pos: torch.Tensor, page_len: torch.Tensor,
+                      page_table: torch.Tensor, freqs: torch.Tensor, pair_axis: torch.Tensor,
+                      chunk_pages: torch.Tensor, routed: torch.Tensor, k_new: torch.Tensor | None,
+                      v_new: torch.Tensor | None, causal: bool, page_shift: torch.Tensor | None,
+                      chunk_shift: torch.Tensor | None, scale: float, tile_size: int,
+                      backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    table = RopeTable.from_tensors(freqs, pair_axis)
+    fn = _triton_impl() if backend == "triton" else moc_attention_torch
+    out, lse = fn(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table, table,
+                  chunk_pages=chunk_pages, routed=routed, k_new=k_new, v_new=v_new,
+                  causal=causal, page_shift=page_shift, chunk_shift=chunk_shift, scale=scale,
+                  tile_size=tile_size)
+    return out, lse.float()
+
+
+@_moc_attention_op.register_fake
+def _(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table, freqs, pair_axis, chunk_pages,
+      routed, k_new, v_new, causal, page_shift, chunk_shift, scale, tile_size, backend):
+    B, N, Hq, _ = q.shape
+    return torch.empty_like(q), q.new_empty((B, Hq, N), dtype=torch.float32)
+
+
+def check_tile_size(tile_size) -> int:
+    if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < TILE_MULTIPLE \
+            or tile_size % TILE_MULTIPLE:
+        raise ValueError(f"tile_size must be a positive multiple of {TILE_MULTIPLE} (the kernel's "
+                         f"query block), got {tile_size!r}")
+    return tile_size
+
+
+def validate_moc_inputs(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table, table,
+                        chunk_pages, routed, k_new, v_new, causal, page_shift, chunk_shift,
+                        scale, tile_size):
+    """All the checks of :func:`moc_attention`. Returns the scale."""
+    scale = validate_paged_inputs(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table,
+                                  table, k_new, v_new, causal, page_shift, scale)
+    check_tile_size(tile_size)
+    B, N, Hq, _ = q.shape
+    P, A = cache_k.shape[0], q_pos.shape[2]
+    check_tensor("chunk_pages", chunk_pages, ndim=3, kind="int")
+    if chunk_pages.shape[0] != B:
+        raise ValueError(f"chunk_pages must have shape [B={B}, C, Pc], got "
+                         f"{list(chunk_pages.shape)}")
+    C = chunk_pages.shape[1]
+    if chunk_pages.numel():
+        lo, hi = chunk_pages.min().item(), chunk_pages.max().item()
+        if lo < -1 or hi >= P:
+            raise ValueError(f"chunk_pages holds page ids in [{lo}, {hi}]; expected -1 (empty) "
+                             f"or a page of the pool [0, {P})")
+    if chunk_shift is not None:
+        check_tensor("chunk_shift", chunk_shift, ndim=3, kind="int")
+        check_shape("chunk_shift", chunk_shift, (B, C, A), "[B, C, A]")
+        check_positions_fit("chunk_shift", chunk_shift, POS_LIMIT)
+    check_tensor("routed", routed, ndim=4, kind="int")
+    T = math.ceil(N / tile_size)
+    check_shape("routed", routed, (B, T, Hq, None),
+                f"[B, T = ceil(N / tile_size) = {T}, Hq, k]")
+    for name, t in (("chunk_pages", chunk_pages), ("chunk_shift", chunk_shift),
+                    ("routed", routed)):
+        if t is not None and t.device != q.device:
+            raise ValueError(f"{name} must be on {q.device} like q, got {t.device}")
+    if routed.numel():
+        lo, hi = routed.min().item(), routed.max().item()
+        if lo < -1 or hi >= C:
+            raise ValueError(f"routed holds chunk ids in [{lo}, {hi}]; expected -1 (none) or a "
+                             f"chunk in [0, C={C})")
+        srt = routed.sort(dim=-1).values
+        if bool(((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)).any()):
+            raise ValueError("routed lists a chunk twice for one (tile, head); each chunk may be "
+                             "selected once (lk.moc_route never repeats a chunk)")
+    if chunk_pages.numel() and page_table.numel():
+        for b in range(B):  # a page both mandatory and routed would be attended twice
+            cp = chunk_pages[b][chunk_pages[b] >= 0]
+            if bool(torch.isin(cp, page_table[b][page_table[b] >= 0]).any()):
+                raise ValueError(f"chunk_pages[{b}] shares pages with page_table[{b}]; routed "
+                                 f"chunks must be disjoint from the mandatory pages")
+    return scale
+
+
+def moc_attention(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table, table, *,
+                  chunk_pages, routed, k_new=None, v_new=None, causal=False, page_shift=None,
+                  chunk_shift=None, scale=None, tile_size=128, backend="auto"):
+    """Block-sparse paged attention: mandatory pages + the routed chunks of each query tile.
+
+    Query ``i`` of head ``h`` belongs to tile ``t = i // tile_size`` and attends the union of
+
+    * the **mandatory** pages ``page_table[b]`` (sink and fast window), all slots
+      ``s < page_len[page]``, positions ``cache_pos + page_shift[b, entry]``;
+    * the pages of the chunks ``routed[b, t, h, :]`` (``-1`` = no chunk), chunk ``c`` being the
+      pages ``chunk_pages[b, c, :]`` (``-1`` = no page) read at ``cache_pos + chunk_shift[b, c]``;
+    * the block's own keys ``k_new`` (all, or ``j <= i`` with ``causal=True``).
+
+    This equals dense attention over the mandatory pages, every chunk and the new keys with the
+    mask "chunk ``c`` is visible to tile ``t`` and head ``h`` iff ``c in routed[b, t, h]``".
+    Keys are un-rotated in the pool and rotated at read time with the frequencies of the query
+    head that reads them, exactly as :func:`lol_kernels.paged_attention`.
+
+    Args:
+        q: ``[B, N, Hq, D]`` un-rotated queries (fp16/bf16/fp32/fp64).
+        q_pos: ``[B, N, A]`` int positions of the queries.
+        cache_k, cache_v: ``[P, S, Hkv, D]`` page pools in q's dtype; query head ``h`` reads KV
+            head ``h // (Hq // Hkv)``.
+        cache_pos: ``[P, S, A]`` int stored positions. page_len: ``[P]`` int filled slots.
+        page_table: ``[B, M]`` int mandatory page ids, ``-1`` = empty entry.
+        table: :class:`RopeTable` with ``Hq`` rows.
+        chunk_pages: ``[B, C, Pc]`` int page ids of each routable chunk (a slow-memory frame is
+            one chunk of ``ceil(Nf / S)`` pages), ``-1`` = no page. Must not share pages with
+            ``page_table`` (a shared page would be counted twice; this raises).
+        routed: ``[B, T, Hq, k]`` int chunk ids per query tile and head, ``T = ceil(N /
+            tile_size)``, ``-1`` = none, no chunk twice in a row (:func:`moc_route_tiles` /
+            ``lk.moc_route`` output). Its chunk order does not matter.
+        k_new, v_new: ``[B, N, Hkv, D]`` the block's own keys/values at ``q_pos`` (optional).
+        causal: ``True``: query ``i`` sees new keys ``j <= i``; cached keys are all visible.
+        page_shift: ``[B, M, A]`` int added to the stored positions of a mandatory entry.
+        chunk_shift: ``[B, C, A]`` int added to the stored positions of every page of chunk
+            ``c`` (a chunk is read at one shift, as a frame is under every position policy).
+        scale: softmax scale, default ``D ** -0.5``.
+        tile_size: query tokens per routing tile, a multiple of 16 (default 128; module doc).
+        backend: ``"auto"`` (Triton on CUDA, torch otherwise), ``"torch"``, ``"triton"``.
+
+    Returns:
+        ``out [B, N, Hq, D]`` in q's dtype and ``lse [B, Hq, N]`` fp32, the natural-log softmax
+        denominator ``log sum_k exp(scale * q.k)`` over the keys the row sees. A row that sees
+        no key returns zeros and ``lse = -inf``.
+
+    Example:
+        >>> rd = cache.read(3, routed=True)
+        >>> idx = lk.moc_route_tiles(q, rd.chunk_mean(layer), 8, chunk_valid=rd.chunk_valid)
+        >>> out, lse = lk.moc_attention(q, q_pos, cache.k[layer], cache.v[layer], cache.pos,
+        ...                             cache.page_len, rd.page_table, table,
+        ...                             chunk_pages=rd.chunk_pages, routed=idx,
+        ...                             page_shift=rd.page_shift, chunk_shift=rd.chunk_shift,
+        ...                             k_new=k, v_new=v)
+    """
+    scale = validate_moc_inputs(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table,
+                                table, chunk_pages, routed, k_new, v_new, causal, page_shift,
+                                chunk_shift, scale, tile_size)
+    check_backend(backend, ("auto", "torch", "triton"))
+    if backend == "auto":
+        backend = "triton" if q.is_cuda and triton_available() else "torch"
+    t = table.to(q.device)
+    return _moc_attention_op(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table,
+                             t.freqs, t.pair_axis, chunk_pages, routed, k_new, v_new, causal,
+                             page_shift, chunk_shift, scale, tile_size, backend)
+
+
+def tile_means(q: torch.Tensor, tile_size: int = 128) -> torch.Tensor:
+    """Mean of each query tile: ``q [B, N, H, D]`` -> ``[B, T, H, D]`` fp32, ``T = ceil(N /
+    tile_size)``; the last tile averages only its ``N - (T - 1) * tile_size`` real tokens."""
+    check_tensor("q", q, ndim=4, kind="float")
+    check_tile_size(tile_size)
+    B, N, H, D = q.shape
+    T = math.ceil(N / tile_size)
+    pad = T * tile_size - N
+    qf = torch.nn.functional.pad(q.float(), (0, 0, 0, 0, 0, pad))
+    sums = qf.view(B, T, tile_size, H, D).sum(dim=2)
+    count = torch.full((T,), float(tile_size), device=q.device)
+    count[-1] = tile_size - pad
+    return sums / count.view(1, T, 1, 1)
+
+
+def _router():
+    try:
+        from .route import moc_route
+    except ImportError:
+        return None
+    return moc_route
+
+
+def moc_route_tiles(q, chunk_mean, k, *, tile_size=128, chunk_valid=None, causal_limit=None,
+                    backend="auto"):
+    """Route each query tile and head to its top-``k`` chunks (MoC's parameter-free router).
+
+    Args:
+        q: ``[B, N, Hq, D]`` **un-rotated** queries (the cache's chunk means are of un-rotated
+            keys, so routing compares content, not positions).
+        chunk_mean: ``[B, C, Hc, D]`` mean key of each chunk (``cache.summary[layer]`` gathered
+            in chunk order), ``Hc = Hq`` or ``Hkv`` with ``Hq % Hkv == 0`` (then query head
+            ``h`` is scored against KV head ``h // (Hq // Hkv)``, as attention reads it).
+        k: chunks per tile and head.
+        tile_size: as in :func:`moc_attention`; chunk_valid ``[B, C]`` bool; causal_limit
+            ``[B, T]`` int (chunk ``c`` eligible for tile ``t`` iff ``c < causal_limit``).
+        backend: passed to ``lk.moc_route``.
+
+    Returns:
+        ``idx [B, T, Hq, k]`` int32, ascending chunk ids, ``-1`` where fewer are eligible.
+    """
+    qm = tile_means(q, tile_size)
+    check_tensor("chunk_mean", chunk_mean, ndim=4, kind="float")
+    B, T, Hq, D = qm.shape
+    if chunk_mean.shape[0] != B or chunk_mean.shape[3] != D or Hq % max(chunk_mean.shape[2], 1):
+        raise ValueError(f"chunk_mean must have shape [B={B}, C, Hc, D={D}] with Hq={Hq} a "
+                         f"multiple of Hc, got {list(chunk_mean.shape)}")
+    cm = chunk_mean.float().repeat_interleave(Hq // chunk_mean.shape[2], dim=2)
+    route = _router()
+    if route is None:
+        raise RuntimeError("lk.moc_route is not available (lol_kernels/moc/route.py missing)")
+    return route(qm, cm, k, chunk_valid=chunk_valid, causal_limit=causal_limit, backend=backend)
