@@ -4,12 +4,13 @@ Public API (DESIGN.md §4): :func:`rope_frequencies`, :func:`apply_rope`,
 :func:`paged_attention`, the paged cache (:class:`PagedKVCache`) and its position policies.
 """
 
-from . import cache
+from . import cache, diagnostics
 from .attention import paged_attention
 from .cache import CacheRead, PagedKVCache, read_cache, token_positions
 from .rope import RopeTable, apply_rope, rope_frequencies
 
 __version__ = "0.1.0"
 
-__all__ = ["CacheRead", "PagedKVCache", "RopeTable", "apply_rope", "cache", "paged_attention",
+__all__ = ["CacheRead", "PagedKVCache", "RopeTable", "apply_rope", "cache", "diagnostics",
+           "paged_attention",
            "read_cache", "rope_frequencies", "token_positions"]
