@@ -20,7 +20,8 @@ def _extensions():
 
     cu = sorted(glob.glob("csrc/**/*.cu", recursive=True))
     use_cuda = bool(cu) and torch.version.cuda is not None and ce.CUDA_HOME is not None
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    # -ffp-contract=off: no FMA contraction, so the router's fp32 scores are bit-exact vs torch
+    cxx = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"]
     kwargs = dict(
         name="lol_kernels._C",
         include_dirs=[os.path.abspath("csrc")],

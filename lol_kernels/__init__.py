@@ -7,10 +7,11 @@ Public API (DESIGN.md §4): :func:`rope_frequencies`, :func:`apply_rope`,
 from . import cache, diagnostics
 from .attention import paged_attention
 from .cache import CacheRead, PagedKVCache, read_cache, token_positions
+from .moc import moc_route
 from .rope import RopeTable, apply_rope, rope_frequencies
 
 __version__ = "0.1.0"
 
 __all__ = ["CacheRead", "PagedKVCache", "RopeTable", "apply_rope", "cache", "diagnostics",
-           "paged_attention",
+           "moc_route", "paged_attention",
            "read_cache", "rope_frequencies", "token_positions"]
