@@ -1,0 +1,355 @@
+"""Causal Wan2.1 transformer that attends a paged sink + window KV cache (gpt-fast style).
+
+The math is diffusers' ``WanTransformer3DModel`` (Wan2.1 T2V) with two changes for streaming:
+
+* **per-frame timesteps**: ``timestep [B, F]`` gives each latent frame its own modulation table
+  ``[B, F, 6, dim]``, broadcast over that frame's tokens (diffusers' single timestep per sample
+  is the case of equal timesteps);
+* **self-attention through** :func:`lol_kernels.paged_attention`: queries and keys are
+  un-rotated after the full-width q/k RMSNorm; RoPE is applied inside the op at read time, so
+  the cache stores un-rotated keys and a position policy only changes integer positions.
+
+Parameter names follow the original Wan / Self-Forcing / LongLive layout (``self_attn.q``,
+``norm3``, ``ffn.0``, ``head.head``, ...); :mod:`lol_model.weights` also loads diffusers names.
+
+Precision: activations stay in the parameters' dtype; LayerNorms, RMSNorms, modulation and the
+residual updates with their gates are computed in fp32 (fp64 for an fp64 model), as diffusers
+does. The timestep sinusoid uses diffusers' fp32 frequency table.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lol_kernels as lk
+from lol_kernels.cache import CacheRead, FrameBlock, PagedKVCache
+
+from .config import ModelConfig
+
+
+@dataclass
+class TextKV:
+    """Cross-attention keys and values of one prompt for every layer (computed once per prompt).
+
+    Attributes:
+        k, v: ``num_layers`` tensors ``[B, L, H, D]`` in the model dtype (``k`` after the
+            full-width RMSNorm). ``B`` may be 1 to share one prompt across a batch.
+    """
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+
+    @property
+    def batch_size(self) -> int:
+        return self.k[0].shape[0]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Norms and modulation run in fp32, or fp64 for an fp64 model."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def layer_norm(x, ct, eps, weight=None, bias=None):
+    """LayerNorm over the last dim computed in ``ct`` (result stays in ``ct``)."""
+    w = None if weight is None else weight.to(ct)
+    b = None if bias is None else bias.to(ct)
+    return F.layer_norm(x.to(ct), (x.shape[-1],), w, b, eps)
+
+
+def timestep_sinusoid(t: torch.Tensor, dim: int, ct: torch.dtype) -> torch.Tensor:
+    """``[cos, sin](t * omega)`` of ``t [N]`` -> ``[N, dim]`` in ``ct``; omega as diffusers'
+    ``get_timestep_embedding`` (fp32 ``exp(-ln(10000) i / half)``, no frequency shift)."""
+    half = dim // 2
+    exponent = -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device)
+    ang = t.to(ct)[:, None] * torch.exp(exponent / half)[None]
+    return torch.cat([ang.cos(), ang.sin()], dim=-1)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the full width (all heads together), computed in fp32/fp64."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        ct = compute_dtype(x.dtype)
+        return F.rms_norm(x.to(ct), (x.shape[-1],), self.weight.to(ct), self.eps).to(x.dtype)
+
+
+class AffineLayerNorm(nn.LayerNorm):
+    """Affine LayerNorm computed in fp32/fp64, output in the input dtype (Wan's ``norm3``)."""
+
+    def forward(self, x):
+        return layer_norm(x, compute_dtype(x.dtype), self.eps, self.weight, self.bias).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Projections of a Wan attention layer: ``q, k, v, o`` and full-width ``norm_q, norm_k``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.dim
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.norm_q, self.norm_k = RMSNorm(d, cfg.eps), RMSNorm(d, cfg.eps)
+
+    def heads(self, x):
+        return x.unflatten(-1, (self.num_heads, self.head_dim))
+
+    def kv(self, x):
+        """Un-rotated normed keys and values ``[B, N, H, D]`` of ``x [B, N, dim]``."""
+        return self.heads(self.norm_k(self.k(x))), self.heads(self.v(x))
+
+    def query(self, x):
+        return self.heads(self.norm_q(self.q(x)))
+
+
+class SelfAttention(Attention):
+    def forward(self, x, attend):
+        """``x [B, N, dim]``; ``attend(q, k, v) -> [B, N, H, D]`` (un-rotated q, k)."""
+        k, v = self.kv(x)
+        return self.o(attend(self.query(x), k, v).flatten(-2))
+
+
+class CrossAttention(Attention):
+    def forward(self, x, k, v):
+        """``x [B, N, dim]`` attends the text's ``k, v [B or 1, L, H, D]`` (no RoPE, no mask)."""
+        q = self.query(x).transpose(1, 2)
+        k, v = (t.expand(q.shape[0], -1, -1, -1).transpose(1, 2) for t in (k, v))
+        return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(-2))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.eps = cfg.eps
+        self.self_attn = SelfAttention(cfg)
+        self.norm3 = AffineLayerNorm(cfg.dim, cfg.eps) if cfg.cross_attn_norm else nn.Identity()
+        self.cross_attn = CrossAttention(cfg)
+        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
+                                 nn.Linear(cfg.ffn_dim, cfg.dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x, e0, text_k, text_v, attend):
+        """``x [B, F, Nf, dim]`` (model dtype), ``e0 [B, F, 6, dim]`` (fp32/fp64)."""
+        dt, ct, (B, Fr, Nf, C) = x.dtype, e0.dtype, x.shape
+        mod = (self.modulation.to(ct).unsqueeze(0) + e0).unsqueeze(3)  # [B, F, 6, 1, dim]
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(2)
+        h = (layer_norm(x, ct, self.eps) * (1 + scale1) + shift1).to(dt)
+        y = self.self_attn(h.view(B, Fr * Nf, C), attend).view(B, Fr, Nf, C)
+        x = (x.to(ct) + y.to(ct) * gate1).to(dt)
+        h = self.norm3(x).view(B, Fr * Nf, C)
+        x = x + self.cross_attn(h, text_k, text_v).view(B, Fr, Nf, C)
+        h = (layer_norm(x, ct, self.eps) * (1 + scale2) + shift2).to(dt)
+        return (x.to(ct) + self.ffn(h).to(ct) * gate2).to(dt)
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.eps = cfg.eps
+        self.head = nn.Linear(cfg.dim, cfg.patch_dim)
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x, e):
+        """``x [B, F, Nf, dim]``, ``e [B, F, dim]`` (time embedding, fp32/fp64)."""
+        ct = e.dtype
+        shift, scale = (self.modulation.to(ct).unsqueeze(0) + e.unsqueeze(2)).unsqueeze(3).unbind(2)
+        return self.head((layer_norm(x, ct, self.eps) * (1 + scale) + shift).to(x.dtype))
+
+
+class CausalWanModel(nn.Module):
+    """Wan2.1 transformer for block-causal streaming over a :class:`PagedKVCache`.
+
+    Life of a block (the generator's loop)::
+
+        text_kv = model.encode_text(context)                  # once per prompt
+        read = lk.cache.read_cache(cache, F, "absolute")       # any policy
+        pred = model(x_t, t, text_kv, cache, read)             # each denoising step
+        blk = cache.append_frames(lk.token_positions(read.q_t, gh, gw, B))
+        model(x0, torch.zeros(B, F), text_kv, cache, read, write=blk)   # write the clean K/V
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_channels, d, cfg.patch_size, cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, d),
+                                            nn.GELU(approximate="tanh"), nn.Linear(d, d))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(),
+                                            nn.Linear(d, d))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+        self.configure_rope()
+
+    # ------------------------------------------------------------------ setup
+    def configure_rope(self, *, jitter_sigma: float = 0.0, jitter_axes=(0,), seed: int = 0):
+        """Set :attr:`rope_table` (``lk.rope_frequencies``; LoL multi-head jitter if sigma > 0)."""
+        self.rope_table = lk.rope_frequencies(self.cfg.head_dim, self.cfg.num_heads,
+                                              theta=self.cfg.rope_theta,
+                                              jitter_sigma=jitter_sigma,
+                                              jitter_axes=jitter_axes, seed=seed)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.patch_embedding.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.patch_embedding.weight.device
+
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        """Token grid ``(gh, gw)`` of a latent frame of ``height x width``."""
+        _, ph, pw = self.cfg.patch_size
+        if height % ph or width % pw:
+            raise ValueError(f"latent height x width {height}x{width} must be divisible by the "
+                             f"patch {ph}x{pw}")
+        return height // ph, width // pw
+
+    def new_cache(self, *, frame_tokens: int, sink_frames: int, window_frames: int,
+                  block_frames: int, batch_size: int = 1, page_size: int | None = None,
+                  dtype=None, device=None, cache_cls=PagedKVCache, **kw) -> PagedKVCache:
+        """A cache with this model's layers, heads and head_dim (dtype/device of the model by
+        default). ``page_size`` defaults to the power of two covering a frame, in [16, 256]."""
+        if page_size is None:
+            page_size = min(256, max(16, 1 << (int(frame_tokens) - 1).bit_length()))
+        return cache_cls(num_layers=self.cfg.num_layers, num_kv_heads=self.cfg.num_heads,
+                         head_dim=self.cfg.head_dim, frame_tokens=frame_tokens,
+                         sink_frames=sink_frames, window_frames=window_frames,
+                         block_frames=block_frames, page_size=page_size, batch_size=batch_size,
+                         num_axes=3, dtype=dtype or self.dtype, device=device or self.device,
+                         **kw)
+
+    def encode_text(self, context: torch.Tensor) -> TextKV:
+        """Text embedding and every layer's cross-attention K/V of ``context [B, L, text_dim]``
+        (umT5 output, zero-padded to ``cfg.text_len`` as Wan does; every token is attended)."""
+        if not isinstance(context, torch.Tensor) or context.dim() != 3 \
+                or context.shape[-1] != self.cfg.text_dim:
+            got = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context)
+            raise ValueError(f"context must be a tensor [B, L, text_dim={self.cfg.text_dim}], "
+                             f"got {got}")
+        ctx = self.text_embedding(context.to(self.device, self.dtype))
+        kv = [blk.cross_attn.kv(ctx) for blk in self.blocks]
+        return TextKV([k for k, _ in kv], [v for _, v in kv])
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, text_kv: TextKV,
+                cache: PagedKVCache, read: CacheRead, *, write: FrameBlock | None = None,
+                causal_within_block: bool = False, backend: str = "auto") -> torch.Tensor:
+        """Flow prediction (``noise - x0``) of a block of latent frames.
+
+        Args:
+            x: ``[B, C, F, H, W]`` latents of the block (any float dtype).
+            timestep: ``[B, F]`` (or ``[B]`` / scalar, broadcast) float in ``[0, 1000]``.
+            text_kv: from :meth:`encode_text`.
+            cache, read: the paged cache and a read of it from any position policy; the block's
+                queries sit at ``lk.token_positions(read.q_t, H // ph, W // pw, B)``.
+            write: when given (the clean write pass at ``t = 0``), each layer writes its
+                un-rotated normed ``k`` and ``v`` into ``cache`` at these frames.
+            causal_within_block: token-causal attention among the block's own tokens (default:
+                every token of the block sees the whole block).
+            backend: of :func:`lol_kernels.paged_attention`.
+
+        Returns:
+            ``[B, C_out, F, H, W]`` in ``x.dtype``.
+        """
+        B, Fr, gh, gw = self._check_input(x, text_kv)
+        if not isinstance(read, CacheRead) or read.q_t.numel() != Fr:
+            raise ValueError(f"read must be a CacheRead with one q_t per frame of x ({Fr})")
+        if cache.frame_tokens != gh * gw or cache.batch_size != B:
+            raise ValueError(f"cache holds frames of {cache.frame_tokens} tokens for batch "
+                             f"{cache.batch_size}; x has {gh * gw} tokens per frame, batch {B}")
+        pos = lk.token_positions(read.q_t, gh, gw, B).to(self.device)
+
+        def attend(layer, q, k, v):
+            out, _ = lk.paged_attention(q, pos, cache.k[layer], cache.v[layer], cache.pos,
+                                        cache.page_len, read.page_table, self.rope_table,
+                                        k_new=k, v_new=v, causal=causal_within_block,
+                                        page_shift=read.page_shift, backend=backend)
+            if write is not None:
+                cache.write(layer, write, k, v)
+            return out
+
+        return self._run(x, timestep, text_kv, attend)
+
+    def forward_full(self, x: torch.Tensor, timestep: torch.Tensor, text_kv: TextKV, *,
+                     frame_t=None, block_frames=None) -> torch.Tensor:
+        """One forward over a whole clip with dense attention and no cache (the reference that
+        streaming must equal). Frames sit at temporal positions ``frame_t [F]`` (default
+        ``0..F-1``); with ``block_frames`` (an int or a list of block lengths summing to F)
+        a frame sees the frames of its own and earlier blocks only (block-causal)."""
+        B, Fr, gh, gw = self._check_input(x, text_kv)
+        frame_t = torch.arange(Fr) if frame_t is None else torch.as_tensor(frame_t)
+        pos = lk.token_positions(frame_t, gh, gw, B).to(self.device)
+        mask = None
+        if block_frames is not None:
+            sizes = [block_frames] * (Fr // block_frames) if isinstance(block_frames, int) \
+                else list(block_frames)
+            if sum(sizes) != Fr:
+                raise ValueError(f"block_frames must split the {Fr} frames, got {block_frames}")
+            bid = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+            mask = (bid[:, None] >= bid[None, :]).repeat_interleave(gh * gw, 0)
+            mask = mask.repeat_interleave(gh * gw, 1).to(self.device)
+
+        def attend(layer, q, k, v):
+            q, k = (lk.apply_rope(t, pos, self.rope_table, backend="torch") for t in (q, k))
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                 v.transpose(1, 2), attn_mask=mask)
+            return out.transpose(1, 2)
+
+        return self._run(x, timestep, text_kv, attend)
+
+    # ------------------------------------------------------------------ internals
+    def _check_input(self, x, text_kv):
+        if not isinstance(x, torch.Tensor) or x.dim() != 5 or not x.is_floating_point():
+            raise ValueError(f"x must be a float tensor [B, C, F, H, W], got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x)}")
+        B, C, Fr, H, W = x.shape
+        if C != self.cfg.in_channels:
+            raise ValueError(f"x must have in_channels={self.cfg.in_channels} channels, got {C}")
+        if self.cfg.patch_size[0] != 1:
+            raise ValueError("the causal model needs patch_size[0] == 1 (one frame per step)")
+        if not isinstance(text_kv, TextKV) or len(text_kv.k) != self.cfg.num_layers:
+            raise ValueError("text_kv must be a TextKV from encode_text with one K/V per layer")
+        if text_kv.batch_size not in (1, B):
+            raise ValueError(f"text_kv has batch {text_kv.batch_size}; x has batch {B}")
+        return (B, Fr, *self.grid(H, W))
+
+    def _timesteps(self, timestep, B, Fr):
+        t = torch.as_tensor(timestep, device=self.device)
+        if t.dim() == 0:
+            t = t.expand(B)
+        if t.dim() == 1 and t.shape[0] == B:
+            t = t[:, None].expand(B, Fr)
+        if tuple(t.shape) != (B, Fr):
+            raise ValueError(f"timestep must have shape [B={B}, F={Fr}] (or [B]), "
+                             f"got {list(t.shape)}")
+        return t
+
+    def _run(self, x, timestep, text_kv, attend):
+        dt, (B, _, Fr, H, W) = self.dtype, x.shape
+        ct = compute_dtype(dt)
+        gh, gw = self.grid(H, W)
+        # [B, dim, F, gh, gw] -> [B, F, gh*gw, dim]: tokens row-major within a frame
+        h = self.patch_embedding(x.to(self.device, dt)).flatten(3).permute(0, 2, 3, 1).contiguous()
+        t = self._timesteps(timestep, B, Fr).reshape(-1)
+        s = timestep_sinusoid(t, self.cfg.freq_dim, ct)
+        e = self.time_embedding(s.to(self.time_embedding[0].weight.dtype))
+        e0 = self.time_projection(e.to(self.time_projection[1].weight.dtype))
+        e, e0 = e.to(ct).view(B, Fr, -1), e0.to(ct).view(B, Fr, 6, -1)
+        for i, block in enumerate(self.blocks):
+            h = block(h, e0, text_kv.k[i], text_kv.v[i], partial(attend, i))
+        out = self.head(h, e)  # [B, F, gh*gw, C_out * pt * ph * pw]
+        pt, ph, pw = self.cfg.patch_size
+        out = out.view(B, Fr, gh, gw, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return out.reshape(B, -1, Fr * pt, gh * ph, gw * pw).to(x.dtype)

@@ -1,0 +1,219 @@
+"""CausalWanModel: parity with diffusers' WanTransformer3DModel, streaming == block-causal full
+forward, position policies, dtypes and input errors (tiny random models on the CPU)."""
+
+import contextlib
+
+import pytest
+import torch
+from diffusers import WanTransformer3DModel
+
+import lol_kernels as lk
+from lol_model.config import ModelConfig
+from lol_model.model import CausalWanModel
+from lol_model.weights import load_weights
+
+CFG = ModelConfig.preset("tiny")
+
+
+@contextlib.contextmanager
+def fp64_diffusers():
+    """diffusers casts to fp32 with ``.float()`` in its norms, RoPE table and modulation even in
+    an fp64 model (about 1e-7 relative error); inside this context ``.float()`` leaves fp64
+    tensors alone, so an fp64 diffusers model really computes in fp64."""
+    orig = torch.Tensor.float
+
+    def keep64(self, *args, **kwargs):
+        return self if self.dtype == torch.float64 else orig(self, *args, **kwargs)
+
+    torch.Tensor.float = keep64
+    try:
+        yield
+    finally:
+        torch.Tensor.float = orig
+
+
+def diffusers_model(cfg: ModelConfig, dtype) -> WanTransformer3DModel:
+    """A random diffusers model of ``cfg``; every parameter drawn from N(0, 0.2^2)."""
+    ctx = fp64_diffusers() if dtype == torch.float64 else contextlib.nullcontext()
+    with ctx:  # the RoPE buffers are made at construction
+        ref = WanTransformer3DModel(
+            patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads,
+            attention_head_dim=cfg.head_dim, in_channels=cfg.in_channels,
+            out_channels=cfg.out_channels, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
+            ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=cfg.cross_attn_norm,
+            qk_norm="rms_norm_across_heads", eps=cfg.eps, rope_max_seq_len=1024)
+    ref = ref.to(dtype)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0.0, 0.2)
+    return ref.eval()
+
+
+def random_model(dtype=torch.float64, cfg=CFG) -> CausalWanModel:
+    m = CausalWanModel(cfg).to(dtype).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0.0, 0.2)
+    return m
+
+
+def rel_err(a, b) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+# ---------------------------------------------------------------------------- diffusers parity
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)],
+                         ids=["fp32", "fp64"])
+def test_parity_with_diffusers(dtype, tol):
+    """Whole clip as one block over an empty cache, sigma = 0: same output as diffusers."""
+    B, Fr, H, W, L = 2, 3, 6, 10, 7
+    ref = diffusers_model(CFG, dtype)
+    model = load_weights(CausalWanModel(CFG).to(dtype), ref.state_dict()).eval()
+    x = torch.randn(B, CFG.in_channels, Fr, H, W, dtype=dtype)
+    t = torch.rand(B, dtype=dtype) * 1000
+    ctx = torch.randn(B, L, CFG.text_dim, dtype=dtype)
+    with torch.no_grad():
+        with fp64_diffusers() if dtype == torch.float64 else contextlib.nullcontext():
+            want = ref(x, t, ctx, return_dict=False)[0]
+        cache = model.new_cache(frame_tokens=(H // 2) * (W // 2), sink_frames=1,
+                                window_frames=2, block_frames=Fr, batch_size=B)
+        got = model(x, t, model.encode_text(ctx), cache, lk.cache.read_cache(cache, Fr),
+                    backend="torch")
+    assert got.shape == want.shape and got.dtype == dtype
+    assert rel_err(got, want) < tol
+    # per-frame timesteps that are equal within a sample are diffusers' single timestep
+    with torch.no_grad():
+        got_f = model(x, t[:, None].expand(B, Fr), model.encode_text(ctx), cache,
+                      lk.cache.read_cache(cache, Fr), backend="torch")
+    assert torch.equal(got_f, got)
+
+
+# ---------------------------------------------------------------------------- streaming
+def stream(model, x0, noisy, t, tk, blocks, *, sink=1, window=None, policy="absolute"):
+    """Generator-style loop: per block a denoising forward on ``noisy`` at ``t`` and the write
+    pass on the clean ``x0`` at t = 0. Returns (predictions, write-pass outputs)."""
+    B, _, Fr, H, W = x0.shape
+    gh, gw = model.grid(H, W)
+    cache = model.new_cache(frame_tokens=gh * gw, sink_frames=sink,
+                            window_frames=window or Fr, block_frames=max(blocks), batch_size=B)
+    preds, clean, s = [], [], 0
+    for j, n in enumerate(blocks):
+        read = lk.cache.read_cache(cache, n, policy)
+        preds.append(model(noisy[:, :, s:s + n], t[j], tk, cache, read, backend="torch"))
+        blk = cache.append_frames(lk.token_positions(read.q_t, gh, gw, B))
+        clean.append(model(x0[:, :, s:s + n], torch.zeros(B, n), tk, cache, read, write=blk,
+                           backend="torch"))
+        s += n
+    return preds, clean
+
+
+@pytest.mark.parametrize("sigma", [0.0, 0.6], ids=["plain", "jitter"])
+@pytest.mark.parametrize("blocks", [(1, 2, 1), (2, 2, 2)], ids=["1-2-1", "2-2-2"])
+def test_streaming_equals_block_causal_full_forward(blocks, sigma):
+    model = random_model()
+    model.configure_rope(jitter_sigma=sigma, seed=3)
+    B, Fr, H, W = 2, sum(blocks), 4, 6
+    x0 = torch.randn(B, CFG.in_channels, Fr, H, W, dtype=torch.float64)
+    noisy = torch.randn_like(x0)
+    t = [torch.rand(B, dtype=torch.float64) * 1000 for _ in blocks]
+    with torch.no_grad():
+        tk = model.encode_text(torch.randn(B, 5, CFG.text_dim, dtype=torch.float64))
+        preds, clean = stream(model, x0, noisy, t, tk, blocks)
+        # write pass == one block-causal forward over the clean clip at t = 0
+        full = model.forward_full(x0, torch.zeros(B, Fr), tk, block_frames=blocks)
+        assert rel_err(torch.cat(clean, dim=2), full) < 1e-12
+        # denoising pass == block-causal forward over [clean past, noisy block], per-frame t
+        s = 0
+        for j, n in enumerate(blocks):
+            xin = torch.cat([x0[:, :, :s], noisy[:, :, s:s + n]], dim=2)
+            tin = torch.cat([torch.zeros(B, s, dtype=torch.float64),
+                             t[j][:, None].expand(B, n)], dim=1)
+            want = model.forward_full(xin, tin, tk, block_frames=blocks[:j + 1])[:, :, s:]
+            assert rel_err(preds[j], want) < 1e-12
+            s += n
+        # the mask matters: without it the first block would see the future
+        free = model.forward_full(x0, torch.zeros(B, Fr), tk)
+        assert rel_err(free[:, :, :blocks[0]], full[:, :, :blocks[0]]) > 1e-3
+
+
+def test_relativistic_equals_absolute_without_sink():
+    """With no sink, a window read re-based to 0..n-1 (page_shift) is a uniform shift of the
+    absolute positions, so RoPE gives the same output; with a sink it is not."""
+    model = random_model()
+    B, Fr, H, W = 1, 6, 4, 4
+    blocks = (1,) * Fr
+    x0 = torch.randn(B, CFG.in_channels, Fr, H, W, dtype=torch.float64)
+    noisy = torch.randn_like(x0)
+    t = [torch.rand(B, dtype=torch.float64) * 1000 for _ in blocks]
+    with torch.no_grad():
+        tk = model.encode_text(torch.randn(B, 5, CFG.text_dim, dtype=torch.float64))
+        runs = {(p, sink): stream(model, x0, noisy, t, tk, blocks, sink=sink, window=2,
+                                  policy=p)[0]
+                for p in ("absolute", "relativistic") for sink in (0, 1)}
+    for j in range(Fr):
+        assert rel_err(runs["relativistic", 0][j], runs["absolute", 0][j]) < 1e-12
+    assert rel_err(runs["relativistic", 1][-1], runs["absolute", 1][-1]) > 1e-6
+
+
+@pytest.mark.parametrize("policy", ["absolute", "relativistic", "bounded", "cut"])
+def test_every_policy_streams_with_eviction(policy):
+    model = random_model(torch.float32)
+    B, Fr, H, W = 1, 8, 4, 4
+    gh, gw = model.grid(H, W)
+    tk = model.encode_text(torch.randn(B, 5, CFG.text_dim))
+    cache = model.new_cache(frame_tokens=gh * gw, sink_frames=1, window_frames=3,
+                            block_frames=2, batch_size=B)
+    with torch.no_grad():
+        for _ in range(Fr // 2):
+            if policy == "cut":
+                read = lk.cache.cut(lk.cache.read_cache(cache, 2), start=cache.next_t + 40)
+            else:
+                read = lk.cache.read_cache(cache, 2, policy)
+            x = torch.randn(B, CFG.in_channels, 2, H, W)
+            y = model(x, torch.full((B, 2), 500.0), tk, cache, read)
+            assert y.shape == x.shape and torch.isfinite(y).all()
+            blk = cache.append_frames(lk.token_positions(read.q_t, gh, gw, B))
+            model(x, torch.zeros(B, 2), tk, cache, read, write=blk)
+    assert cache.num_frames == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_low_precision_streaming_close_to_fp64(dtype):
+    model64 = random_model()
+    model = CausalWanModel(CFG).to(dtype)
+    model.load_state_dict(model64.state_dict())
+    blocks, B, H, W = (2, 1), 1, 4, 6
+    x0 = torch.randn(B, CFG.in_channels, 3, H, W, dtype=torch.float64)
+    noisy = torch.randn_like(x0)
+    t = [torch.full((B,), 800.0), torch.full((B,), 300.0)]
+    ctx = torch.randn(B, 5, CFG.text_dim)
+    with torch.no_grad():
+        p64, _ = stream(model64, x0, noisy, t, model64.encode_text(ctx.double()), blocks)
+        p, _ = stream(model, x0.to(dtype), noisy.to(dtype), t, model.encode_text(ctx), blocks)
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    for a, b in zip(p, p64, strict=True):
+        assert a.dtype == dtype and rel_err(a, b) < tol
+
+
+def test_forward_rejects_bad_inputs():
+    model = random_model(torch.float32)
+    tk = model.encode_text(torch.randn(1, 3, CFG.text_dim))
+    cache = model.new_cache(frame_tokens=4, sink_frames=1, window_frames=2, block_frames=2)
+    read = lk.cache.read_cache(cache, 2)
+    x = torch.randn(1, CFG.in_channels, 2, 4, 4)
+    with pytest.raises(ValueError, match="in_channels"):
+        model(torch.randn(1, 3, 2, 4, 4), torch.zeros(1, 2), tk, cache, read)
+    with pytest.raises(ValueError, match="timestep"):
+        model(x, torch.zeros(1, 3), tk, cache, read)
+    with pytest.raises(ValueError, match="q_t"):
+        model(x, torch.zeros(1, 2), tk, cache, lk.cache.read_cache(cache, 1))
+    with pytest.raises(ValueError, match="tokens per frame"):
+        model(torch.randn(1, CFG.in_channels, 2, 6, 4), torch.zeros(1, 2), tk, cache, read)
+    with pytest.raises(ValueError, match="divisible"):
+        model(torch.randn(1, CFG.in_channels, 2, 5, 4), torch.zeros(1, 2), tk, cache, read)
+    with pytest.raises(ValueError, match="text_dim"):
+        model.encode_text(torch.randn(1, 3, CFG.text_dim + 1))
+    with pytest.raises(ValueError, match="head_dim"):
+        ModelConfig.preset("tiny", dim=60, num_heads=4)
+    with pytest.raises(ValueError, match="unknown preset"):
+        ModelConfig.preset("wan-7b")
