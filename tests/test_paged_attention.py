@@ -30,14 +30,18 @@ def dense_formula(q, q_pos, ck, cv, cpos, plen, table_ids, tab, k_new, v_new, ca
             if pid < 0:
                 continue
             for s in range(int(plen[pid])):
-                keys.append(ck[pid, s]); vals.append(cv[pid, s])
                 p = cpos[pid, s].clone()
                 if shift is not None:
                     p = p + shift[b, m]
-                kpos.append(p); is_new.append(-1)
+                keys.append(ck[pid, s])
+                vals.append(cv[pid, s])
+                kpos.append(p)
+                is_new.append(-1)
         if k_new is not None:
             for j in range(Nq):
-                keys.append(k_new[b, j]); vals.append(v_new[b, j]); kpos.append(q_pos[b, j])
+                keys.append(k_new[b, j])
+                vals.append(v_new[b, j])
+                kpos.append(q_pos[b, j])
                 is_new.append(j)
         if not keys:
             continue

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..rope.reference import compute_dtype, rope_cos_sin, rotate_pairs
+from ..rope.reference import compute_dtype, rope_cos_sin, rope_factors, rotate_, rotate_pairs
 from ..rope.table import RopeTable
 
 
@@ -33,8 +33,17 @@ def gather_keys(cache_k, cache_v, cache_pos, page_len, page_table, page_shift):
         when every batch row has the same number ``L`` of valid slots, so no padding exists).
     """
     P, S, Hkv, D = cache_k.shape
+    idx, pos, valid = gather_index(cache_pos, page_len, page_table, page_shift)
+    k = cache_k.reshape(P * S, Hkv, D)[idx]
+    v = cache_v.reshape(P * S, Hkv, D)[idx]
+    return k, v, pos, valid
+
+
+def gather_index(cache_pos, page_len, page_table, page_shift):
+    """Flat slot index ``[B, L]`` of the valid slots in table order, their positions
+    ``[B, L, A]`` (int64, ``page_shift`` added) and the padding mask (``None`` if no padding)."""
+    P, S, A = cache_pos.shape
     B, M = page_table.shape
-    A = cache_pos.shape[-1]
     pt = page_table.long()
     ent_ok = pt >= 0
     ids = pt.clamp(min=0)
@@ -53,12 +62,10 @@ def gather_keys(cache_k, cache_v, cache_pos, page_len, page_table, page_shift):
         valid = torch.gather(ok, 1, order)
         idx = torch.where(valid, torch.gather(flat, 1, order), 0)
         entry = order // S
-    k = cache_k.reshape(P * S, Hkv, D)[idx]
-    v = cache_v.reshape(P * S, Hkv, D)[idx]
     pos = cache_pos.reshape(P * S, A)[idx].long()
     if page_shift is not None:
         pos = pos + torch.gather(page_shift.long(), 1, entry.unsqueeze(-1).expand(-1, -1, A))
-    return k, v, pos, valid
+    return idx, pos, valid
 
 
 def _keys_and_mask(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table, k_new, v_new,
@@ -127,25 +134,64 @@ def paged_attention_reference(q, q_pos, cache_k, cache_v, cache_pos, page_len, p
     return out.to(dt), lse
 
 
+def _gather_rotated(pool, idx, new, kpos, table, Hq, ct, rotate):
+    """``[B, L + Nq, Hq, D]`` in ``ct``: gathered slots then ``new``, rotated in place."""
+    B, L = idx.shape
+    P, S, Hkv, D = pool.shape
+    g = Hq // Hkv
+    Nn = 0 if new is None else new.shape[1]
+    buf = torch.empty(B, L + Nn, Hkv, D, dtype=ct, device=pool.device)
+    flat = pool.reshape(P * S, Hkv, D)
+    for b in range(B):  # one gather straight into the buffer, no extra copy
+        if pool.dtype == ct:
+            torch.index_select(flat, 0, idx[b], out=buf[b, :L])
+        else:
+            buf[b, :L] = flat.index_select(0, idx[b])
+    if Nn:
+        buf[:, L:] = new
+    shared = table.heads_share_freqs(g)
+    if rotate and shared:  # no jitter inside a GQA group: rotate once per KV head
+        rotate_(buf, rope_factors(kpos, RopeTable(table.freqs[::g], table.pair_axis, table.axes), ct))
+    if g > 1:
+        buf = buf.repeat_interleave(g, dim=2)
+    if rotate and not shared:
+        rotate_(buf, rope_factors(kpos, table, ct))
+    return buf
+
+
 def paged_attention_torch(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table,
                           table: RopeTable, *, k_new=None, v_new=None, causal=False,
                           page_shift=None, scale=None):
-    """CPU fast path: one gather, one RoPE pass, one fused flash call. Same outputs as above."""
+    """CPU fast path: one gather, one in-place RoPE pass, one fused flash call.
+
+    Same outputs as :func:`paged_attention_reference`. Keys are gathered straight into one
+    buffer (cache slots, then the block's own keys) and rotated in place with per-axis complex
+    factors computed once per distinct position (:func:`rope_factors`).
+    """
     B, Nq, Hq, D = q.shape
     dt = q.dtype
     ct = compute_dtype(dt)
     scale = D**-0.5 if scale is None else scale
     table = table.to(q.device)
-    k, v, kpos, mask = _keys_and_mask(q, q_pos, cache_k, cache_v, cache_pos, page_len,
-                                      page_table, k_new, v_new, causal, page_shift)
-    Nk = k.shape[1]
+    idx, kpos, valid = gather_index(cache_pos, page_len, page_table, page_shift)
+    L = idx.shape[1]
+    Nk = L + (0 if k_new is None else Nq)
     if Nk == 0:
         return q.new_zeros(q.shape), q.new_full((B, Hq, Nq), float("-inf"), dtype=torch.float32)
-    g = Hq // k.shape[2]
-    cos, sin = rope_cos_sin(q_pos, table, ct)
-    qr = rotate_pairs(q.to(ct), cos, sin).to(dt).transpose(1, 2)
-    kr = _rotate_keys(k, kpos, table, Hq, ct).to(dt).transpose(1, 2)
-    vv = v.repeat_interleave(g, dim=2).transpose(1, 2)
+    if k_new is not None:
+        kpos = torch.cat([kpos, q_pos.long()], dim=1)
+    kr = _gather_rotated(cache_k, idx, k_new, kpos, table, Hq, ct, True).to(dt)
+    vv = _gather_rotated(cache_v, idx, v_new, kpos, table, Hq, dt, False)
+    qr = rotate_(q.to(ct, memory_format=torch.contiguous_format, copy=True),
+                 rope_factors(q_pos, table, ct)).to(dt)
+    mask = None
+    if valid is not None or causal:
+        mask = torch.ones(B, Nq, Nk, dtype=torch.bool, device=q.device)
+        if valid is not None:
+            mask[:, :, :L] = valid.unsqueeze(1)
+        if causal:
+            mask[:, :, L:] = torch.ones(Nq, Nq, dtype=torch.bool, device=q.device).tril()
+    qr, kr, vv = qr.transpose(1, 2), kr.transpose(1, 2), vv.transpose(1, 2)
     bias = None
     if mask is not None:
         bias = torch.zeros(mask.shape, dtype=dt, device=q.device)

@@ -49,6 +49,41 @@ def rope_cos_sin(pos: torch.Tensor, table: RopeTable, dtype: torch.dtype):
     return torch.cos(ang), torch.sin(ang)
 
 
+def rope_factors(pos: torch.Tensor, table: RopeTable, dtype: torch.dtype):
+    """Per-axis complex rotation factors ``exp(i * pos * omega)`` for the fast path.
+
+    Angles are formed once per *distinct* position of each axis (a video block has few distinct
+    ``t``, ``h``, ``w`` values), in float64 and reduced mod 2 pi, then gathered per token. An
+    axis whose frequencies are equal across heads gets a broadcast head dimension of 1.
+
+    Returns:
+        list of ``(start, end, factor [..., N, H or 1, end - start])`` complex tensors, one per
+        axis, covering pairs ``start:end``.
+    """
+    t = table.to(pos.device)
+    cdt = torch.complex128 if dtype == torch.float64 else torch.complex64
+    out, start = [], 0
+    for a, n in enumerate(table.axes):
+        end = start + n // 2
+        u, inv = torch.unique(pos[..., a], return_inverse=True)
+        f = t.freqs[:, start:end]
+        if table.axis_shared(a):
+            f = f[:1]
+        ang = torch.remainder(u.to(torch.float64)[:, None, None] * f, TWO_PI).to(dtype)
+        fac = torch.complex(torch.cos(ang), torch.sin(ang)).to(cdt)
+        out.append((start, end, fac[inv]))
+        start = end
+    return out
+
+
+def rotate_(x: torch.Tensor, factors) -> torch.Tensor:
+    """Rotate ``x [..., N, H, D]`` **in place** (it must own contiguous memory)."""
+    xc = torch.view_as_complex(x.unflatten(-1, (-1, 2)))
+    for start, end, fac in factors:
+        xc[..., start:end] *= fac
+    return x
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """RoPE is computed in fp32 for fp16/bf16/fp32 inputs and fp64 for fp64 inputs."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -63,8 +98,8 @@ def apply_rope_reference(x: torch.Tensor, pos: torch.Tensor, table: RopeTable) -
 def apply_rope_torch(x: torch.Tensor, pos: torch.Tensor, table: RopeTable) -> torch.Tensor:
     """Accurate fast path: float64 angles mod 2 pi, fp32 rotation, output in ``x.dtype``."""
     ct = compute_dtype(x.dtype)
-    cos, sin = rope_cos_sin(pos, table, ct)
-    return rotate_pairs(x.to(ct), cos, sin).to(x.dtype)
+    y = x.to(ct, memory_format=torch.contiguous_format, copy=True)
+    return rotate_(y, rope_factors(pos, table, ct)).to(x.dtype)
 
 
 def rope_naive_fp32(x: torch.Tensor, pos: torch.Tensor, table: RopeTable) -> torch.Tensor:

@@ -73,6 +73,14 @@ class RopeTable:
                                          self.axes, th)
         return self._cache[key]
 
+    def axis_shared(self, axis: int) -> bool:
+        """True when every head has the same frequencies on ``axis`` (not jittered there)."""
+        key = ("axis", axis)
+        if key not in self._cache:
+            f = self.freqs[:, self.pair_axis.to(self.freqs.device) == axis]
+            self._cache[key] = bool((f == f[:1]).all())
+        return self._cache[key]
+
     def heads_share_freqs(self, group: int) -> bool:
         """True when every run of ``group`` consecutive heads has identical frequencies.
 
