@@ -195,10 +195,11 @@ class CausalWanModel(nn.Module):
     # ------------------------------------------------------------------ setup
     def configure_rope(self, *, jitter_sigma: float = 0.0, jitter_axes=(0,), seed: int = 0):
         """Set :attr:`rope_table` (``lk.rope_frequencies``; LoL multi-head jitter if sigma > 0)."""
-        self.rope_table = lk.rope_frequencies(self.cfg.head_dim, self.cfg.num_heads,
-                                              theta=self.cfg.rope_theta,
-                                              jitter_sigma=jitter_sigma,
-                                              jitter_axes=jitter_axes, seed=seed)
+        with torch.device("cpu"):  # a small host table, even when the model is built on meta
+            self.rope_table = lk.rope_frequencies(self.cfg.head_dim, self.cfg.num_heads,
+                                                  theta=self.cfg.rope_theta,
+                                                  jitter_sigma=jitter_sigma,
+                                                  jitter_axes=jitter_axes, seed=seed)
 
     @property
     def dtype(self) -> torch.dtype:
