@@ -1,0 +1,158 @@
+"""Triton pieces shared by the RoPE-in-register kernels (paged attention, apply_rope, MoC).
+
+Exact RoPE angles without libdevice
+-----------------------------------
+A rotation angle is ``pos * omega``. Instead of forming it in float32 (error ``~pos * 2^-24``
+rad: 0.01 rad at 172,800, up to 1 rad at 2^24), the kernels work in **turns** held as a
+32-bit fixed-point fraction:
+
+* host side, :func:`rope_turns` stores each frequency as the 64-bit integer
+  ``F = round(omega / 2 pi * 2^64) mod 2^64`` (two's complement in an int64);
+* in the kernel, :func:`rope_phase` forms bits 32..63 of the 64-bit product ``pos * F`` with
+  wrapping 32-bit integer arithmetic. Wrap-around is exactly the reduction modulo one turn, so
+  the phase is the angle in units of ``2 pi / 2^32`` with an error below ``2^-32`` turn plus the
+  float64 rounding of ``omega`` itself: the same accuracy as the float64 reference, for any
+  ``|pos| < 2^31`` (stored position + page_shift must fit int32);
+* :func:`sincos_phase` splits the phase into a quadrant (two exact integer bits) and a
+  remainder ``|x| <= pi/4`` and evaluates short Taylor polynomials in float32 (error < 1e-7).
+
+Everything is plain integer and float arithmetic: no ``tl.sin``/``tl.cos`` (which lower to
+libdevice ``__nv_sinf`` with a Payne-Hanek slow path that uses local memory on the GPU and does
+not run under ``TRITON_INTERPRET=1``), no inline assembly. The same code therefore runs, bit for
+bit the same algorithm, in the interpreter and on sm_90, and the polynomials run on the FMA
+pipe, leaving the MUFU unit to the softmax ``exp2``.
+
+Interleaved pairs
+-----------------
+Pair ``j`` of a head is channels ``(2j, 2j+1)``. :func:`rope_rotate` loads a full ``[R, D]``
+tile (vectorised loads), splits it into even/odd halves ``[R, D/2]`` in registers and rotates
+them; attention then uses two ``K = D/2`` dot products (``q_e.k_e + q_o.k_o`` is the same sum
+as the interleaved ``q.k``), so the tile never has to be re-interleaved. :func:`interleave`
+rebuilds ``[R, D]`` for kernels that store rotated tensors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+TWO_PI = 2.0 * math.pi
+
+
+def is_interpreted(kernel) -> bool:
+    """True when ``kernel`` (a jit function or an autotuner around one) was built under
+    ``TRITON_INTERPRET=1``, i.e. it runs on CPU tensors and cannot be compiled or autotuned."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    while not isinstance(kernel, (triton.runtime.jit.JITFunction, InterpretedFunction)):
+        kernel = kernel.fn
+    return isinstance(kernel, InterpretedFunction)
+
+
+def rope_turns(freqs: torch.Tensor) -> torch.Tensor:
+    """Frequencies as 64-bit fixed-point turns, the table :func:`rope_phase` reads.
+
+    Args:
+        freqs: ``[H, D // 2]`` float64 angular frequencies (rad per position step).
+
+    Returns:
+        ``[H, D // 2]`` int64 ``round(frac(omega / 2 pi) * 2^64)`` stored modulo ``2^64`` in
+        two's complement (values of ``frac >= 1/2`` become negative), contiguous.
+    """
+    f = torch.remainder(freqs.to(torch.float64) / TWO_PI, 1.0)
+    f = torch.where(f >= 0.5, f - 1.0, f)  # exact (Sterbenz); same value modulo one turn
+    return torch.round(f * 2.0**64).to(torch.int64).contiguous()
+
+
+@triton.jit
+def split_turns(turns):
+    """Split :func:`rope_turns` values (int64) into their high and low 32-bit words (uint32)."""
+    hi = ((turns >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    lo = (turns & 0xFFFFFFFF).to(tl.uint32)
+    return hi, lo
+
+
+@triton.jit
+def rope_phase(pos, turns_hi, turns_lo):
+    """Angle ``pos * omega`` as a uint32 phase (units of ``2 pi / 2^32``), exact modulo 2^32.
+
+    Bits 32..63 of the 64-bit product ``pos * F`` from 32-bit pieces, all wrapping uint32:
+    ``pos * F_hi + umulhi(pos, F_lo)``, minus ``F_lo`` when ``pos < 0`` (the unsigned view of a
+    negative ``pos`` is ``pos + 2^32``). 32-bit arithmetic keeps register pressure at half of
+    the int64 product.
+
+    Args:
+        pos: int32 tensor, ``|pos| < 2^31``.
+        turns_hi, turns_lo: uint32 words of :func:`rope_turns` (:func:`split_turns`),
+            broadcastable against ``pos``.
+    """
+    p = pos.to(tl.uint32, bitcast=True)
+    ph = p * turns_hi + tl.umulhi(p, turns_lo)
+    return ph - tl.where(pos < 0, turns_lo, 0)
+
+
+@triton.jit
+def sincos_phase(phase):
+    """``cos, sin`` (float32) of the angle ``2 pi * phase / 2^32``, ``phase`` uint32.
+
+    The quadrant ``k`` is the phase rounded to a multiple of ``2^30`` (exact integer bits), the
+    remainder ``x`` lies in ``[-pi/4, pi/4)``; Taylor polynomials of degree 9 (sin) and 10 (cos)
+    are accurate to 2e-9 there, so float32 rounding (~6e-8) dominates.
+    """
+    k = (phase + 0x20000000) >> 30
+    x = (phase - (k << 30)).to(tl.int32, bitcast=True).to(tl.float32) * 1.4629180792671596e-09
+    x2 = x * x
+    s = x + x * x2 * (-0.16666666666666666 + x2 * (0.008333333333333333 + x2 * (
+        -0.0001984126984126984 + x2 * 2.7557319223985893e-06)))
+    c = 1.0 + x2 * (-0.5 + x2 * (0.041666666666666664 + x2 * (-0.001388888888888889 + x2 * (
+        2.48015873015873e-05 - x2 * 2.755731922398589e-07))))
+    # angle = k pi/2 + x: k = 1 -> (-sin, cos), k = 2 -> (-cos, -sin), k = 3 -> (sin, -cos)
+    swap = (k & 1) != 0
+    cos = tl.where(swap, s, c)
+    sin = tl.where(swap, c, s)
+    cos = tl.where(((k + 1) & 2) != 0, -cos, cos)
+    sin = tl.where((k & 2) != 0, -sin, sin)
+    return cos, sin
+
+
+@triton.jit
+def rope_cos_sin(pos, turns_hi, turns_lo):
+    """``cos, sin`` float32 of ``pos * omega``; ``pos`` int32 ``[R, D/2]``, turns uint32."""
+    return sincos_phase(rope_phase(pos, turns_hi, turns_lo))
+
+
+@triton.jit
+def load_pair_positions(ptrs, mask, pair_axis, NUM_AXES: tl.constexpr):
+    """Per-pair positions ``[R, D/2]`` int32 of ``R`` rows whose ``A`` positions start at ``ptrs``.
+
+    Args:
+        ptrs: ``[R]`` pointers to the first axis of each row's positions (axes contiguous).
+        mask: ``[R]`` rows to load (others read 0).
+        pair_axis: ``[D/2]`` int, the axis that drives each channel pair.
+        NUM_AXES: ``A``, axes stored per row.
+    """
+    pos = tl.zeros((ptrs.shape[0], pair_axis.shape[0]), dtype=tl.int32)
+    for a in tl.static_range(NUM_AXES):
+        p_a = tl.load(ptrs + a, mask=mask, other=0).to(tl.int32)
+        pos = tl.where(pair_axis[None, :] == a, p_a[:, None], pos)
+    return pos
+
+
+@triton.jit
+def rope_rotate(x, cos, sin):
+    """Rotate the interleaved pairs of ``x [R, D]`` by ``cos/sin [R, D/2]``.
+
+    Returns the rotated even and odd channels ``(x_e', x_o')``, each ``[R, D/2]`` float32:
+    ``x_e' = x_e cos - x_o sin``, ``x_o' = x_e sin + x_o cos``.
+    """
+    xe, xo = tl.split(tl.reshape(x.to(tl.float32), (x.shape[0], x.shape[1] // 2, 2)))
+    return xe * cos - xo * sin, xe * sin + xo * cos
+
+
+@triton.jit
+def interleave(xe, xo):
+    """Inverse of the split in :func:`rope_rotate`: ``[R, D/2] x 2 -> [R, D]`` interleaved."""
+    return tl.reshape(tl.join(xe, xo), (xe.shape[0], 2 * xe.shape[1]))

@@ -1,0 +1,152 @@
+"""Ahead-of-time sm_90 compile of the Triton kernels on a machine without a GPU.
+
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` runs the whole Triton
+pipeline down to a cubin with the ``ptxas`` shipped in the triton wheel; ``cuobjdump`` (also in
+the wheel) then reports registers, shared/local memory and stack, and disassembles the SASS.
+Used by ``tests/test_triton_aot.py`` and ``benchmarks/kernel_report.py``.
+
+The kernel module is imported afresh with ``TRITON_INTERPRET=0`` (:func:`compiled_module`),
+so this works inside a test session that runs the other kernels in the interpreter.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+_KERNEL_MODULES = ("lol_kernels._triton_common", "lol_kernels.attention.triton_kernel",
+                   "lol_kernels.rope.triton_kernel")
+_DTYPES = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
+_SCALARS = {"Nq", "N_new", "M", "span", "Hq", "qk_scale"}
+
+
+@contextmanager
+def _interpret(flag: str):
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = flag
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+def compiled_module(name: str = "lol_kernels.attention.triton_kernel"):
+    """A private copy of a kernel module whose ``@triton.jit`` functions are real JITFunctions,
+    whatever ``TRITON_INTERPRET`` says; ``sys.modules`` is left as it was."""
+    saved = {m: sys.modules.pop(m) for m in _KERNEL_MODULES if m in sys.modules}
+    try:
+        with _interpret("0"):
+            return importlib.import_module(name)
+    finally:
+        for m in _KERNEL_MODULES:
+            sys.modules.pop(m, None)
+        sys.modules.update(saved)
+
+
+def tool(name: str) -> str:
+    """Path of a CUDA binary (``cuobjdump``, ``ptxas``) shipped in the triton wheel."""
+    import triton
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def attention_signature(kernel, dtype: str, *, head_dim: int, group: int = 1, num_axes: int = 3,
+                        has_shift: bool = True, has_new: bool = True, causal: bool = False,
+                        block_m: int, block_n: int):
+    """Signature, constexprs and alignment attributes of a typical paged-attention launch:
+    contiguous fp16/bf16 tensors, int32 positions/page ids, int64 turns."""
+    t = _DTYPES[dtype]
+    ptr = {"Q": f"*{t}", "K": f"*{t}", "V": f"*{t}", "KNew": f"*{t}", "VNew": f"*{t}",
+           "Out": f"*{t}", "Lse": "*fp32", "Turns": "*i64"}
+    const = {"HEAD_DIM": head_dim, "GROUP": group, "NUM_AXES": num_axes, "HAS_SHIFT": has_shift,
+             "HAS_NEW": has_new, "IS_CAUSAL": causal,
+             "DOT_PREC": "ieee" if dtype == "fp32" else "tf32", "BLOCK_M": block_m,
+             "BLOCK_N": block_n}
+    # strides that are multiples of 16 in any contiguous launch (head strides, row strides of
+    # [.., H, D] tensors); the JIT marks the same ones divisible
+    aligned = {"stride_qb", "stride_qn", "stride_kp", "stride_ks", "stride_vp", "stride_vs",
+               "stride_knb", "stride_knn", "stride_vnb", "stride_vnn", "stride_ob", "stride_on"}
+    head = {"stride_qh", "stride_kh", "stride_vh", "stride_knh", "stride_vnh", "stride_oh"}
+    signature, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in const:
+            signature[name] = "constexpr"
+        elif name not in _SCALARS and name[0].isupper():
+            signature[name] = ptr.get(name, "*i32")
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name == "qk_scale":
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+            if name in aligned or (name in head and head_dim % 16 == 0):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return signature, const, attrs
+
+
+def compile_sm90(kernel, signature, constexprs, attrs=None, *, num_warps: int, num_stages: int):
+    """``triton.compile`` for sm_90; returns the CompiledKernel (``.asm["cubin"]`` etc.)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs,
+                                    attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages,
+                                   "enable_fp_fusion": True})
+
+
+def cuobjdump(cubin: bytes, *flags: str) -> str:
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "kernel.cubin"
+        path.write_bytes(cubin)
+        res = subprocess.run([tool("cuobjdump"), *flags, str(path)], capture_output=True,
+                             text=True, check=True)
+    return res.stdout
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """``{"registers", "stack", "shared", "local"}`` of the (single) kernel in ``cubin``."""
+    text = cuobjdump(cubin, "--dump-resource-usage")
+    m = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)", text)
+    if m is None:
+        raise RuntimeError(f"unexpected cuobjdump output:\n{text}")
+    reg, stack, shared, local = map(int, m.groups())
+    return {"registers": reg, "stack": stack, "shared": shared, "local": local}
+
+
+def sass_summary(cubin: bytes) -> dict:
+    """Counts of the SASS instructions that matter: tensor-core HGMMA, local loads/stores,
+    MUFU (special functions) and calls."""
+    text = cuobjdump(cubin, "--dump-sass")
+    return {"hgmma": len(re.findall(r"\bHGMMA\.", text)),
+            "local_ldst": len(re.findall(r"\b(LDL|STL)\b", text)),
+            "mufu": len(re.findall(r"\bMUFU\.", text)),
+            "calls": len(re.findall(r"\bCALL\.", text))}
+
+
+def attention_config_report(dtype: str, head_dim: int, *, causal: bool = True, group: int = 3,
+                            configs=None, module=None) -> list[dict]:
+    """Compile every autotune config of the paged-attention kernel for sm_90 and report its
+    static resources (``registers``, ``shared`` bytes, ``stack``, ``local``, SASS counts)."""
+    mod = module or compiled_module()
+    rows = []
+    for bm, bn, warps, stages in configs or mod.CONFIGS:
+        sig, const, attrs = attention_signature(mod._paged_rope_attn_fwd, dtype,
+                                                head_dim=head_dim, group=group, causal=causal,
+                                                block_m=bm, block_n=bn)
+        ck = compile_sm90(mod._paged_rope_attn_fwd, sig, const, attrs, num_warps=warps,
+                          num_stages=stages)
+        cubin = ck.asm["cubin"]
+        row = {"dtype": dtype, "head_dim": head_dim, "BLOCK_M": bm, "BLOCK_N": bn,
+               "num_warps": warps, "num_stages": stages, **resource_usage(cubin),
+               **sass_summary(cubin), "shared_dynamic": int(ck.metadata.shared)}
+        rows.append(row)
+    return rows

@@ -1,0 +1,375 @@
+"""Fused Triton kernel: per-head jittered RoPE in registers + paged sink/window attention.
+
+One program owns ``BLOCK_M`` queries of one query head ``h`` (grid ``[cdiv(Nq, BLOCK_M), B*Hq]``):
+
+1. load the query tile, rotate it in registers with head ``h``'s frequencies at ``q_pos``;
+2. stream the cached keys: the page-table entries are laid end to end, ``span`` slots each
+   (``span = S`` for a pool), and each ``BLOCK_N`` tile gathers its rows from whatever pages they
+   fall in (so pages smaller or larger than the tile both work). Row ``r`` is valid when its entry
+   is not ``-1`` and its slot is ``< page_len``. The un-rotated K tile is rotated in registers
+   with head ``h``'s frequencies at ``stored position + page_shift[entry]``, then an online
+   softmax (base 2, fp32 state) accumulates ``P V``;
+3. stream the block's own keys ``k_new`` at their positions, all visible or ``j <= i``.
+
+GQA: query head ``h`` reads KV head ``h // GROUP``. The key tile is rotated with the *query*
+head's frequencies, so jitter inside a GQA group stays exactly relative. Angles are exact
+fixed-point turns (see :mod:`lol_kernels._triton_common`), so positions up to 2^30 are as
+accurate as the float64 reference. A row that sees no key gets ``out = 0``, ``lse = -inf``.
+
+The same launcher serves the dense :func:`lol_kernels.rope_attention`: there the cache is empty
+and the "new" keys are the dense K/V at ``k_pos`` (``N_new`` may differ from ``Nq``), zero-copy.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._triton_common import (
+    is_interpreted,
+    load_pair_positions,
+    rope_cos_sin,
+    rope_rotate,
+    rope_turns,
+    split_turns,
+)
+
+# ---------------------------------------------------------------------------------------------
+# configs
+# ---------------------------------------------------------------------------------------------
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+#: (BLOCK_M, BLOCK_N, num_warps, num_stages) the autotuner may pick on a GPU. Two warpgroups
+#: everywhere: with 4 warps at D = 128 the fp32 rotation of a [BLOCK_N, D] key tile next to the
+#: [BLOCK_M, D] accumulator exceeds 255 registers and spills; BLOCK_N = 128 or 3 stages at
+#: BLOCK_M = 128 spill too (sm_90 compile, tests/test_triton_aot.py).
+CONFIGS = [
+    (128, 64, 8, 2),
+    (128, 32, 8, 2),
+    (64, 64, 8, 2),
+    (64, 32, 8, 3),
+]
+#: tiles used under TRITON_INTERPRET=1 (no autotuning there: it would time every config)
+INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32}
+AUTOTUNE_KEY = ["HEAD_DIM", "GROUP", "NUM_AXES", "HAS_SHIFT", "HAS_NEW", "IS_CAUSAL", "DOT_PREC"]
+
+
+def _smem_bytes(bm: int, bn: int, stages: int, head_dim: int, elem: int = 2) -> int:
+    """Rough shared memory of a config: the Q tile, pipelined K/V tiles, the rotated K tile."""
+    return (bm * head_dim + (2 * stages + 1) * bn * head_dim) * elem
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Keep configs whose shared memory fits the device; D = 256 keeps only narrow key tiles."""
+    d = named_args.get("HEAD_DIM", kwargs.get("HEAD_DIM", 128))
+    try:
+        dev = torch.cuda.current_device()
+        limit = triton.runtime.driver.active.utils.get_device_properties(dev)["max_shared_mem"]
+    except Exception:  # no device to ask: keep Hopper's 227 KiB
+        limit = 232448
+    keep = [c for c in configs
+            if _smem_bytes(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, d) <= limit
+            and (d <= 128 or c.kwargs["BLOCK_N"] <= 32)]
+    return keep or configs[-1:]
+
+
+def autotune_configs() -> list[triton.Config]:
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in CONFIGS]
+
+
+# ---------------------------------------------------------------------------------------------
+# jit kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attend_tile(acc, m_i, l_i, b_qe, b_qo, b_k, b_v, b_pos, m_vis, b_thi, b_tlo, qk_scale,
+                 DOT_PREC: tl.constexpr):
+    """Rotate one un-rotated key tile ``[BLOCK_N, D]`` in registers and fold it into the online
+    softmax state (``m_i`` running max and ``l_i`` running sum in base 2, ``acc`` fp32)."""
+    b_c, b_s = rope_cos_sin(b_pos, b_thi[None, :], b_tlo[None, :])
+    b_ke, b_ko = rope_rotate(b_k, b_c, b_s)
+    # q.k over interleaved pairs = q_e.k_e + q_o.k_o: two K = D/2 products, no re-interleave
+    b_qk = tl.dot(b_qe, tl.trans(b_ke.to(b_qe.dtype)), input_precision=DOT_PREC)
+    b_qk = tl.dot(b_qo, tl.trans(b_ko.to(b_qo.dtype)), b_qk, input_precision=DOT_PREC)
+    b_qk = tl.where(m_vis, b_qk * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(b_qk, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key seen yet: avoid inf - inf
+    alpha = tl.exp2(m_i - m_use)
+    b_p = tl.exp2(b_qk - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(b_p, 1)
+    acc = tl.dot(b_p.to(b_v.dtype), b_v, acc * alpha[:, None], input_precision=DOT_PREC)
+    return acc, m_new, l_i
+
+
+@triton.jit(do_not_specialize=["Nq", "N_new", "M", "span", "stride_qpb", "stride_npb",
+                               "stride_lb", "stride_lh", "stride_ptb", "stride_psb"])
+def _paged_rope_attn_fwd(
+    Q, QPos, K, V, KPos, PageLen, PageTable, PageShift, KNew, VNew, NewPos, Turns, PairAxis,
+    Out, Lse,
+    stride_qb, stride_qn, stride_qh, stride_qpb, stride_qpn,
+    stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh, stride_cpp, stride_cps,
+    stride_ptb, stride_psb, stride_psm,
+    stride_knb, stride_knn, stride_knh, stride_vnb, stride_vnn, stride_vnh, stride_npb,
+    stride_npn,
+    stride_ob, stride_on, stride_oh, stride_lb, stride_lh,
+    Nq, N_new, M, span, Hq, qk_scale,
+    HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, NUM_AXES: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, HAS_NEW: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    HALF: tl.constexpr = HEAD_DIM // 2
+    i_m = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = (i_bh // Hq).to(tl.int64)
+    i_h = i_bh % Hq
+    i_kvh = i_h // GROUP
+
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_n = tl.arange(0, BLOCK_N)
+    o_d = tl.arange(0, HEAD_DIM)
+    o_j = tl.arange(0, HALF)
+    m_m = o_m < Nq
+    b_axis = tl.load(PairAxis + o_j)
+    b_thi, b_tlo = split_turns(tl.load(Turns + i_h * HALF + o_j))
+
+    # queries of head h, rotated once; kept in the input dtype for the tensor cores
+    p_q = Q + i_b * stride_qb + o_m[:, None].to(tl.int64) * stride_qn + i_h * stride_qh \
+        + o_d[None, :]
+    b_q = tl.load(p_q, mask=m_m[:, None], other=0.0)
+    b_qpos = load_pair_positions(QPos + i_b * stride_qpb + o_m * stride_qpn, m_m, b_axis,
+                                 NUM_AXES)
+    b_c, b_s = rope_cos_sin(b_qpos, b_thi[None, :], b_tlo[None, :])
+    b_qe, b_qo = rope_rotate(b_q, b_c, b_s)
+    b_qe = b_qe.to(Q.dtype.element_ty)
+    b_qo = b_qo.to(Q.dtype.element_ty)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    # cached keys: entries laid end to end, `span` slots each; rows gather their own page
+    for start in range(0, M * span, BLOCK_N):
+        o_v = start + o_n
+        o_e = o_v // span
+        o_s = o_v - o_e * span
+        m_e = o_e < M
+        b_page = tl.load(PageTable + i_b * stride_ptb + o_e, mask=m_e, other=-1)
+        b_len = tl.load(PageLen + b_page, mask=b_page >= 0, other=0)
+        m_n = o_s < b_len
+        o_pg = tl.where(m_n, b_page, 0).to(tl.int64)
+        p_k = K + o_pg[:, None] * stride_kp + o_s[:, None] * stride_ks + i_kvh * stride_kh \
+            + o_d[None, :]
+        p_v = V + o_pg[:, None] * stride_vp + o_s[:, None] * stride_vs + i_kvh * stride_vh \
+            + o_d[None, :]
+        b_k = tl.load(p_k, mask=m_n[:, None], other=0.0)
+        b_v = tl.load(p_v, mask=m_n[:, None], other=0.0)
+        b_kpos = load_pair_positions(KPos + o_pg * stride_cpp + o_s * stride_cps, m_n, b_axis,
+                                     NUM_AXES)
+        if HAS_SHIFT:
+            b_kpos += load_pair_positions(PageShift + i_b * stride_psb + o_e * stride_psm, m_n,
+                                          b_axis, NUM_AXES)
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, b_qe, b_qo, b_k, b_v, b_kpos,
+                                     m_n[None, :], b_thi, b_tlo, qk_scale, DOT_PREC)
+
+    # the block's own keys: all visible, or j <= i (top-left aligned) when causal
+    if HAS_NEW:
+        hi = N_new
+        if IS_CAUSAL:
+            hi = tl.minimum(N_new, (i_m + 1) * BLOCK_M)
+        for start in range(0, hi, BLOCK_N):
+            o_t = start + o_n
+            m_t = o_t < N_new
+            p_k = KNew + i_b * stride_knb + o_t[:, None].to(tl.int64) * stride_knn \
+                + i_kvh * stride_knh + o_d[None, :]
+            p_v = VNew + i_b * stride_vnb + o_t[:, None].to(tl.int64) * stride_vnn \
+                + i_kvh * stride_vnh + o_d[None, :]
+            b_k = tl.load(p_k, mask=m_t[:, None], other=0.0)
+            b_v = tl.load(p_v, mask=m_t[:, None], other=0.0)
+            b_kpos = load_pair_positions(NewPos + i_b * stride_npb + o_t * stride_npn, m_t,
+                                         b_axis, NUM_AXES)
+            m_vis = m_t[None, :]
+            if IS_CAUSAL:
+                m_vis = m_vis & (o_t[None, :] <= o_m[:, None])
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, b_qe, b_qo, b_k, b_v, b_kpos, m_vis,
+                                         b_thi, b_tlo, qk_scale, DOT_PREC)
+
+    # epilogue: rows that saw no key have l_i = 0 and acc = 0 -> out 0, lse -inf
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    b_o = acc / l_safe[:, None]
+    b_lse = tl.where(seen, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    p_o = Out + i_b * stride_ob + o_m[:, None].to(tl.int64) * stride_on + i_h * stride_oh \
+        + o_d[None, :]
+    tl.store(p_o, b_o.to(Out.dtype.element_ty), mask=m_m[:, None])
+    tl.store(Lse + i_b * stride_lb + i_h * stride_lh + o_m, b_lse, mask=m_m)
+
+
+_paged_rope_attn_fwd_tuned = triton.autotune(
+    configs=autotune_configs(), key=AUTOTUNE_KEY,
+    prune_configs_by={"early_config_prune": _prune_configs})(_paged_rope_attn_fwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# launcher
+# ---------------------------------------------------------------------------------------------
+
+
+def _last_contig(x: torch.Tensor | None) -> torch.Tensor | None:
+    """The kernels index the last dim with stride 1 (vectorised loads)."""
+    if x is None or x.stride(-1) == 1:
+        return x
+    return x.contiguous()
+
+
+def launch_rope_attention(q, q_pos, table, *, cache=None, new=None, causal=False, scale=None,
+                          out=None, lse=None, config=None):
+    """Allocate outputs, build the grid and launch :func:`_paged_rope_attn_fwd`.
+
+    Args:
+        q: ``[B, Nq, Hq, D]``; q_pos ``[B, Nq, A]`` int; table: RopeTable with ``Hq`` rows.
+        cache: ``None`` or ``(cache_k, cache_v, cache_pos, page_len, page_table, page_shift,
+            span)``: pools ``[P, S, Hkv, D]``, positions ``[P, S, A]``, ``page_len [P]``,
+            ``page_table [B, M]``, ``page_shift [B, M, A]`` or ``None``, and ``span`` the slots
+            laid out per entry (``S``).
+        new: ``None`` or ``(k_new, v_new, new_pos)``: ``[B, N_new, Hkv, D]`` and ``[B, N_new, A]``.
+        out, lse: optional preallocated outputs ``[B, Nq, Hq, D]`` q.dtype / ``[B, Hq, Nq]`` fp32
+            (tests pass NaN-filled buffers). config: ``{"BLOCK_M", "BLOCK_N"[, "num_warps",
+            "num_stages"]}`` skips autotuning.
+
+    Returns:
+        ``(out, lse)``.
+    """
+    B, Nq, Hq, D = q.shape
+    A = q_pos.shape[-1]
+    dev = q.device
+    scale = D**-0.5 if scale is None else float(scale)
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if lse is None:
+        lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=dev)
+    if B * Nq * Hq == 0:
+        return out, lse
+    t = table.to(dev)
+    turns = rope_turns(t.freqs)
+    pair_axis = t.pair_axis.to(torch.int32)
+    q, q_pos = _last_contig(q), _last_contig(q_pos)
+
+    if cache is not None:
+        cache_k, cache_v, cache_pos, page_len, page_table, page_shift, span = cache
+        cache_k, cache_v, cache_pos = map(_last_contig, (cache_k, cache_v, cache_pos))
+        page_len, page_table = page_len.contiguous(), _last_contig(page_table)
+        page_shift = _last_contig(page_shift)
+        M = page_table.shape[1]
+        Hkv = cache_k.shape[2]
+    else:
+        cache_k = cache_v = cache_pos = page_len = page_table = page_shift = None
+        span, M = 1, 0
+    if new is not None:
+        k_new, v_new, new_pos = map(_last_contig, new)
+        N_new = k_new.shape[1]
+        Hkv = k_new.shape[2]
+    else:
+        k_new = v_new = new_pos = None
+        N_new = 0
+    if cache is None and new is None:
+        Hkv = Hq
+    dummy = q  # pointer for absent tensors; never dereferenced (loops run zero times)
+
+    def st(x, *dims):
+        return [x.stride(d) if x is not None else 0 for d in dims]
+
+    args = dict(
+        Q=q, QPos=q_pos, K=cache_k if cache_k is not None else dummy,
+        V=cache_v if cache_v is not None else dummy,
+        KPos=cache_pos if cache_pos is not None else q_pos,
+        PageLen=page_len if page_len is not None else q_pos,
+        PageTable=page_table if page_table is not None else q_pos,
+        PageShift=page_shift if page_shift is not None else q_pos,
+        KNew=k_new if k_new is not None else dummy, VNew=v_new if v_new is not None else dummy,
+        NewPos=new_pos if new_pos is not None else q_pos, Turns=turns, PairAxis=pair_axis,
+        Out=out, Lse=lse,
+    )
+    strides = dict(zip(
+        ["stride_qb", "stride_qn", "stride_qh", "stride_qpb", "stride_qpn",
+         "stride_kp", "stride_ks", "stride_kh", "stride_vp", "stride_vs", "stride_vh",
+         "stride_cpp", "stride_cps", "stride_ptb", "stride_psb", "stride_psm",
+         "stride_knb", "stride_knn", "stride_knh", "stride_vnb", "stride_vnn", "stride_vnh",
+         "stride_npb", "stride_npn", "stride_ob", "stride_on", "stride_oh", "stride_lb",
+         "stride_lh"],
+        st(q, 0, 1, 2) + st(q_pos, 0, 1) + st(cache_k, 0, 1, 2) + st(cache_v, 0, 1, 2)
+        + st(cache_pos, 0, 1) + st(page_table, 0) + st(page_shift, 0, 1)
+        + st(k_new, 0, 1, 2) + st(v_new, 0, 1, 2) + st(new_pos, 0, 1) + st(out, 0, 1, 2)
+        + st(lse, 0, 1)))
+    meta = dict(
+        Nq=Nq, N_new=N_new, M=M, span=span, Hq=Hq, qk_scale=scale * LOG2E,
+        HEAD_DIM=D, GROUP=Hq // Hkv, NUM_AXES=A, HAS_SHIFT=page_shift is not None,
+        HAS_NEW=new is not None, IS_CAUSAL=bool(causal),
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    if config is None and is_interpreted(_paged_rope_attn_fwd):
+        config = INTERPRET_CONFIG
+    if config is not None:
+        cfg = dict(config)
+        grid = (triton.cdiv(Nq, cfg["BLOCK_M"]), B * Hq)
+        _paged_rope_attn_fwd[grid](**args, **strides, **meta, **cfg)
+    else:
+        def grid(meta_):
+            return (triton.cdiv(Nq, meta_["BLOCK_M"]), B * Hq)
+        _paged_rope_attn_fwd_tuned[grid](**args, **strides, **meta)
+    return out, lse
+
+
+# ---------------------------------------------------------------------------------------------
+# public wrappers (validated by lol_kernels.attention.op / .dense)
+# ---------------------------------------------------------------------------------------------
+
+
+def paged_attention_triton(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table, table, *,
+                           k_new=None, v_new=None, causal=False, page_shift=None, scale=None,
+                           out=None, lse=None, config=None):
+    """Triton backend of :func:`lol_kernels.paged_attention` (same arguments and outputs).
+
+    Inputs are assumed validated (``validate_paged_inputs``). fp64 inputs take the torch path
+    (the kernel's angles and products are fp32). Extra keyword-only arguments: ``out``/``lse``
+    preallocated outputs and ``config`` fixed tiles, see :func:`launch_rope_attention`.
+
+    Returns:
+        ``out [B, Nq, Hq, D]`` in q.dtype, ``lse [B, Hq, Nq]`` fp32.
+    """
+    if q.dtype == torch.float64:
+        from .reference import paged_attention_torch
+        return paged_attention_torch(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table,
+                                     table, k_new=k_new, v_new=v_new, causal=causal,
+                                     page_shift=page_shift, scale=scale)
+    cache = (cache_k, cache_v, cache_pos, page_len, page_table, page_shift, cache_k.shape[1])
+    new = None if k_new is None else (k_new, v_new, q_pos)
+    return launch_rope_attention(q, q_pos, table, cache=cache, new=new, causal=causal,
+                                 scale=scale, out=out, lse=lse, config=config)
+
+
+def rope_attention_triton(q, k, v, q_pos, k_pos, table, *, causal=False, scale=None, out=None,
+                          lse=None, config=None):
+    """Triton backend of :func:`lol_kernels.rope_attention` (dense K/V, no copy).
+
+    The dense keys are the kernel's "new key" stream at ``k_pos``; ``causal`` means query ``i``
+    sees keys ``j <= i`` (top-left aligned, as ``scaled_dot_product_attention(is_causal=True)``).
+    """
+    if q.dtype == torch.float64:
+        from .dense import rope_attention_torch
+        return rope_attention_torch(q, k, v, q_pos, k_pos, table, causal=causal, scale=scale)
+    return launch_rope_attention(q, q_pos, table, new=(k, v, k_pos), causal=causal, scale=scale,
+                                 out=out, lse=lse, config=config)
+
+
+def flops(Nq: int, Nk: int, Hq: int, D: int, B: int = 1) -> float:
+    """Matmul FLOPs of one forward (``QK^T`` and ``PV``), as FlashAttention counts them."""
+    return 4.0 * B * Hq * Nq * Nk * D
+
+
+__all__ = ["CONFIGS", "flops", "launch_rope_attention", "paged_attention_triton",
+           "rope_attention_triton"]
