@@ -7,11 +7,11 @@ Public API (DESIGN.md §4): :func:`rope_frequencies`, :func:`apply_rope`,
 from . import cache, diagnostics
 from .attention import paged_attention, rope_attention
 from .cache import CacheRead, PagedKVCache, read_cache, token_positions
-from .moc import moc_route
+from .moc import moc_attention, moc_route, moc_route_tiles
 from .rope import RopeTable, apply_rope, rope_frequencies
 
 __version__ = "0.1.0"
 
 __all__ = ["CacheRead", "PagedKVCache", "RopeTable", "apply_rope", "cache", "diagnostics",
-           "moc_route", "paged_attention",
+           "moc_attention", "moc_route", "moc_route_tiles", "paged_attention",
            "read_cache", "rope_attention", "rope_frequencies", "token_positions"]

@@ -13,6 +13,8 @@ from .policies import (
     relativistic,
     token_positions,
 )
+from .slowfast import SlowFastCache, SlowFastRead
 
 __all__ = ["POLICIES", "CacheRead", "Frame", "FrameBlock", "PagedKVCache", "absolute", "bounded",
            "build_read", "cut", "flush", "read_cache", "relativistic", "token_positions"]
+__all__ += ["SlowFastCache", "SlowFastRead"]

@@ -1,7 +1,11 @@
 """Mixture of Contexts: the chunk router (C++/CUDA in csrc/moc, torch reference)."""
 
+from .attention import moc_attention, moc_route_tiles, tile_means
+from .attention_reference import moc_attention_reference, moc_attention_torch
 from .reference import moc_route_reference, moc_scores_reference
 from .route import ExtensionFallbackWarning, extension_error, extension_has_cuda, moc_route
 
 __all__ = ["ExtensionFallbackWarning", "extension_error", "extension_has_cuda", "moc_route",
            "moc_route_reference", "moc_scores_reference"]
+__all__ += ["moc_attention", "moc_attention_reference", "moc_attention_torch", "moc_route_tiles",
+            "tile_means"]

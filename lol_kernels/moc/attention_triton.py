@@ -32,6 +32,7 @@ from .._triton_common import (
     rope_cos_sin,
     rope_rotate,
     rope_turns,
+    split_turns,
 )
 from ..attention.triton_kernel import CONFIGS, LOG2E, _attend_tile, _last_contig, _prune_configs
 
@@ -64,7 +65,7 @@ def autotune_configs() -> list[triton.Config]:
 
 
 @triton.jit
-def _attend_pages(acc, m_i, l_i, b_qe, b_qo, b_axis, b_turns, qk_scale, p_table, n_slots, p_shift,
+def _attend_pages(acc, m_i, l_i, b_qe, b_qo, b_axis, b_thi, b_tlo, qk_scale, p_table, n_slots, p_shift,
                   stride_se, K, V, KPos, PageLen, kv_off_k, kv_off_v, stride_kp, stride_ks,
                   stride_vp, stride_vs, stride_cpp, stride_cps, S,
                   HEAD_DIM: tl.constexpr, NUM_AXES: tl.constexpr, HAS_SHIFT: tl.constexpr,
@@ -92,7 +93,7 @@ def _attend_pages(acc, m_i, l_i, b_qe, b_qo, b_axis, b_turns, qk_scale, p_table,
         if HAS_SHIFT:
             b_kpos += load_pair_positions(p_shift + o_e * stride_se, m_n, b_axis, NUM_AXES)
         acc, m_i, l_i = _attend_tile(acc, m_i, l_i, b_qe, b_qo, b_k, b_v, b_kpos,
-                                     m_n[None, :], b_turns, qk_scale, DOT_PREC)
+                                     m_n[None, :], b_thi, b_tlo, qk_scale, DOT_PREC)
     return acc, m_i, l_i
 
 
@@ -128,14 +129,14 @@ def _moc_attn_fwd(
     o_j = tl.arange(0, HALF)
     m_m = o_m < N
     b_axis = tl.load(PairAxis + o_j)
-    b_turns = tl.load(Turns + i_h * HALF + o_j)
+    b_thi, b_tlo = split_turns(tl.load(Turns + i_h * HALF + o_j))
 
     p_q = Q + i_b * stride_qb + o_m[:, None].to(tl.int64) * stride_qn + i_h * stride_qh \
         + o_d[None, :]
     b_q = tl.load(p_q, mask=m_m[:, None], other=0.0)
     b_qpos = load_pair_positions(QPos + i_b * stride_qpb + o_m * stride_qpn, m_m, b_axis,
                                  NUM_AXES)
-    b_c, b_s = rope_cos_sin(b_qpos, b_turns[None, :])
+    b_c, b_s = rope_cos_sin(b_qpos, b_thi[None, :], b_tlo[None, :])
     b_qe, b_qo = rope_rotate(b_q, b_c, b_s)
     b_qe = b_qe.to(Q.dtype.element_ty)
     b_qo = b_qo.to(Q.dtype.element_ty)
@@ -148,7 +149,7 @@ def _moc_attn_fwd(
 
     # mandatory pages (sink, fast window)
     acc, m_i, l_i = _attend_pages(
-        acc, m_i, l_i, b_qe, b_qo, b_axis, b_turns, qk_scale, PageTable + i_b * stride_ptb,
+        acc, m_i, l_i, b_qe, b_qo, b_axis, b_thi, b_tlo, qk_scale, PageTable + i_b * stride_ptb,
         M * S, PageShift + i_b * stride_psb, stride_psm, K, V, KPos, PageLen, kv_off_k,
         kv_off_v, stride_kp, stride_ks, stride_vp, stride_vs, stride_cpp, stride_cps, S,
         HEAD_DIM, NUM_AXES, HAS_SHIFT, DOT_PREC, BLOCK_N)
@@ -160,7 +161,7 @@ def _moc_attn_fwd(
         ok = c >= 0
         c64 = tl.where(ok, c, 0).to(tl.int64)
         acc, m_i, l_i = _attend_pages(
-            acc, m_i, l_i, b_qe, b_qo, b_axis, b_turns, qk_scale,
+            acc, m_i, l_i, b_qe, b_qo, b_axis, b_thi, b_tlo, qk_scale,
             ChunkPages + i_b * stride_cpb + c64 * stride_cpc, tl.where(ok, Pc * S, 0),
             ChunkShift + i_b * stride_csb + c64 * stride_csc, 0, K, V, KPos, PageLen,
             kv_off_k, kv_off_v, stride_kp, stride_ks, stride_vp, stride_vs, stride_cpp,
@@ -186,7 +187,7 @@ def _moc_attn_fwd(
             if IS_CAUSAL:
                 m_vis = m_vis & (o_t[None, :] <= o_m[:, None])
             acc, m_i, l_i = _attend_tile(acc, m_i, l_i, b_qe, b_qo, b_k, b_v, b_kpos, m_vis,
-                                         b_turns, qk_scale, DOT_PREC)
+                                         b_thi, b_tlo, qk_scale, DOT_PREC)
 
     # rows that saw no key: out 0, lse -inf
     seen = l_i > 0.0
