@@ -8,6 +8,7 @@ import torch
 from diffusers import WanTransformer3DModel
 
 import lol_kernels as lk
+from lol_kernels.cache.slowfast import SlowFastCache
 from lol_model.config import ModelConfig
 from lol_model.model import CausalWanModel
 from lol_model.weights import load_weights
@@ -175,6 +176,32 @@ def test_every_policy_streams_with_eviction(policy):
             blk = cache.append_frames(lk.token_positions(read.q_t, gh, gw, B))
             model(x, torch.zeros(B, 2), tk, cache, read, write=blk)
     assert cache.num_frames == 4
+
+
+def test_routed_slow_fast_with_every_chunk_equals_dense_read():
+    """MoC over slow memory with top-k = all chunks attends exactly the dense read's keys; with
+    top-k = 1 it attends fewer (and differs). The MoC op merges its parts with fp32 lse, so
+    fp64 agreement is about 1e-8, not 1e-15."""
+    model = random_model()
+    B, H, W, n = 1, 4, 8, 10
+    gh, gw = model.grid(H, W)
+    cache = model.new_cache(frame_tokens=gh * gw, sink_frames=1, window_frames=2,
+                            block_frames=1, cache_cls=SlowFastCache, slow_frames=4, tau=1.0)
+    with torch.no_grad():
+        tk = model.encode_text(torch.randn(B, 5, CFG.text_dim, dtype=torch.float64))
+        for _ in range(n):  # random frames are novel: slow memory fills up
+            read = cache.read(1, routed=False)
+            x = torch.randn(B, CFG.in_channels, 1, H, W, dtype=torch.float64)
+            blk = cache.append_frames(lk.token_positions(read.q_t, gh, gw, B))
+            model(x, torch.zeros(B, 1), tk, cache, read, write=blk)
+        assert len(cache.slow) == 4
+        x = torch.randn(B, CFG.in_channels, 1, H, W, dtype=torch.float64)
+        t = torch.full((B, 1), 600.0)
+        dense = model(x, t, tk, cache, cache.read(1, routed=False))
+        routed = {k: model(x, t, tk, cache, cache.read(1, routed=True), moc_topk=k,
+                           moc_tile_size=16) for k in (4, 1)}
+    assert rel_err(routed[4], dense) < 1e-6
+    assert rel_err(routed[1], dense) > 1e-3
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
