@@ -193,3 +193,23 @@ def test_bad_checkpoints_give_clear_errors(ref, tmp_path):
         load_model(sd, CFG, lora={k: v for k, v in lora.items() if "lora_A" in k})
     with pytest.raises(TypeError, match="preset_or_config"):
         load_model(sd, 3)
+
+
+@pytest.mark.parametrize("preset,heads", [("wan-1.3b", 12), ("wan-14b", 40)])
+def test_presets_match_diffusers_wan_configs(preset, heads):
+    """Every parameter of the preset has the name and shape of the diffusers Wan2.1 model of
+    the same size (built on the meta device: no memory, no init)."""
+    from diffusers import WanTransformer3DModel
+
+    from lol_model.weights import to_original_layout
+
+    cfg = ModelConfig.preset(preset)
+    with torch.device("meta"):
+        ours = CausalWanModel(cfg)
+        ref = WanTransformer3DModel(num_attention_heads=heads, attention_head_dim=128,
+                                    ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers,
+                                    text_dim=4096, freq_dim=256)
+    want = {k: tuple(v.shape) for k, v in to_original_layout(ref.state_dict()).items()}
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == want
+    if preset == "wan-1.3b":
+        assert sum(p.numel() for p in ours.parameters()) == 1_418_996_800
