@@ -1,0 +1,168 @@
+"""Cache configurations by name: frame budget, position policy, scene-cut behaviour.
+
+==============  ============================  ==========================  ==================
+name            frames kept                   positions (policy)          source
+==============  ============================  ==========================  ==================
+sink-window     3 sink + 9 window (12)        absolute                    LongLive, LoL
+relativistic    1 sink + 6 window             block-relativistic          Infinity-RoPE
+growing         every frame (no eviction)     absolute                    benchmark baseline
+==============  ============================  ==========================  ==================
+
+Every configuration composes with the model's RoPE jitter (``--jitter``, LoL's multi-head
+jitter lives in the model's RoPE table, not in the cache). A new configuration is one entry::
+
+    register_cache("slow-fast", lambda **kw: CacheConfig(
+        "slow-fast", sink_frames=3, window_frames=6, policy="bounded",
+        cache_cls=SlowFastKVCache, cache_kwargs={"slow_frames": 12, "tau": 0.95}, **kw))
+
+``growing`` is a :class:`GrowingKVCache`: pools that grow by one block of pages at every append
+(what a naive ``torch.cat`` cache does), so its time and memory grow with the stream.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from lol_kernels.cache import CacheRead, PagedKVCache, build_read, cut, flush, read_cache
+
+
+class GrowingKVCache(PagedKVCache):
+    """A cache that never evicts: its pools grow by the needed pages at every append.
+
+    Only for baselines: memory and per-block time grow linearly with the stream length.
+    """
+
+    growable = True
+
+    def __init__(self, **kw):
+        kw["window_frames"] = 1
+        super().__init__(**kw)
+        self.window_frames = 2**62  # never evict
+
+    @property
+    def max_read_pages(self) -> int:
+        return 0  # page tables are exactly as wide as the frames they read
+
+    def _grow(self, frames: int) -> None:
+        P0, F0 = self.num_pages, self.max_frames
+        add_p = frames * self.batch_size * self.pages_per_frame
+
+        def more(t, n):
+            return torch.cat([t, t.new_zeros((n, *t.shape[1:]))])
+
+        self.k = [more(t, add_p) for t in self.k]
+        self.v = [more(t, add_p) for t in self.v]
+        self.pos, self.page_len = more(self.pos, add_p), more(self.page_len, add_p)
+        self.summary = [more(t, frames) for t in self.summary]
+        self.num_pages, self.max_frames = P0 + add_p, F0 + frames
+        self.free_pages.extend(range(P0, P0 + add_p))
+        self.free_fids.extend(range(F0, F0 + frames))
+
+    def append_frames(self, pos: torch.Tensor):
+        F = pos.shape[1] // self.frame_tokens if pos.dim() == 3 else 0
+        need = max(F - len(self.free_fids),
+                   math.ceil((F * self.batch_size * self.pages_per_frame - len(self.free_pages))
+                             / (self.batch_size * self.pages_per_frame)))
+        if need > 0:
+            self._grow(need)
+        return super().append_frames(pos)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """How a stream caches frames and positions them.
+
+    Attributes:
+        name: registry name.
+        sink_frames, window_frames: frame budget of the cache (see PagedKVCache).
+        policy: position policy of :func:`lol_kernels.cache.read_cache`.
+        policy_kwargs: extra arguments of the policy (e.g. ``max_frames``).
+        cache_cls, cache_kwargs: cache class and its extra constructor arguments.
+        flush_keep: window frames kept by a KV Flush at a hard cut (Infinity-RoPE: 2).
+        cut_start: temporal position of the first frame after a RoPE Cut; ``None``: the next
+            position plus ``cut_gap``. Infinity-RoPE puts it at 45 (relative positions).
+    """
+
+    name: str
+    sink_frames: int
+    window_frames: int
+    policy: str = "absolute"
+    policy_kwargs: dict = field(default_factory=dict)
+    cache_cls: type = PagedKVCache
+    cache_kwargs: dict = field(default_factory=dict)
+    flush_keep: int = 2
+    cut_start: int | None = None
+    cut_gap: int = 24
+
+    def new_cache(self, model, *, frame_tokens: int, block_frames: int, batch_size: int = 1,
+                  page_size: int | None = None, dtype=torch.float32, device="cpu"):
+        """Allocate this configuration's cache for ``model`` (through ``model.new_cache``)."""
+        if page_size is None:
+            page_size = default_page_size(frame_tokens)
+        return model.new_cache(frame_tokens=frame_tokens, sink_frames=self.sink_frames,
+                               window_frames=self.window_frames, block_frames=block_frames,
+                               batch_size=batch_size, page_size=page_size, dtype=dtype,
+                               device=device, cache_cls=self.cache_cls, **self.cache_kwargs)
+
+    def read(self, cache: PagedKVCache, num_new: int) -> CacheRead:
+        """The read a new block of ``num_new`` frames denoises against."""
+        return read_cache(cache, num_new, self.policy, **self.policy_kwargs)
+
+    def replay_read(self, cache: PagedKVCache, frame_t: torch.Tensor) -> CacheRead:
+        """Read for recomputing frames that already have positions ``frame_t`` (recache):
+        absolute positions keep their stored times; other policies re-base as usual."""
+        if self.policy == "absolute":
+            frames = cache.frames()
+            return build_read(cache, frames, [fr.t for fr in frames], frame_t)
+        return self.read(cache, int(frame_t.numel()))
+
+    def flush(self, cache: PagedKVCache) -> None:
+        """KV Flush: keep the sink and the newest ``flush_keep`` window frames."""
+        flush(cache, keep_last=self.flush_keep)
+
+    def cut_read(self, cache: PagedKVCache, num_new: int) -> CacheRead:
+        """RoPE Cut: the read of the first block after a hard cut (block moved forward)."""
+        read = self.read(cache, num_new)
+        top = int(read.frame_t.max()) if read.frame_t.numel() else -1
+        start = self.cut_start
+        if start is None or start <= top:  # a fixed start must still lie after the cache
+            start = int(read.q_t[0]) + self.cut_gap
+        return cut(read, start=start)
+
+
+def default_page_size(frame_tokens: int) -> int:
+    """256 slots (the Triton tile), or the next power of two >= 16 for tiny frames."""
+    return 256 if frame_tokens >= 256 else max(16, 1 << (frame_tokens - 1).bit_length())
+
+
+CACHES: dict[str, Callable[..., CacheConfig]] = {}
+
+
+def register_cache(name: str, factory: Callable[..., CacheConfig]) -> None:
+    """Add a configuration: ``factory(**overrides) -> CacheConfig``."""
+    CACHES[name] = factory
+
+
+register_cache("sink-window", lambda **kw: CacheConfig(
+    "sink-window", **{"sink_frames": 3, "window_frames": 9, "policy": "absolute", **kw}))
+register_cache("relativistic", lambda **kw: CacheConfig(
+    "relativistic", **{"sink_frames": 1, "window_frames": 6, "policy": "relativistic",
+                       "cut_start": 45, **kw}))
+register_cache("growing", lambda **kw: CacheConfig(
+    "growing", **{"sink_frames": 0, "window_frames": 1, "policy": "absolute",
+                  "cache_cls": GrowingKVCache, **kw}))
+
+
+def get_cache_config(name: str, **overrides) -> CacheConfig:
+    """The configuration registered as ``name``, with fields overridden (``window_frames=...``)."""
+    if name not in CACHES:
+        raise ValueError(f"cache must be one of {sorted(CACHES)}, got {name!r}")
+    bad = set(overrides) - {f.name for f in dataclasses.fields(CacheConfig)}
+    if bad:
+        raise ValueError(f"unknown cache option(s) {sorted(bad)}")
+    return CACHES[name](**{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,190 @@
+"""``lol`` command line: ``lol generate``, ``lol diagnose`` (and ``lol bench`` when present).
+
+Examples::
+
+    lol generate                                   # tiny random model, ~1 min on a CPU
+    lol generate --prompt "a cat[10s] | a dog[20s#]" --cache relativistic --jitter 0.8
+    lol generate --checkpoint wan.safetensors --preset wan-1.3b --size 832x480 \\
+        --device cuda --dtype bf16 --text-encoder umt5/ --vae Wan2.1-T2V-1.3B-Diffusers/ \\
+        --seconds 3600 --checkpoint-every 50 --out hour.mp4
+    lol generate --resume --out hour.mp4           # continue from hour.mp4.ckpt/
+
+Other subcommands register through :data:`SUBCOMMANDS` (``module``, ``add_parser function``):
+each function gets the argparse subparsers object and sets ``func`` on its parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+import os
+import sys
+import time
+
+SUBCOMMANDS = [
+    ("lol_kernels.diagnostics.cli", "add_diagnose_parser", "diagnose"),
+    ("lol_model.bench", "add_bench_parser", "bench"),
+]
+
+DEFAULT_BLOCKS = 60
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must be WIDTHxHEIGHT, got {text!r}") from None
+    if w <= 0 or h <= 0 or w % 16 or h % 16:
+        raise argparse.ArgumentTypeError(f"size must be positive multiples of 16 (VAE stride 8 "
+                                         f"x patch 2), got {text!r}")
+    return w, h
+
+
+def _timesteps(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"timesteps must be comma-separated numbers, got "
+                                         f"{text!r}") from None
+
+
+def add_generate_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("generate", help="stream a video block by block",
+                       description="Stream video from a causal Wan model in constant memory. "
+                                   "Defaults run a tiny random model on the CPU in about a "
+                                   "minute.")
+    p.add_argument("--prompt", default="a red fox running through fresh snow, cinematic",
+                   help="prompt or schedule, e.g. 'a cat[10s] | a dog[20s#]' ('#': KV flush + "
+                        "RoPE cut; otherwise the window is recached with the new prompt)")
+    n = p.add_mutually_exclusive_group()
+    n.add_argument("--blocks", type=int, help=f"blocks to generate (default: the schedule's "
+                                              f"length, else {DEFAULT_BLOCKS})")
+    n.add_argument("--seconds", type=float, help="seconds of video (4 latent frames a second)")
+    p.add_argument("--out", default="outputs/lol.mp4", help="output mp4 (default %(default)s)")
+    p.add_argument("--checkpoint", help="model weights (diffusers or Wan/Self-Forcing/LongLive "
+                                        "layout); default: a random model of --preset")
+    p.add_argument("--preset", default=None, help="model preset (tiny, wan-1.3b, ...; default "
+                                                  "tiny, or wan-1.3b with --checkpoint)")
+    p.add_argument("--lora", help="LoRA weights merged into --checkpoint (LongLive)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", help="float32, bf16, fp16 or float64")
+    p.add_argument("--cache", default="sink-window",
+                   help="cache configuration: sink-window, relativistic, growing, ...")
+    p.add_argument("--sink-frames", type=int, help="override the cache's sink frames")
+    p.add_argument("--window-frames", type=int, help="override the cache's window frames")
+    p.add_argument("--jitter", type=float, default=0.0,
+                   help="LoL multi-head RoPE jitter sigma in [0, 1) (paper: 0.8)")
+    p.add_argument("--jitter-seed", type=int, default=0)
+    p.add_argument("--size", type=_size, default=(64, 64),
+                   help="video WIDTHxHEIGHT (default 64x64; Wan: 832x480)")
+    p.add_argument("--steps", type=int, default=4, help="denoising steps per block")
+    p.add_argument("--shift", type=float, default=5.0, help="flow-matching timestep shift")
+    p.add_argument("--timesteps", type=_timesteps,
+                   help="explicit timesteps, e.g. 1000,937.5,833.33,625 (overrides --steps)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--text-encoder", help="umT5 folder or prompt-embedding file "
+                                          "(.safetensors/.pt); default: tiny random umT5")
+    p.add_argument("--vae", help="diffusers AutoencoderKLWan folder; default: tiny random VAE")
+    p.add_argument("--no-decode", action="store_true", help="latents only, no mp4")
+    p.add_argument("--save-latents", action="store_true",
+                   help="also save clean latents to <out>.latents/seg_*.safetensors")
+    p.add_argument("--checkpoint-every", type=int, default=0,
+                   help="save the stream state every N blocks (0: never)")
+    p.add_argument("--checkpoint-dir", help="state folder (default <out>.ckpt)")
+    p.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_generate)
+    return p
+
+
+def settings_from_args(args):
+    from .generate import StreamSettings
+    from .schedule import LATENT_FPS, parse_schedule
+
+    w, h = args.size
+    block_frames = 3
+    blocks = args.blocks
+    if args.seconds is not None:
+        if args.seconds <= 0:
+            raise ValueError(f"--seconds must be > 0, got {args.seconds}")
+        blocks = max(1, math.ceil(args.seconds * LATENT_FPS / block_frames))
+    if blocks is None:
+        blocks = parse_schedule(args.prompt, block_frames=block_frames).total_blocks \
+            or DEFAULT_BLOCKS
+    preset = args.preset or ("wan-1.3b" if args.checkpoint else "tiny")
+    return StreamSettings(
+        prompt=args.prompt, blocks=blocks, preset=preset, checkpoint=args.checkpoint,
+        lora=args.lora, cache=args.cache, sink_frames=args.sink_frames,
+        window_frames=args.window_frames, jitter=args.jitter, jitter_seed=args.jitter_seed,
+        latent_height=h // 8, latent_width=w // 8, block_frames=block_frames, steps=args.steps,
+        shift=args.shift, timesteps=args.timesteps, seed=args.seed, dtype=args.dtype,
+        device=args.device, text_encoder=args.text_encoder, vae=args.vae,
+        decode=not args.no_decode)
+
+
+def run_generate(args) -> dict:
+    import torch
+
+    from .generate import attach_outputs, finish, new_stream, resume_stream, run
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.checkpoint_every < 0:
+        raise ValueError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
+    ckpt = args.checkpoint_dir or args.out + ".ckpt"
+    s = settings_from_args(args)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    t0 = time.perf_counter()
+    st = new_stream(s)
+    attach_outputs(st, None if args.no_decode else args.out, save_latents=args.save_latents)
+    if args.resume:
+        resume_stream(st, ckpt)
+        print(f"resumed at block {st.block} from {ckpt}", file=sys.stderr)
+    start = st.block
+    run(st, checkpoint_dir=ckpt if args.checkpoint_every else None,
+        checkpoint_every=args.checkpoint_every, progress=not args.quiet)
+    out = finish(st, keep_segments=bool(args.checkpoint_every))
+    dt = time.perf_counter() - t0
+    frames = st.block * s.block_frames
+    print(f"{st.block - start} blocks ({frames} latent frames total, {st.frames_out} video "
+          f"frames) in {dt:.1f} s -> {out or '(latents only)'}", file=sys.stderr)
+    return {"blocks": st.block, "seconds": dt, "out": out}
+
+
+def _missing(name: str, module: str, err: Exception):
+    def run(args):
+        raise SystemExit(f"lol {name} is unavailable: {module} could not be imported ({err})")
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lol", description="LoL streaming video kernels and "
+                                                             "generator")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_generate_parser(sub)
+    for module, fn, name in SUBCOMMANDS:
+        try:
+            getattr(importlib.import_module(module), fn)(sub)
+        except (ImportError, AttributeError) as e:
+            if name == "bench" and isinstance(e, ModuleNotFoundError) and e.name == module:
+                continue  # optional subcommand not written yet
+            p = sub.add_parser(name, help=f"(unavailable: {e})", add_help=False)
+            p.set_defaults(func=_missing(name, module, e))
+            p.add_argument("rest", nargs=argparse.REMAINDER)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ValueError as e:
+        print(f"lol {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

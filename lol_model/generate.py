@@ -1,0 +1,368 @@
+"""Streaming generator: block after block in constant memory, decoded and written as it goes.
+
+Loop (one iteration = one block of ``block_frames`` latent frames)::
+
+    switch_prompt(stream)        # at a schedule boundary: new text K/V, then KV Flush + RoPE Cut
+                                 # ("#") or a LongLive recache of the cached frames
+    x0 = sample_block(stream)    # steps forwards against the cache read, then the write pass
+    emit(stream, x0)             # streaming VAE decode -> mp4 segment; latents (optional)
+    checkpoint(stream)           # every N blocks: close segments, save the state atomically
+
+:class:`Stream` holds everything that changes; the step functions are small and explicit.
+Randomness: one CPU ``torch.Generator`` seeded with ``seed`` draws all noise, so the latents
+depend only on the settings, and a resumed run reproduces an uninterrupted one bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .caches import CacheConfig, get_cache_config
+from .config import ModelConfig
+from .model import CausalWanModel
+from .sampling import (
+    SHIFT,
+    denoise_block,
+    sampling_sigmas,
+    sigmas_from_timesteps,
+    write_block,
+)
+from .schedule import PromptSchedule, parse_schedule
+from .text import encode_prompt, load_text_encoder
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+          "float64": torch.float64, "fp64": torch.float64}
+
+
+@dataclass
+class StreamSettings:
+    """Everything that defines a stream (the checkpoint fingerprint is built from it).
+
+    ``latent_height/width`` are latent sizes (video = 8x); ``blocks`` may grow on resume.
+    """
+
+    prompt: str = "a red fox running through fresh snow, cinematic"
+    blocks: int = 8
+    preset: str = "tiny"
+    checkpoint: str | None = None
+    lora: str | None = None
+    cache: str = "sink-window"
+    sink_frames: int | None = None
+    window_frames: int | None = None
+    jitter: float = 0.0
+    jitter_seed: int = 0
+    latent_height: int = 8
+    latent_width: int = 8
+    block_frames: int = 3
+    steps: int = 4
+    shift: float = SHIFT
+    timesteps: tuple[float, ...] | None = None
+    seed: int = 0
+    batch_size: int = 1
+    dtype: str = "float32"
+    device: str = "cpu"
+    text_encoder: str | None = None
+    vae: str | None = None
+    decode: bool = True
+    fps: float = 16.0
+    extra: dict = field(default_factory=dict)
+
+    def fingerprint(self) -> dict:
+        """Settings a resumed run must share with its checkpoint (not blocks nor device)."""
+        d = asdict(self)
+        for k in ("blocks", "device"):
+            d.pop(k)
+        d["timesteps"] = list(self.timesteps) if self.timesteps else None
+        return d
+
+
+@dataclass
+class Stream:
+    """Mutable state of a running stream."""
+
+    settings: StreamSettings
+    model: CausalWanModel
+    cache_cfg: CacheConfig
+    cache: object
+    schedule: PromptSchedule
+    text_encoder: object
+    sigmas: list[float]
+    generator: torch.Generator
+    dtype: torch.dtype
+    device: torch.device
+    block: int = 0  # blocks finished
+    segment: int = 0  # schedule segment whose prompt text_kv encodes
+    text_kv: object = None
+    latents: dict = field(default_factory=dict)  # fid -> clean latent [B, C, 1, h, w]
+    pending_cut: bool = False
+    decoder: object = None
+    video: object = None
+    latent_writer: object = None
+    frames_out: int = 0  # video frames written
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        s = self.settings
+        return (s.batch_size, self.model.cfg.in_channels, s.block_frames, s.latent_height,
+                s.latent_width)
+
+
+# --------------------------------------------------------------------------- building
+def build_model(s: StreamSettings, dtype, device) -> CausalWanModel:
+    """The transformer: weights from ``s.checkpoint``, or random (seeded) for the tiny default."""
+    if s.checkpoint:
+        from .weights import load_model
+
+        model = load_model(s.checkpoint, s.preset, lora=s.lora, dtype=dtype, device=device)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(s.seed)
+            model = CausalWanModel(ModelConfig.preset(s.preset))
+        model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    model.configure_rope(jitter_sigma=s.jitter, seed=s.jitter_seed)
+    return model
+
+
+def new_stream(s: StreamSettings, *, model: CausalWanModel | None = None,
+               text_encoder=None) -> Stream:
+    """Build a stream at block 0 (model, cache, text encoder, noise generator, decoder)."""
+    if s.dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {s.dtype!r}")
+    if not isinstance(s.blocks, int) or s.blocks < 1:
+        raise ValueError(f"blocks must be an int >= 1, got {s.blocks!r}")
+    dtype, device = DTYPES[s.dtype], torch.device(s.device)
+    schedule = parse_schedule(s.prompt, block_frames=s.block_frames)
+    model = model if model is not None else build_model(s, dtype, device)
+    gh, gw = model.grid(s.latent_height, s.latent_width)
+    cache_cfg = get_cache_config(s.cache, sink_frames=s.sink_frames,
+                                 window_frames=s.window_frames)
+    cache = cache_cfg.new_cache(model, frame_tokens=gh * gw, block_frames=s.block_frames,
+                                batch_size=s.batch_size, dtype=dtype, device=device)
+    if text_encoder is None:
+        text_encoder = load_text_encoder(s.text_encoder, text_dim=model.cfg.text_dim,
+                                         text_len=model.cfg.text_len, seed=s.seed, device=device,
+                                         dtype=dtype)
+    sigmas = sigmas_from_timesteps(s.timesteps) if s.timesteps else \
+        sampling_sigmas(s.steps, s.shift)
+    gen = torch.Generator().manual_seed(s.seed)
+    st = Stream(s, model, cache_cfg, cache, schedule, text_encoder, sigmas, gen, dtype, device)
+    st.text_kv = encode_text(st, 0)
+    return st
+
+
+@torch.no_grad()
+def encode_text(st: Stream, segment: int):
+    prompt = st.schedule.segments[segment].prompt
+    ctx = encode_prompt(st.text_encoder, prompt, batch_size=st.settings.batch_size, index=segment)
+    return st.model.encode_text(ctx)
+
+
+# --------------------------------------------------------------------------- step functions
+def _keep_latents(st: Stream, blk, x0: torch.Tensor) -> None:
+    """Remember each written frame's clean latent by frame slot; forget evicted frames."""
+    for f, fr in enumerate(blk.frames):
+        st.latents[fr.fid] = x0[:, :, f : f + 1].clone()
+    live = {fr.fid for fr in st.cache.frames()}
+    for fid in [k for k in st.latents if k not in live]:
+        del st.latents[fid]
+
+
+@torch.no_grad()
+def recache(st: Stream) -> None:
+    """LongLive recache: recompute every cached frame's K/V under the current prompt from the
+    kept clean latents, in the cache's read order, ``block_frames`` at a time (block-causal)."""
+    frames = st.cache.frames()
+    lat = [st.latents[fr.fid] for fr in frames]
+    ts = [fr.t for fr in frames]
+    st.cache.reset()
+    st.latents.clear()
+    F = st.settings.block_frames
+    for i in range(0, len(frames), F):
+        frame_t = torch.tensor(ts[i : i + F], dtype=torch.int64)
+        read = st.cache_cfg.replay_read(st.cache, frame_t)
+        x0 = torch.cat(lat[i : i + F], dim=2)
+        blk = write_block(st.model, x0, st.text_kv, st.cache, read)
+        _keep_latents(st, blk, x0)
+
+
+def switch_prompt(st: Stream) -> None:
+    """Apply a schedule boundary at block ``st.block``: new text K/V, then KV Flush + RoPE Cut
+    (``#``) or a recache of the cached frames with the new prompt."""
+    seg = st.schedule.segment_index(st.block)
+    if seg == st.segment:
+        return
+    st.segment = seg
+    st.text_kv = encode_text(st, seg)
+    if st.schedule.segments[seg].cut:
+        st.cache_cfg.flush(st.cache)
+        live = {fr.fid for fr in st.cache.frames()}
+        st.latents = {k: v for k, v in st.latents.items() if k in live}
+        st.pending_cut = True
+    elif st.cache.num_frames:
+        recache(st)
+
+
+@torch.no_grad()
+def sample_block(st: Stream) -> torch.Tensor:
+    """Denoise the next block against the cache and write its K/V; returns ``x0``."""
+    F = st.settings.block_frames
+    read = st.cache_cfg.cut_read(st.cache, F) if st.pending_cut else st.cache_cfg.read(st.cache, F)
+    st.pending_cut = False
+    x0 = denoise_block(st.model, st.latent_shape, st.text_kv, st.cache, read, st.sigmas,
+                       st.generator, dtype=st.dtype, device=st.device)
+    blk = write_block(st.model, x0, st.text_kv, st.cache, read)
+    _keep_latents(st, blk, x0)
+    st.block += 1
+    return x0
+
+
+def emit(st: Stream, x0: torch.Tensor) -> None:
+    """Decode the block (sample 0) into the mp4 and queue its latents, if enabled."""
+    if st.latent_writer is not None:
+        st.latent_writer.append(x0)
+    if st.decoder is not None:
+        from .vae import to_uint8_frames
+
+        frames = to_uint8_frames(st.decoder.decode(x0[:1]))[0]
+        if st.video is not None:
+            st.video.append(frames)
+        st.frames_out += frames.shape[0]
+
+
+def step(st: Stream) -> torch.Tensor:
+    """One block: prompt switch, sampling, output. Returns the block's clean latents."""
+    switch_prompt(st)
+    x0 = sample_block(st)
+    emit(st, x0)
+    return x0
+
+
+# --------------------------------------------------------------------------- outputs
+def attach_outputs(st: Stream, out: str | None, *, save_latents: bool = False) -> None:
+    """Streaming decoder + segmented mp4 at ``out`` (``None``: no video), latents beside it."""
+    if out is not None and st.settings.decode:
+        from .vae import StreamingDecoder, load_vae
+        from .video import SegmentedVideoWriter
+
+        vae = load_vae(st.settings.vae, seed=st.settings.seed, device=st.device)
+        st.decoder = StreamingDecoder(vae)
+        st.video = SegmentedVideoWriter(out, fps=st.settings.fps)
+    if save_latents:
+        from .video import LatentWriter
+
+        base = os.path.splitext(out)[0] if out else "latents"
+        st.latent_writer = LatentWriter(base + ".latents")
+
+
+def close_segments(st: Stream) -> None:
+    if st.video is not None:
+        st.video.close_segment()
+    if st.latent_writer is not None:
+        st.latent_writer.close_segment()
+
+
+def finish(st: Stream, *, keep_segments: bool = False) -> str | None:
+    """Close outputs; join the mp4 segments into the final file (see
+    :meth:`~lol_model.video.SegmentedVideoWriter.finalize` for ``keep_segments``)."""
+    if st.latent_writer is not None:
+        st.latent_writer.close_segment()
+    if st.video is None:
+        return None
+    return st.video.finalize(keep_segments=keep_segments)
+
+
+# --------------------------------------------------------------------------- checkpoints
+def save_stream(st: Stream, folder: str) -> str:
+    """Close the output segments, then atomically save the stream state to ``folder``."""
+    from .state import cache_state, save_checkpoint
+
+    close_segments(st)
+    cmeta, tensors = cache_state(st.cache)
+    tensors["rng.noise"] = st.generator.get_state()
+    for fid, z in st.latents.items():
+        tensors[f"latents.{fid}"] = z
+    meta = {"fingerprint": st.settings.fingerprint(), "block": st.block, "segment": st.segment,
+            "pending_cut": st.pending_cut, "cache": cmeta, "frames_out": st.frames_out,
+            "latent_fids": sorted(st.latents),
+            "video_segments": st.video.closed if st.video is not None else None,
+            "latent_segments": (st.latent_writer.closed, st.latent_writer.frames)
+            if st.latent_writer is not None else None}
+    if st.decoder is not None:
+        dmeta, dt = st.decoder.state()
+        meta["decoder"] = dmeta
+        tensors.update(dt)
+    return save_checkpoint(folder, meta, tensors)
+
+
+def resume_stream(st: Stream, folder: str) -> None:
+    """Load a checkpoint into a freshly built stream with the same settings."""
+    from .state import check_fingerprint, load_cache_state, load_checkpoint
+
+    meta, tensors = load_checkpoint(folder)
+    check_fingerprint(meta["fingerprint"], st.settings.fingerprint())
+    load_cache_state(st.cache, meta["cache"], tensors)
+    st.generator.set_state(tensors["rng.noise"])
+    st.latents = {fid: tensors[f"latents.{fid}"].to(st.device) for fid in meta["latent_fids"]}
+    st.block, st.pending_cut, st.frames_out = meta["block"], meta["pending_cut"], meta["frames_out"]
+    if meta["segment"] != st.segment:
+        st.segment = meta["segment"]
+        st.text_kv = encode_text(st, st.segment)
+    if (meta.get("decoder") is None) != (st.decoder is None):
+        raise ValueError("cannot resume: the checkpoint and this run disagree on whether video "
+                         "is decoded (--out / --no-decode)")
+    if st.decoder is not None:
+        st.decoder.load_state(meta["decoder"], tensors)
+        st.video.truncate(meta["video_segments"])
+    if st.latent_writer is not None:
+        if meta["latent_segments"] is None:
+            raise ValueError("cannot resume with --save-latents: the checkpoint saved none")
+        st.latent_writer.truncate(*meta["latent_segments"])
+
+
+# --------------------------------------------------------------------------- driver
+def rss_bytes() -> int:
+    """Resident set size of this process (Linux ``/proc``; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def run(st: Stream, *, checkpoint_dir: str | None = None, checkpoint_every: int = 0,
+        segment_blocks: int = 25, progress: bool = True, on_block=None) -> Stream:
+    """Generate until ``settings.blocks`` blocks exist, checkpointing every ``checkpoint_every``
+    blocks into ``checkpoint_dir`` (mp4 segments close at checkpoints, or every
+    ``segment_blocks`` blocks without checkpoints)."""
+    from tqdm import tqdm
+
+    total = st.settings.blocks
+    if checkpoint_every and not checkpoint_dir:
+        raise ValueError("checkpoint_every needs a checkpoint_dir")
+    every = checkpoint_every or segment_blocks
+    bar = tqdm(total=total, initial=st.block, unit="block", disable=not progress,
+               dynamic_ncols=True)
+    t0, b0 = time.perf_counter(), st.block
+    while st.block < total:
+        x0 = step(st)
+        if on_block is not None:
+            on_block(st, x0)
+        if st.block % every == 0 and st.block < total:
+            if checkpoint_every:
+                save_stream(st, checkpoint_dir)
+            else:
+                close_segments(st)
+        dt = max(time.perf_counter() - t0, 1e-9)
+        fps = (st.block - b0) * st.settings.block_frames * 4 / dt  # video frames per second
+        mem = torch.cuda.max_memory_allocated() if st.device.type == "cuda" else rss_bytes()
+        bar.set_postfix_str(f"{fps:.1f} frames/s, mem {mem / 2**20:.0f} MiB")
+        bar.update(1)
+    bar.close()
+    if checkpoint_every:
+        save_stream(st, checkpoint_dir)
+    return st
