@@ -1,0 +1,182 @@
+"""Triton paged RoPE attention (issue 3) against the float64 reference, in the interpreter.
+
+On a machine without CUDA the kernels run under ``TRITON_INTERPRET=1``, set below before any
+kernel module is imported (the variable is read when ``@triton.jit`` decorates, so it stays set
+for the rest of the session; every Triton test file on a CPU machine needs it anyway). bf16 is
+not tested here: ``tl.dot`` on bf16 is wrong under the interpreter (DESIGN.md §6); the sm_90
+compile in ``tests/test_triton_aot.py`` covers it.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before the first @triton.jit decoration
+
+import pytest
+from conftest import assert_close_rule, max_err
+
+import lol_kernels as lk
+from lol_kernels._triton_common import is_interpreted
+from lol_kernels.attention import paged_attention_reference
+from lol_kernels.attention import triton_kernel as tk
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+A = 3
+T12H = 172_800  # latent frames in 12 h of video
+
+
+def test_kernel_runs_here():
+    """The kernel is interpreted on a CPU-only machine (else every call below would fail)."""
+    assert torch.cuda.is_available() or is_interpreted(tk._paged_rope_attn_fwd)
+
+
+def make_case(*, B=2, Nq=45, Hq=4, Hkv=2, D=64, S=16, P=9, M=5, dtype=torch.float16,
+              sigma=0.8, new=True, shift=True, empty=True, q_base=0, k_base=0):
+    """Random pool with partial pages, a shuffled page table with a -1 entry, per-entry shifts.
+
+    Positions: time axis in ``[base, base + 64)``, height/width in ``[0, 16)``."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    table = lk.rope_frequencies(D, Hq, jitter_sigma=sigma, seed=int(torch.randint(0, 1000, ())))
+
+    def pos(*shape, base):
+        p = torch.randint(0, 16, (*shape, A), generator=g)
+        p[..., 0] = torch.randint(0, 64, shape, generator=g) + base
+        return p
+
+    page_len = torch.randint(1, S + 1, (P,), generator=g)
+    page_len[0] = S
+    page_table = torch.stack([torch.randperm(P, generator=g)[:M] for _ in range(B)]).int()
+    if empty:
+        page_table[0, 1] = -1
+    c = dict(
+        q=torch.randn(B, Nq, Hq, D, generator=g), q_pos=pos(B, Nq, base=q_base),
+        cache_k=torch.randn(P, S, Hkv, D, generator=g),
+        cache_v=torch.randn(P, S, Hkv, D, generator=g),
+        cache_pos=pos(P, S, base=k_base), page_len=page_len, page_table=page_table, table=table,
+        k_new=torch.randn(B, Nq, Hkv, D, generator=g) if new else None,
+        v_new=torch.randn(B, Nq, Hkv, D, generator=g) if new else None,
+        page_shift=torch.randint(-40, 40, (B, M, A), generator=g) if shift else None)
+    return c, dtype
+
+
+def _cast(c, dtype, device=DEV):
+    out = {}
+    for k, v in c.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device)
+            if v.is_floating_point():
+                v = v.to(dtype)
+        out[k] = v
+    return out
+
+
+def _call(fn, c, **kw):
+    return fn(c["q"], c["q_pos"], c["cache_k"], c["cache_v"], c["cache_pos"], c["page_len"],
+              c["page_table"], c["table"], k_new=c["k_new"], v_new=c["v_new"],
+              page_shift=c["page_shift"], **kw)
+
+
+def run_and_check(c, dtype, *, causal=False, config=None):
+    """Kernel (NaN-poisoned outputs) vs float64 reference by the DESIGN.md §5 rule."""
+    ref64, lse64 = _call(paged_attention_reference, _cast(c, torch.float64, "cpu"), causal=causal)
+    ref_lo, lse_lo = _call(paged_attention_reference, _cast(c, dtype, "cpu"), causal=causal)
+    cd = _cast(c, dtype)
+    B, Nq, Hq, D = cd["q"].shape
+    out = torch.full((B, Nq, Hq, D), float("nan"), dtype=dtype, device=DEV)
+    lse = torch.full((B, Hq, Nq), float("nan"), dtype=torch.float32, device=DEV)
+    o, l = _call(tk.paged_attention_triton, cd, causal=causal, out=out, lse=lse, config=config)
+    assert o is out and l is lse
+    assert_close_rule(o.cpu(), ref_lo, ref64, "out")
+    assert_close_rule(l.cpu(), lse_lo, lse64, "lse")
+    return o.cpu(), l.cpu()
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["block", "causal"])
+@pytest.mark.parametrize("D,S,M", [(64, 16, 5), (128, 64, 3)], ids=["D64-S16", "D128-S64"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_parity_gqa_jitter_shift(dtype, D, S, M, causal):
+    """GQA 4/2, jitter, shuffled partial pages, a -1 entry, page_shift, new keys; Nq = 45 is
+    not a multiple of the 32-row tile; S = 16 < BLOCK_N (tiles span pages) and S = 64 > it."""
+    c, dt = make_case(D=D, S=S, M=M, dtype=dtype)
+    run_and_check(c, dt, causal=causal)
+
+
+@pytest.mark.parametrize("config", [{"BLOCK_M": 16, "BLOCK_N": 16}, {"BLOCK_M": 64,
+                                                                     "BLOCK_N": 64}],
+                         ids=["tiles16", "tiles64"])
+def test_parity_no_jitter_cache_only(config):
+    """No jitter, no page_shift, no new keys: the plain sink + window read, other tile sizes."""
+    c, dt = make_case(B=1, Nq=37, Hq=6, Hkv=2, sigma=0.0, new=False, shift=False, S=32, P=6,
+                      M=4)
+    run_and_check(c, dt, config=config)
+
+
+def test_parity_no_gqa_fp32_causal():
+    c, dt = make_case(B=1, Nq=33, Hq=2, Hkv=2, dtype=torch.float32, S=16, M=3, P=4)
+    run_and_check(c, dt, causal=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_absolute_12h_sink_at_zero(dtype):
+    """Absolute policy after 12 h: sink keys at t = 0, window keys and queries near 172,800.
+    The kernel must match the float64-angle reference (the fp32 ``pos * omega`` would not)."""
+    c, dt = make_case(B=1, Nq=40, Hq=4, Hkv=2, D=64, S=16, P=6, M=6, dtype=dtype,
+                      shift=False, empty=False, q_base=T12H)
+    c["page_table"] = torch.arange(6, dtype=torch.int32).view(1, 6)
+    c["cache_pos"][2:, :, 0] += T12H - 80  # pages 0, 1: sink at t < 64; pages 2..5: window
+    run_and_check(c, dt)
+
+
+def test_relativistic_rebase_by_page_shift():
+    """Block-relativistic policy: pages stored at hour-scale positions, re-based to a small
+    window by a large negative ``page_shift``; queries at small positions."""
+    c, dt = make_case(B=2, Nq=30, D=64, S=16, dtype=torch.float16, k_base=1_000_000)
+    c["page_shift"][..., 0] -= 1_000_000
+    run_and_check(c, dt, causal=True)
+
+
+def test_shift_invariance_2pow24():
+    """Shifting every position by 2^24 changes the output by < 1e-3 relative (DESIGN.md §5)."""
+    c, dt = make_case(B=1, Nq=35, D=128, S=32, P=5, M=4, dtype=torch.float32)
+    o1, l1 = run_and_check(c, dt)
+    c2 = dict(c)
+    c2["q_pos"] = c["q_pos"].clone()
+    c2["cache_pos"] = c["cache_pos"].clone()
+    c2["q_pos"][..., 0] += 2**24
+    c2["cache_pos"][..., 0] += 2**24
+    o2, l2 = _call(tk.paged_attention_triton, _cast(c2, dt))
+    rel = max_err(o1, o2.cpu()) / o1.abs().max().item()
+    assert rel < 1e-3, rel
+    assert max_err(l1, l2.cpu()) < 1e-3
+
+
+def test_rows_without_keys_give_zero_and_neg_inf():
+    """Batch row 1 has only empty entries and there are no new keys: out 0, lse -inf there."""
+    c, dt = make_case(B=2, Nq=20, new=False, dtype=torch.float32)
+    c["page_table"][1] = -1
+    o, l = run_and_check(c, dt)
+    assert (o[1] == 0).all() and torch.isneginf(l[1]).all()
+    assert torch.isfinite(l[0]).all()
+
+
+def test_public_op_dispatches_to_triton():
+    """lk.paged_attention(backend="triton") goes through the custom op to this kernel."""
+    c, dt = make_case(B=1, Nq=20, dtype=torch.float16)
+    cd = _cast(c, dt)
+    o1, l1 = _call(lk.paged_attention, cd, backend="triton")
+    o2, l2 = _call(tk.paged_attention_triton, cd)
+    assert torch.equal(o1, o2) and torch.equal(l1, l2)
+
+
+def test_autotune_key_has_no_token_counts():
+    """Per-block token counts (and strides that scale with them) never force a recompile or a
+    re-tune: they are outside the autotune key and not specialized by the JIT."""
+    from lol_kernels.attention.triton_aot import compiled_module
+
+    counts = {"Nq", "N_new", "M", "span"}
+    assert not counts & set(tk.AUTOTUNE_KEY)
+    fn = compiled_module()._paged_rope_attn_fwd
+    nospec = {p.name for p in fn.params if p.do_not_specialize}
+    assert counts | {"stride_qpb", "stride_npb", "stride_lb", "stride_lh"} <= nospec
