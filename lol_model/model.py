@@ -284,11 +284,11 @@ class CausalWanModel(nn.Module):
                              f"{cache.batch_size}; x has {gh * gw} tokens per frame, batch {B}")
         pos = lk.token_positions(read.q_t, gh, gw, B).to(self.device)
 
-        paged = (cache.k, cache.v, cache.pos, cache.page_len, read.page_table, self.rope_table)
         routed = getattr(read, "chunk_pages", None) is not None
 
         def attend(layer, q, k, v):
-            args = (q, pos, paged[0][layer], paged[1][layer], *paged[2:])
+            args = (q, pos, cache.k[layer], cache.v[layer], cache.pos, cache.page_len,
+                    read.page_table, self.rope_table)
             kw = dict(k_new=k, v_new=v, causal=causal_within_block, page_shift=read.page_shift,
                       backend=backend)
             if routed:

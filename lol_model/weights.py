@@ -110,8 +110,16 @@ def _load_index(index_path: str) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _torch_load(path: str):
+    try:  # weights_only: a checkpoint is tensors in dicts; never run pickled code
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} cannot be read as a torch checkpoint (.pt/.pth, tensors in "
+                         f"dicts): {type(e).__name__}: {str(e)[:200]}") from e
+
+
 def _load_torch(path: str, key: str | None) -> dict[str, torch.Tensor]:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = _torch_load(path)
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path} holds a {type(obj).__name__}, expected a state dict")
     return _select(obj, key, str(path))
@@ -216,7 +224,7 @@ def _lora_state(lora, key: str | None) -> dict[str, torch.Tensor]:
     path = os.fspath(lora)
     if path.endswith(".safetensors"):
         return _load_safetensors(path)
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = _torch_load(path)
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path} holds a {type(obj).__name__}, expected a LoRA state dict")
     if key is None and "generator_lora" in obj:

@@ -87,6 +87,12 @@ def test_parity_with_diffusers(dtype, tol):
         got_f = model(x, t[:, None].expand(B, Fr), model.encode_text(ctx), cache,
                       lk.cache.read_cache(cache, Fr), backend="torch")
     assert torch.equal(got_f, got)
+    # one prompt's text K/V (batch 1) is shared by every sample of the batch
+    with torch.no_grad():
+        one = model(x, t, model.encode_text(ctx[:1]), cache, lk.cache.read_cache(cache, Fr))
+        many = model(x, t, model.encode_text(ctx[:1].expand(B, -1, -1)), cache,
+                     lk.cache.read_cache(cache, Fr))
+    assert rel_err(one, many) < tol
 
 
 # ---------------------------------------------------------------------------- streaming

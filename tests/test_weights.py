@@ -176,6 +176,9 @@ def test_bad_checkpoints_give_clear_errors(ref, tmp_path):
     torch.save({"generator": sd}, tmp_path / "g.pt")
     with pytest.raises(ValueError, match="no entry 'generator_ema'"):
         load_model(tmp_path / "g.pt", CFG, key="generator_ema")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot be read as a torch checkpoint"):
+        load_model(tmp_path / "junk.pt", CFG)
     with pytest.raises(FileNotFoundError):
         load_model(tmp_path / "nope.safetensors", CFG)
     os.makedirs(tmp_path / "empty")
