@@ -68,13 +68,13 @@ def _rope_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos:
     table = RopeTable.from_tensors(freqs, pair_axis)
     fn = _triton_impl() if backend == "triton" else rope_attention_torch
     out, lse = fn(q, k, v, q_pos, k_pos, table, causal=causal, scale=scale)
-    return out, lse.float()
+    return out.contiguous(), lse.float().contiguous()  # the layouts the fake impl promises
 
 
 @_rope_attention_op.register_fake
 def _(q, k, v, q_pos, k_pos, freqs, pair_axis, causal, scale, backend):
     B, Nq, Hq, _ = q.shape
-    return torch.empty_like(q), q.new_empty((B, Hq, Nq), dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty((B, Hq, Nq), dtype=torch.float32)
 
 
 def _validate(q, k, v, q_pos, k_pos, table, causal, scale):
