@@ -282,6 +282,9 @@ class CausalWanModel(nn.Module):
         if cache.frame_tokens != gh * gw or cache.batch_size != B:
             raise ValueError(f"cache holds frames of {cache.frame_tokens} tokens for batch "
                              f"{cache.batch_size}; x has {gh * gw} tokens per frame, batch {B}")
+        if cache.dtype != self.dtype:
+            raise TypeError(f"cache dtype {cache.dtype} must be the model's dtype {self.dtype} "
+                            f"(new_cache(dtype=None) picks it)")
         pos = lk.token_positions(read.q_t, gh, gw, B).to(self.device)
 
         routed = getattr(read, "chunk_pages", None) is not None

@@ -244,6 +244,10 @@ def test_forward_rejects_bad_inputs():
         model(torch.randn(1, CFG.in_channels, 2, 6, 4), torch.zeros(1, 2), tk, cache, read)
     with pytest.raises(ValueError, match="divisible"):
         model(torch.randn(1, CFG.in_channels, 2, 5, 4), torch.zeros(1, 2), tk, cache, read)
+    cache64 = model.new_cache(frame_tokens=4, sink_frames=1, window_frames=2, block_frames=2,
+                              dtype=torch.float64)
+    with pytest.raises(TypeError, match="cache dtype"):
+        model(x, torch.zeros(1, 2), tk, cache64, read)
     with pytest.raises(ValueError, match="text_dim"):
         model.encode_text(torch.randn(1, 3, CFG.text_dim + 1))
     with pytest.raises(ValueError, match="head_dim"):
