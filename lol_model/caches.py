@@ -5,8 +5,15 @@ name            frames kept                   positions (policy)          source
 ==============  ============================  ==========================  ==================
 sink-window     3 sink + 9 window (12)        absolute                    LongLive, LoL
 relativistic    1 sink + 6 window             block-relativistic          Infinity-RoPE
+slow-fast       3 sink + 12 slow + 6 fast     bounded to [0, 20]          Context Forcing
+moc             3 sink + 64 slow + 6 fast,    bounded; slow memory        Context Forcing +
+                slow frames routed top-k      spread over the range       MoC routing
 growing         every frame (no eviction)     absolute                    benchmark baseline
 ==============  ============================  ==========================  ==================
+
+At a hard cut (``#`` in the prompt schedule) every configuration does a KV Flush (sink + the
+newest ``flush_keep`` window frames stay; slow memory stays too); the RoPE Cut (a forward jump
+of the next block's temporal position) applies to the policies whose positions are not bounded.
 
 Every configuration composes with the model's RoPE jitter (``--jitter``, LoL's multi-head
 jitter lives in the model's RoPE table, not in the cache). A new configuration is one entry::
@@ -28,7 +35,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lol_kernels.cache import CacheRead, PagedKVCache, build_read, cut, flush, read_cache
+from lol_kernels.cache import (
+    CacheRead,
+    FrameBlock,
+    PagedKVCache,
+    SlowFastCache,
+    build_read,
+    cut,
+    flush,
+    read_cache,
+)
 
 
 class GrowingKVCache(PagedKVCache):
@@ -80,7 +96,8 @@ class CacheConfig:
     Attributes:
         name: registry name.
         sink_frames, window_frames: frame budget of the cache (see PagedKVCache).
-        policy: position policy of :func:`lol_kernels.cache.read_cache`.
+        policy: position policy of :func:`lol_kernels.cache.read_cache`, or ``"cache"`` to call
+            the cache's own ``read(num_new, **policy_kwargs)`` (slow-fast caches).
         policy_kwargs: extra arguments of the policy (e.g. ``max_frames``).
         cache_cls, cache_kwargs: cache class and its extra constructor arguments.
         flush_keep: window frames kept by a KV Flush at a hard cut (Infinity-RoPE: 2).
@@ -98,6 +115,7 @@ class CacheConfig:
     flush_keep: int = 2
     cut_start: int | None = None
     cut_gap: int = 24
+    rope_cut: bool = True
 
     def new_cache(self, model, *, frame_tokens: int, block_frames: int, batch_size: int = 1,
                   page_size: int | None = None, dtype=torch.float32, device="cpu"):
@@ -111,23 +129,41 @@ class CacheConfig:
 
     def read(self, cache: PagedKVCache, num_new: int) -> CacheRead:
         """The read a new block of ``num_new`` frames denoises against."""
+        if self.policy == "cache":
+            return cache.read(num_new, **self.policy_kwargs)
         return read_cache(cache, num_new, self.policy, **self.policy_kwargs)
 
-    def replay_read(self, cache: PagedKVCache, frame_t: torch.Tensor) -> CacheRead:
-        """Read for recomputing frames that already have positions ``frame_t`` (recache):
-        absolute positions keep their stored times; other policies re-base as usual."""
-        if self.policy == "absolute":
-            frames = cache.frames()
-            return build_read(cache, frames, [fr.t for fr in frames], frame_t)
-        return self.read(cache, int(frame_t.numel()))
+    def frame_positions(self, cache: PagedKVCache, num_new: int) -> torch.Tensor:
+        """``[n]`` temporal position each cached frame (read order) is read at by the next
+        block of ``num_new`` frames."""
+        if self.policy == "cache":
+            kw = {k: v for k, v in self.policy_kwargs.items() if k in ("policy", "limit")}
+            sink_t, slow_t, fast_t, _ = cache.read_positions(num_new, **kw)
+            return torch.cat([sink_t, slow_t, fast_t])
+        return self.read(cache, num_new).frame_t
+
+    def replay(self, cache: PagedKVCache, start: int, num: int, frame_t: torch.Tensor):
+        """Read and in-place :class:`FrameBlock` to recompute the K/V of cached frames
+        ``[start, start + num)`` (read order) against the frames before them, every frame at
+        its current read position ``frame_t`` (LongLive recache)."""
+        frames = cache.frames()
+        chunk = frames[start : start + num]
+        read = build_read(cache, frames[:start], frame_t[:start], frame_t[start : start + num])
+        n = torch.arange(cache.frame_tokens, device=cache.device)
+        S = cache.page_size
+        slots = torch.cat([fr.pages[:, n // S] * S + n % S for fr in chunk], dim=1)
+        return read, FrameBlock(chunk, slots)
 
     def flush(self, cache: PagedKVCache) -> None:
         """KV Flush: keep the sink and the newest ``flush_keep`` window frames."""
         flush(cache, keep_last=self.flush_keep)
 
     def cut_read(self, cache: PagedKVCache, num_new: int) -> CacheRead:
-        """RoPE Cut: the read of the first block after a hard cut (block moved forward)."""
+        """RoPE Cut: the read of the first block after a hard cut (block moved forward); the
+        plain read where positions are bounded (``rope_cut=False``)."""
         read = self.read(cache, num_new)
+        if not self.rope_cut:
+            return read
         top = int(read.frame_t.max()) if read.frame_t.numel() else -1
         start = self.cut_start
         if start is None or start <= top:  # a fixed start must still lie after the cache
@@ -153,6 +189,14 @@ register_cache("sink-window", lambda **kw: CacheConfig(
 register_cache("relativistic", lambda **kw: CacheConfig(
     "relativistic", **{"sink_frames": 1, "window_frames": 6, "policy": "relativistic",
                        "cut_start": 45, **kw}))
+register_cache("slow-fast", lambda **kw: CacheConfig(
+    "slow-fast", **{"sink_frames": 3, "window_frames": 6, "policy": "cache",
+                    "cache_cls": SlowFastCache, "rope_cut": False,
+                    "cache_kwargs": {"slow_frames": 12, "tau": 0.95, "routed": False}, **kw}))
+register_cache("moc", lambda **kw: CacheConfig(
+    "moc", **{"sink_frames": 3, "window_frames": 6, "policy": "cache",
+              "cache_cls": SlowFastCache, "rope_cut": False,
+              "cache_kwargs": {"slow_frames": 64, "tau": 0.95, "routed": True}, **kw}))
 register_cache("growing", lambda **kw: CacheConfig(
     "growing", **{"sink_frames": 0, "window_frames": 1, "policy": "absolute",
                   "cache_cls": GrowingKVCache, **kw}))

@@ -174,20 +174,17 @@ def _keep_latents(st: Stream, blk, x0: torch.Tensor) -> None:
 
 @torch.no_grad()
 def recache(st: Stream) -> None:
-    """LongLive recache: recompute every cached frame's K/V under the current prompt from the
-    kept clean latents, in the cache's read order, ``block_frames`` at a time (block-causal)."""
-    frames = st.cache.frames()
-    lat = [st.latents[fr.fid] for fr in frames]
-    ts = [fr.t for fr in frames]
-    st.cache.reset()
-    st.latents.clear()
+    """LongLive recache: recompute every cached frame's K/V in place under the current prompt
+    from the kept clean latents, in read order, ``block_frames`` at a time, each chunk
+    attending the already recomputed frames before it at their current read positions."""
     F = st.settings.block_frames
+    frames = st.cache.frames()
+    frame_t = st.cache_cfg.frame_positions(st.cache, F)
     for i in range(0, len(frames), F):
-        frame_t = torch.tensor(ts[i : i + F], dtype=torch.int64)
-        read = st.cache_cfg.replay_read(st.cache, frame_t)
-        x0 = torch.cat(lat[i : i + F], dim=2)
-        blk = write_block(st.model, x0, st.text_kv, st.cache, read)
-        _keep_latents(st, blk, x0)
+        read, blk = st.cache_cfg.replay(st.cache, i, F, frame_t)
+        x0 = torch.cat([st.latents[fr.fid] for fr in blk.frames], dim=2)
+        t0 = torch.zeros(x0.shape[0], x0.shape[2], dtype=torch.float32, device=st.device)
+        st.model(x0, t0, st.text_kv, st.cache, read, write=blk)
 
 
 def switch_prompt(st: Stream) -> None:

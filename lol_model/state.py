@@ -74,14 +74,16 @@ def cache_state(cache) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def _restore_tensor(cache, name: str, cur, new: torch.Tensor):
-    if cur is not None and cur.shape == new.shape and cur.dtype == new.dtype:
+    if not isinstance(cur, torch.Tensor):
+        return new.to(cache.device)  # optional state (e.g. a descriptor that was None)
+    if cur.shape == new.shape and cur.dtype == new.dtype:
         cur.copy_(new)  # in place: the cache keeps its storage (constant memory, same pointers)
         return cur
-    if getattr(cache, "growable", False) and cur is not None and cur.dtype == new.dtype:
+    if getattr(cache, "growable", False) and cur.dtype == new.dtype:
         return new.to(cur.device)
-    want = "?" if cur is None else f"{cur.dtype} {list(cur.shape)}"
     raise ValueError(f"checkpoint tensor cache.{name} is {new.dtype} {list(new.shape)}; this "
-                     f"run's cache has {want} (different model, cache or latent size?)")
+                     f"run's cache has {cur.dtype} {list(cur.shape)} (different model, cache "
+                     f"or latent size?)")
 
 
 def load_cache_state(cache, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
@@ -94,12 +96,16 @@ def load_cache_state(cache, meta: dict, tensors: dict[str, torch.Tensor]) -> Non
             if kind == "tensor":
                 setattr(cache, name, _restore_tensor(cache, name, cur, tensors[key]))
             elif kind == "tensors":
-                if not isinstance(cur, list) or len(cur) != m["n"]:
-                    raise ValueError(f"checkpoint has {m['n']} tensors for cache.{name}; this "
-                                     f"run's cache has {len(cur) if cur else 0}")
-                setattr(cache, name, [_restore_tensor(cache, f"{name}.{i}", c,
-                                                      tensors[f"{key}.{i}"])
-                                      for i, c in enumerate(cur)])
+                new = [tensors[f"{key}.{i}"] for i in range(m["n"])]
+                if name in ("k", "v", "summary") and len(cur) != len(new):
+                    raise ValueError(f"checkpoint has {len(new)} layers of cache.{name}; this "
+                                     f"run's cache has {len(cur)}")
+                if isinstance(cur, list) and len(cur) == len(new):
+                    new = [_restore_tensor(cache, f"{name}.{i}", c, t)
+                           for i, (c, t) in enumerate(zip(cur, new))]
+                else:  # variable-length state (e.g. slow-memory descriptors)
+                    new = [t.to(dev) for t in new]
+                setattr(cache, name, new)
             elif kind in ("frames", "empty", "ints"):
                 items = m["items"]
                 if kind == "frames":
@@ -120,7 +126,12 @@ def save_checkpoint(folder: str, meta: dict, tensors: dict[str, torch.Tensor]) -
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, FILE)
     doc = json.dumps({"format": FORMAT, **meta})
-    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    cpu, seen = {}, set()
+    for k, v in tensors.items():
+        v = v.detach().to("cpu").contiguous()
+        ptr = v.untyped_storage().data_ptr()
+        cpu[k] = v.clone() if ptr in seen else v  # safetensors refuses shared storage
+        seen.add(ptr)
     tmp = path + ".tmp"
     save_file(cpu, tmp, metadata={"lol": doc})
     with open(tmp, "rb+") as f:
