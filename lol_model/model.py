@@ -309,23 +309,26 @@ class CausalWanModel(nn.Module):
         return self._run(x, timestep, text_kv, attend)
 
     def forward_full(self, x: torch.Tensor, timestep: torch.Tensor, text_kv: TextKV, *,
-                     frame_t=None, block_frames=None) -> torch.Tensor:
+                     frame_t=None, block_frames=None,
+                     causal_within_block: bool = False) -> torch.Tensor:
         """One forward over a whole clip with dense attention and no cache (the reference that
         streaming must equal). Frames sit at temporal positions ``frame_t [F]`` (default
         ``0..F-1``); with ``block_frames`` (an int or a list of block lengths summing to F)
-        a frame sees the frames of its own and earlier blocks only (block-causal)."""
+        a frame sees the frames of its own and earlier blocks only (block-causal), and with
+        ``causal_within_block`` a token sees only the tokens of its block up to itself."""
         B, Fr, gh, gw = self._check_input(x, text_kv)
         frame_t = torch.arange(Fr) if frame_t is None else torch.as_tensor(frame_t)
         pos = lk.token_positions(frame_t, gh, gw, B).to(self.device)
-        mask = None
-        if block_frames is not None:
-            sizes = [block_frames] * (Fr // block_frames) if isinstance(block_frames, int) \
-                else list(block_frames)
-            if sum(sizes) != Fr:
-                raise ValueError(f"block_frames must split the {Fr} frames, got {block_frames}")
-            bid = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
-            mask = (bid[:, None] >= bid[None, :]).repeat_interleave(gh * gw, 0)
-            mask = mask.repeat_interleave(gh * gw, 1).to(self.device)
+        sizes = [Fr] if block_frames is None else [block_frames] * (Fr // block_frames) \
+            if isinstance(block_frames, int) else list(block_frames)
+        if sum(sizes) != Fr:
+            raise ValueError(f"block_frames must split the {Fr} frames, got {block_frames}")
+        bid = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+        bid = bid.repeat_interleave(gh * gw)  # block of every token
+        mask = bid[:, None] > bid[None, :]
+        same = bid[:, None] == bid[None, :]
+        mask |= same.tril() if causal_within_block else same
+        mask = mask.to(self.device)
 
         def attend(layer, q, k, v):
             q, k = (lk.apply_rope(t, pos, self.rope_table, backend="torch") for t in (q, k))

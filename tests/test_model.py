@@ -96,7 +96,8 @@ def test_parity_with_diffusers(dtype, tol):
 
 
 # ---------------------------------------------------------------------------- streaming
-def stream(model, x0, noisy, t, tk, blocks, *, sink=1, window=None, policy="absolute"):
+def stream(model, x0, noisy, t, tk, blocks, *, sink=1, window=None, policy="absolute",
+           causal=False):
     """Generator-style loop: per block a denoising forward on ``noisy`` at ``t`` and the write
     pass on the clean ``x0`` at t = 0. Returns (predictions, write-pass outputs)."""
     B, _, Fr, H, W = x0.shape
@@ -106,10 +107,11 @@ def stream(model, x0, noisy, t, tk, blocks, *, sink=1, window=None, policy="abso
     preds, clean, s = [], [], 0
     for j, n in enumerate(blocks):
         read = lk.cache.read_cache(cache, n, policy)
-        preds.append(model(noisy[:, :, s:s + n], t[j], tk, cache, read, backend="torch"))
+        preds.append(model(noisy[:, :, s:s + n], t[j], tk, cache, read,
+                           causal_within_block=causal, backend="torch"))
         blk = cache.append_frames(lk.token_positions(read.q_t, gh, gw, B))
         clean.append(model(x0[:, :, s:s + n], torch.zeros(B, n), tk, cache, read, write=blk,
-                           backend="torch"))
+                           causal_within_block=causal, backend="torch"))
         s += n
     return preds, clean
 
@@ -141,6 +143,22 @@ def test_streaming_equals_block_causal_full_forward(blocks, sigma):
         # the mask matters: without it the first block would see the future
         free = model.forward_full(x0, torch.zeros(B, Fr), tk)
         assert rel_err(free[:, :, :blocks[0]], full[:, :, :blocks[0]]) > 1e-3
+
+
+def test_token_causal_streaming_equals_masked_full_forward():
+    model = random_model()
+    blocks, B, H, W = (2, 1, 2), 1, 4, 6
+    x0 = torch.randn(B, CFG.in_channels, sum(blocks), H, W, dtype=torch.float64)
+    t = [torch.rand(B, dtype=torch.float64) * 1000 for _ in blocks]
+    with torch.no_grad():
+        tk = model.encode_text(torch.randn(B, 5, CFG.text_dim, dtype=torch.float64))
+        _, clean = stream(model, x0, torch.randn_like(x0), t, tk, blocks, causal=True)
+        want = model.forward_full(x0, torch.zeros(B, x0.shape[2]), tk, block_frames=blocks,
+                                  causal_within_block=True)
+        block_causal = model.forward_full(x0, torch.zeros(B, x0.shape[2]), tk,
+                                          block_frames=blocks)
+    assert rel_err(torch.cat(clean, dim=2), want) < 1e-12
+    assert rel_err(want, block_causal) > 1e-3
 
 
 def test_relativistic_equals_absolute_without_sink():
