@@ -114,8 +114,9 @@ def _torch_load(path: str):
     try:  # weights_only: a checkpoint is tensors in dicts; never run pickled code
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path} cannot be read as a torch checkpoint (.pt/.pth, tensors in "
-                         f"dicts): {type(e).__name__}: {str(e)[:200]}") from e
+        raise ValueError(f"{path} cannot be read as a torch checkpoint of tensors in dicts "
+                         f"(loaded with weights_only=True; re-save other objects apart): "
+                         f"{type(e).__name__}: {str(e)[:200]}") from e
 
 
 def _load_torch(path: str, key: str | None) -> dict[str, torch.Tensor]:
@@ -279,7 +280,8 @@ def merge_lora(sd: Mapping[str, torch.Tensor], lora, *, alpha: float | None = No
         if s is None:
             a = float(p["alpha"]) if "alpha" in p else (rank if alpha is None else alpha)
             s = a / rank
-        out[target] = (W.double() + s * (B @ A)).to(W.dtype)
+        # merged in fp64, kept at least fp32 so a small delta is not rounded away in bf16
+        out[target] = (W.double() + s * (B @ A)).to(torch.promote_types(W.dtype, torch.float32))
     return out
 
 
@@ -289,11 +291,11 @@ _KEEP_FP32 = ("time_embedding", "time_projection", "modulation", "norm3", "norm_
 
 def load_model(path, preset_or_config: str | ModelConfig = "wan-1.3b", *, lora=None,
                lora_alpha: float | None = None, lora_scale: float | None = None,
-               key: str | None = None, dtype: torch.dtype = torch.float32,
-               device="cpu") -> CausalWanModel:
+               key: str | None = None, strict: bool = True,
+               dtype: torch.dtype = torch.float32, device="cpu") -> CausalWanModel:
     """Build a :class:`CausalWanModel` and load a checkpoint into it (see :func:`load_weights`).
 
-    The model is built on the meta device (no random init), filled, cast to ``dtype`` (with the
+    The model is built (on the meta device when ``strict``), filled, cast to ``dtype`` (with the
     time embedding, modulation tables and norm weights kept in fp32 for 16-bit dtypes, as
     diffusers does), moved to ``device`` and put in eval mode with gradients off.
     """
@@ -302,10 +304,14 @@ def load_model(path, preset_or_config: str | ModelConfig = "wan-1.3b", *, lora=N
     if not isinstance(cfg, ModelConfig):
         raise TypeError(f"preset_or_config must be a preset name or a ModelConfig, got "
                         f"{type(preset_or_config).__name__}")
-    with torch.device("meta"):
+    # strict: every parameter is loaded, so skip the random init (meta, then empty storage);
+    # otherwise missing parameters keep their random init
+    with torch.device("meta" if strict else "cpu"):
         model = CausalWanModel(cfg)
-    model.to_empty(device="cpu")  # fp32 storage, filled below (no random init)
-    load_weights(model, path, key=key, lora=lora, lora_alpha=lora_alpha, lora_scale=lora_scale)
+    if strict:
+        model.to_empty(device="cpu")
+    load_weights(model, path, key=key, strict=strict, lora=lora, lora_alpha=lora_alpha,
+                 lora_scale=lora_scale)
     half = dtype in (torch.float16, torch.bfloat16)
     for name, p in model.named_parameters():
         keep = half and any(part in _KEEP_FP32 for part in name.split("."))
