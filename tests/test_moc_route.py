@@ -195,6 +195,22 @@ def test_non_contiguous_inputs():
 
 
 @needs_ext
+@pytest.mark.parametrize("threads", [1, 2])
+def test_thread_counts_and_task_splits(threads):
+    """Tile spans per task depend on the thread count; results must not."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for B, T, H in ((1, 37, 1), (2, 20, 3), (3, 1, 1)):
+            q, c, valid, limit = make_inputs(B, T, H, 150, 20, torch.bfloat16)
+            out = lk.moc_route(q, c, 5, chunk_valid=valid, causal_limit=limit, backend="cpp")
+            assert torch.equal(out, moc_route_reference(q, c, 5, chunk_valid=valid,
+                                                        causal_limit=limit))
+    finally:
+        torch.set_num_threads(old)
+
+
+@needs_ext
 @settings(max_examples=60, deadline=None)
 @given(B=st.integers(1, 2), T=st.integers(1, 4), H=st.integers(1, 3), C=st.integers(0, 80),
        D=st.integers(1, 20), k=st.integers(1, 64), dtype=st.sampled_from(list(DTYPES)),

@@ -6,6 +6,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <vector>
 
 #include "router_binding.h"
 #include "router_core.h"
@@ -15,8 +18,43 @@ namespace moc {
 namespace {
 
 // Tiles that share one pass over the chunk rows (a row is scored for each while it is in L1).
-constexpr int64_t kTileGroup = 8;
+constexpr int kTileGroup = 8;
 
+// Eight fp32 lanes as one GCC vector: elementwise IEEE mul/add, never fused (-ffp-contract=off).
+typedef float v8f __attribute__((vector_size(32)));
+static_assert(kLanes == 8, "v8f holds the kLanes score lanes");
+
+// Scores of one fp32 chunk row against kTileGroup query rows: for each tile exactly the
+// operations of chunk_score (router_core.h) in the same order; the tiles are interleaved only to
+// give the CPU independent chains. The AVX2 clone is picked at load time where supported.
+__attribute__((target_clones("avx2", "default")))
+void score_tiles(const float* row, const float* const* q, int D, float* out) {
+  v8f acc[kTileGroup];
+  for (int i = 0; i < kTileGroup; ++i) acc[i] = v8f{};
+  int d = 0;
+  for (; d + kLanes <= D; d += kLanes) {
+    v8f r;
+    std::memcpy(&r, row + d, sizeof(r));
+    for (int i = 0; i < kTileGroup; ++i) {
+      v8f qv;
+      std::memcpy(&qv, q[i] + d, sizeof(qv));
+      acc[i] = acc[i] + qv * r;
+    }
+  }
+  for (int i = 0; i < kTileGroup; ++i)
+    for (int j = 0; d + j < D; ++j) acc[i][j] = acc[i][j] + q[i][d + j] * row[d + j];
+  for (int i = 0; i < kTileGroup; ++i) {
+    const v8f l = acc[i];
+    out[i] = ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+  }
+}
+
+// Chunk rows converted to fp32 and scored against every tile of a task while they sit in L1.
+constexpr int64_t kChunkBlock = 32;
+
+// Tasks are (b, h, span of tiles). A task walks its chunk rows once, block by block, and scores
+// each block against all its tiles, kTileGroup at a time, so chunk_mean is read from memory
+// about once per (b, h) rather than once per tile.
 template <class E>
 void route_cpu(const RouteInputs& in, int32_t* out) {
   const int64_t B = in.B, T = in.T, H = in.H, C = in.C;
@@ -26,38 +64,63 @@ void route_cpu(const RouteInputs& in, int32_t* out) {
   const auto* chunk = reinterpret_cast<const typename E::storage*>(in.chunk.const_data_ptr());
   const uint8_t* valid = valid_ptr(in);
   const int64_t* limit = limit_ptr(in);
-  const int64_t groups = (T + kTileGroup - 1) / kTileGroup;
-  const int64_t tasks = B * H * groups;
   const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  // Tiles per task: all T unless that leaves fewer than ~4 tasks per thread.
+  const int64_t groups = (T + kTileGroup - 1) / kTileGroup;
+  const int64_t splits = std::min<int64_t>(groups, (4 * threads + B * H - 1) / (B * H));
+  const int64_t span = (groups + splits - 1) / splits * kTileGroup;
+  const int64_t spans = (T + span - 1) / span;
+  const int64_t tasks = B * H * spans;
 
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
   for (int64_t task = 0; task < tasks; ++task) {
-    const int64_t b = task / (H * groups);
-    const int64_t h = (task / groups) % H;
-    const int64_t t0 = (task % groups) * kTileGroup;
-    const int64_t nt = std::min(kTileGroup, T - t0);
-    TopK top[kTileGroup];
-    int64_t end[kTileGroup];
-    const float* qrow[kTileGroup];
+    const int64_t b = task / (H * spans);
+    const int64_t h = (task / spans) % H;
+    const int64_t t_begin = (task % spans) * span;
+    const int64_t nt = std::min(span, T - t_begin);
+    std::vector<TopK> top(static_cast<size_t>(nt), TopK(k));
+    std::vector<int64_t> end(static_cast<size_t>(nt));
     int64_t max_end = 0;
     for (int64_t i = 0; i < nt; ++i) {
-      top[i] = TopK(k);
-      end[i] = scan_end(C, limit ? limit[b * T + t0 + i] : C);
-      qrow[i] = q + ((b * T + t0 + i) * H + h) * D;
+      end[i] = scan_end(C, limit ? limit[b * T + t_begin + i] : C);
       max_end = std::max(max_end, end[i]);
     }
     const uint8_t* vrow = valid ? valid + b * C : nullptr;
-    for (int64_t c = 0; c < max_end; ++c) {
-      if (vrow != nullptr && vrow[c] == 0) continue;
-      const auto* row = chunk + ((b * C + c) * H + h) * D;
-      for (int64_t i = 0; i < nt; ++i) {
-        if (c >= end[i]) continue;
-        const uint64_t key = rank_key(chunk_score<E>(qrow[i], row, D), c);
-        if (key > top[i].threshold()) top[i].push(key);
+    std::vector<float> buf(static_cast<size_t>(kChunkBlock * D));
+    const float* rows[kChunkBlock];
+    int64_t ids[kChunkBlock];
+    float score[kTileGroup];
+    for (int64_t c0 = 0; c0 < max_end; c0 += kChunkBlock) {
+      int nr = 0;  // valid rows of this block
+      for (int64_t c = c0; c < std::min(c0 + kChunkBlock, max_end); ++c) {
+        if (vrow != nullptr && vrow[c] == 0) continue;
+        const auto* row = chunk + ((b * C + c) * H + h) * D;
+        if (std::is_same<E, F32>::value) {
+          rows[nr] = reinterpret_cast<const float*>(row);
+        } else {  // fp16/bf16: convert once for all tiles
+          float* dst = buf.data() + int64_t(nr) * D;
+          for (int d = 0; d < D; ++d) dst[d] = E::load(row, d);
+          rows[nr] = dst;
+        }
+        ids[nr++] = c;
+      }
+      for (int64_t g = 0; g < nt; g += kTileGroup) {
+        const int64_t ng = std::min<int64_t>(kTileGroup, nt - g);
+        const float* qrow[kTileGroup];
+        for (int64_t i = 0; i < kTileGroup; ++i)  // padding tiles repeat tile g, ignored
+          qrow[i] = q + ((b * T + t_begin + g + (i < ng ? i : 0)) * H + h) * D;
+        for (int r = 0; r < nr; ++r) {
+          score_tiles(rows[r], qrow, D, score);
+          for (int64_t i = 0; i < ng; ++i) {
+            if (ids[r] >= end[g + i]) continue;
+            const uint64_t key = rank_key(score[i], ids[r]);
+            if (key > top[g + i].threshold()) top[g + i].push(key);
+          }
+        }
       }
     }
     for (int64_t i = 0; i < nt; ++i)
-      write_indices(top[i].heap, top[i].n, k, out + ((b * T + t0 + i) * H + h) * k);
+      write_indices(top[i].heap, top[i].n, k, out + ((b * T + t_begin + i) * H + h) * k);
   }
 }
 

@@ -35,17 +35,20 @@ def moc_scores_reference(q_mean: torch.Tensor, chunk_mean: torch.Tensor, *,
     if dtype != torch.float32:
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     q = q_mean.float().permute(0, 2, 1, 3)  # [B, H, T, D]
-    c = chunk_mean.float().permute(0, 2, 1, 3)  # [B, H, C, D]
+    c = chunk_mean.float().permute(0, 2, 3, 1).contiguous()  # [B, H, D, C]
     B, H, T, D = q.shape
-    C = c.shape[2]
-    lanes = []
-    for j in range(LANES):
+    C = c.shape[3]
+    prod = q.new_empty((B, H, T, C))
+
+    def lane(j):
         acc = q.new_zeros((B, H, T, C))
         for d in range(j, D, LANES):
-            # two separate kernels: the product is rounded before the add (no FMA)
-            acc = acc + q[..., d, None] * c[..., None, :, d]
-        lanes.append(acc)
-    s = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
+            # separate multiply and add kernels: the product is rounded before the add (no FMA)
+            torch.mul(q[..., d, None], c[:, :, None, d, :], out=prod)
+            acc.add_(prod)
+        return acc
+
+    s = ((lane(0) + lane(1)) + (lane(2) + lane(3))) + ((lane(4) + lane(5)) + (lane(6) + lane(7)))
     return s.permute(0, 2, 1, 3)
 
 

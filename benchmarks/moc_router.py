@@ -1,0 +1,79 @@
+"""MoC chunk router on the CPU: the C++ extension against the torch reference.
+
+Shape of issue 4: B = 1, T = 37 query tiles, H = 12, D = 128, k = 8, C in {256, 1024, 4096,
+16384} chunks, no masks. Columns:
+
+* ``cpp_ms``: ``lk.moc_route(..., backend="cpp")`` (csrc/moc/router_cpu.cpp, OpenMP).
+* ``torch_ms``: ``backend="torch"``, the reference that computes the scores in the contract's
+  bit-exact order (indices identical to ``cpp``); ``ratio = torch_ms / cpp_ms``.
+* ``matmul_topk_ms``: for scale only, a plain ``einsum`` + ``topk``: fastest torch code, but its
+  summation order is BLAS's, so near-ties may pick other chunks (not the contract).
+
+    python benchmarks/moc_router.py --out results
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import bench, markdown_table, write_results  # noqa: E402
+
+import lol_kernels as lk  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def matmul_topk(q, c, k):
+    s = torch.einsum("bthd,bchd->bthc", q.float(), c.float())
+    return s.topk(min(k, s.shape[-1]), dim=-1).indices.sort(dim=-1).values
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="results")
+    ap.add_argument("--chunks", default="256,1024,4096,16384")
+    ap.add_argument("--dtypes", default="fp32", help="comma list of fp32, bf16, fp16")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--ref-repeats", type=int, default=3, help="repeats of the slow reference")
+    args = ap.parse_args(argv)
+    B, T, H, D, k = 1, 37, 12, 128, 8
+    if lk.moc.extension_error() is not None:
+        sys.exit(f"the C++ extension is not available: {lk.moc.extension_error()}")
+
+    rows = []
+    for name in args.dtypes.split(","):
+        for C in (int(x) for x in args.chunks.split(",")):
+            q = torch.randn(B, T, H, D).to(DTYPES[name])
+            c = torch.randn(B, C, H, D).to(DTYPES[name])
+            idx_cpp = lk.moc_route(q, c, k, backend="cpp")
+            idx_ref = lk.moc_route(q, c, k, backend="torch")
+            assert torch.equal(idx_cpp, idx_ref), "cpp and torch disagree"
+            cpp = bench(lambda: lk.moc_route(q, c, k, backend="cpp"), repeats=args.repeats)  # noqa: B023
+            ref = bench(lambda: lk.moc_route(q, c, k, backend="torch"),  # noqa: B023
+                        warmup=0, repeats=args.ref_repeats)
+            mm = bench(lambda: matmul_topk(q, c, k), repeats=args.repeats)  # noqa: B023
+            row = {"dtype": name, "B": B, "T": T, "H": H, "D": D, "C": C, "k": k,
+                   "cpp_ms": cpp["median_s"] * 1e3, "torch_ms": ref["median_s"] * 1e3,
+                   "ratio": ref["median_s"] / cpp["median_s"],
+                   "matmul_topk_ms": mm["median_s"] * 1e3,
+                   "cpp_GMAC_s": B * T * H * C * D / cpp["median_s"] / 1e9,
+                   "timings": {"cpp": cpp, "torch": ref, "matmul_topk": mm}}
+            rows.append(row)
+            print(f"{name} C={C}: cpp {row['cpp_ms']:.2f} ms, torch {row['torch_ms']:.1f} ms, "
+                  f"ratio {row['ratio']:.1f}x, matmul+topk {row['matmul_topk_ms']:.2f} ms",
+                  flush=True)
+    table = markdown_table(rows, ["dtype", "C", "cpp_ms", "torch_ms", "ratio", "matmul_topk_ms",
+                                  "cpp_GMAC_s"])
+    path = write_results(args.out, "moc_router", {"rows": rows, "threads": torch.get_num_threads()},
+                         table)
+    print(table)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
