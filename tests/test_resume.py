@@ -1,0 +1,144 @@
+"""Checkpoint / resume: bit-exact latents, playable video after a kill, clear errors; CLI."""
+
+import json
+import os
+
+import imageio.v3 as iio
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lol_model.cli import main
+from lol_model.generate import (
+    StreamSettings,
+    attach_outputs,
+    finish,
+    new_stream,
+    resume_stream,
+    run,
+    save_stream,
+    step,
+)
+from lol_model.video import load_latents
+
+SCHEDULE = "a cat[3] | a dog[2] | a bird[#]"  # recache at block 3, flush + cut at block 5
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _stream(tmp, name, blocks, cache, decode=True):
+    st = new_stream(StreamSettings(blocks=blocks, cache=cache, prompt=SCHEDULE,
+                                   window_frames=3, decode=decode))
+    attach_outputs(st, str(tmp / f"{name}.mp4") if decode else None, save_latents=True)
+    if not decode:  # latents beside the (absent) video
+        st.latent_writer.folder = str(tmp / f"{name}.latents")
+        os.makedirs(st.latent_writer.folder, exist_ok=True)
+    return st
+
+
+@pytest.mark.parametrize("cache", ["sink-window", "relativistic", "slow-fast"])
+def test_resume_is_bit_exact_after_a_kill(tmp_path, cache):
+    decode = cache == "sink-window"  # the decoder cache is covered once (it is slow)
+    full = _stream(tmp_path, "full", 7, cache, decode)
+    run(full, progress=False)
+    finish(full)
+
+    ck = str(tmp_path / "ck")
+    part = _stream(tmp_path, "part", 7, cache, decode)
+    for _ in range(4):
+        step(part)
+    save_stream(part, ck)  # checkpoint after block 4 (past the recache at block 3)
+    step(part)  # block 5 is generated, then the process is "killed" before any checkpoint
+    if decode:
+        part.video._gen.close()
+        seg = tmp_path / "part.mp4.segments"
+        assert iio.imread(seg / "seg_00000.mp4").shape[0] == 1 + 4 * 11  # 4 blocks, playable
+    del part
+
+    again = _stream(tmp_path, "part", 7, cache, decode)
+    resume_stream(again, ck)
+    assert again.block == 4
+    run(again, checkpoint_dir=ck, checkpoint_every=2, progress=False)
+    finish(again)
+    a, b = load_latents(str(tmp_path / "full.latents")), load_latents(str(tmp_path / "part.latents"))
+    assert a.shape == (1, 21, 16, 8, 8) and torch.equal(a, b)
+    if decode:
+        va, vb = iio.imread(tmp_path / "full.mp4"), iio.imread(tmp_path / "part.mp4")
+        assert va.shape == vb.shape == (1 + 4 * 20, 64, 64, 3)
+
+
+def test_bad_checkpoints(tmp_path):
+    st = new_stream(StreamSettings(blocks=2, decode=False))
+    step(st)
+    ck = tmp_path / "ck"
+    save_stream(st, str(ck))
+    meta = json.loads((ck / "stream.json").read_text())
+    assert meta["block"] == 1 and meta["format"] == "lol-stream/1"
+
+    def fresh(**kw):
+        return new_stream(StreamSettings(blocks=2, decode=False, **kw))
+
+    with pytest.raises(ValueError, match="no stream checkpoint"):
+        resume_stream(fresh(), str(tmp_path / "nothing"))
+    with pytest.raises(ValueError, match="(?s)settings differ.*jitter: checkpoint 0.0, now 0.5"):
+        resume_stream(fresh(jitter=0.5), str(ck))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "stream.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        resume_stream(fresh(), str(bad))
+    save_file({"x": torch.zeros(2)}, str(bad / "stream.safetensors"))
+    with pytest.raises(ValueError, match="not a lol stream checkpoint"):
+        resume_stream(fresh(), str(bad))
+    # a tensor of the wrong shape (e.g. a hand-edited or foreign checkpoint)
+    tensors = load_file(str(ck / "stream.safetensors"))
+    from safetensors import safe_open
+
+    with safe_open(str(ck / "stream.safetensors"), "pt") as f:
+        header = f.metadata()
+    tensors["cache.k.0"] = tensors["cache.k.0"][:, :8].contiguous()
+    save_file(tensors, str(bad / "stream.safetensors"), metadata=header)
+    with pytest.raises(ValueError, match=r"cache.k.0 is .*this run's cache has"):
+        resume_stream(fresh(), str(bad))
+    del tensors["cache.k.0"]
+    save_file(tensors, str(bad / "stream.safetensors"), metadata=header)
+    with pytest.raises(ValueError, match="missing tensor 'cache.k.0'"):
+        resume_stream(fresh(), str(bad))
+    with pytest.raises(ValueError, match="decode: checkpoint False, now True"):
+        with_video = fresh()
+        with_video.settings.decode = True
+        attach_outputs(with_video, str(tmp_path / "v.mp4"))
+        resume_stream(with_video, str(ck))
+
+
+def test_cli_default_run_writes_playable_mp4(tmp_path, capsys):
+    out = tmp_path / "lol.mp4"
+    assert main(["generate", "--blocks", "3", "--out", str(out), "--quiet", "--threads", "1",
+                 "--checkpoint-every", "2"]) == 0
+    v = iio.imread(out)
+    assert v.shape == (1 + 4 * 8, 64, 64, 3) and v.std() > 0
+    assert (tmp_path / "lol.mp4.ckpt" / "stream.safetensors").is_file()
+    # extend the finished run by one block
+    assert main(["generate", "--blocks", "4", "--out", str(out), "--quiet", "--threads", "1",
+                 "--checkpoint-every", "2", "--resume"]) == 0
+    assert iio.imread(out).shape[0] == 1 + 4 * 11
+    assert "resumed at block 3" in capsys.readouterr().err
+
+
+def test_cli_errors(tmp_path, capsys):
+    assert main(["generate", "--prompt", "a[3#] | b", "--out", str(tmp_path / "x.mp4"),
+                 "--quiet"]) == 2
+    assert "first segment" in capsys.readouterr().err
+    assert main(["generate", "--resume", "--out", str(tmp_path / "y.mp4"), "--quiet",
+                 "--no-decode"]) == 2
+    assert "no stream checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["generate", "--size", "60x64"])
+    with pytest.raises(SystemExit):
+        main(["generate", "--blocks", "2", "--seconds", "3"])
