@@ -132,21 +132,71 @@ def sass_summary(cubin: bytes) -> dict:
             "calls": len(re.findall(r"\bCALL\.", text))}
 
 
-def attention_config_report(dtype: str, head_dim: int, *, causal: bool = True, group: int = 3,
-                            configs=None, module=None) -> list[dict]:
-    """Compile every autotune config of the paged-attention kernel for sm_90 and report its
-    static resources (``registers``, ``shared`` bytes, ``stack``, ``local``, SASS counts)."""
+def compile_attention_config(dtype: str, head_dim: int, config, *, causal: bool = True,
+                             group: int = 3, module=None) -> dict:
+    """Compile one ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` config of the paged-attention
+    kernel for sm_90; returns its static resources (``registers``, ``shared`` = static +
+    dynamic bytes per CTA, ``stack``, ``local``) and SASS counts (``hgmma``, ``local_ldst``,
+    ``mufu``, ``calls``)."""
     mod = module or compiled_module()
-    rows = []
-    for bm, bn, warps, stages in configs or mod.CONFIGS:
-        sig, const, attrs = attention_signature(mod._paged_rope_attn_fwd, dtype,
-                                                head_dim=head_dim, group=group, causal=causal,
-                                                block_m=bm, block_n=bn)
-        ck = compile_sm90(mod._paged_rope_attn_fwd, sig, const, attrs, num_warps=warps,
-                          num_stages=stages)
-        cubin = ck.asm["cubin"]
-        row = {"dtype": dtype, "head_dim": head_dim, "BLOCK_M": bm, "BLOCK_N": bn,
-               "num_warps": warps, "num_stages": stages, **resource_usage(cubin),
-               **sass_summary(cubin), "shared_dynamic": int(ck.metadata.shared)}
-        rows.append(row)
-    return rows
+    bm, bn, warps, stages = config
+    sig, const, attrs = attention_signature(mod._paged_rope_attn_fwd, dtype, head_dim=head_dim,
+                                            group=group, causal=causal, block_m=bm, block_n=bn)
+    ck = compile_sm90(mod._paged_rope_attn_fwd, sig, const, attrs, num_warps=warps,
+                      num_stages=stages)
+    cubin = ck.asm["cubin"]
+    res = resource_usage(cubin)
+    res["shared"] += int(ck.metadata.shared)  # cuobjdump lists static smem; Triton's is dynamic
+    return {"kernel": "paged_rope_attn_fwd", "dtype": dtype, "head_dim": head_dim,
+            "BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages, **res,
+            **sass_summary(cubin)}
+
+
+def compile_rope_kernel(dtype: str, head_dim: int, module=None) -> dict:
+    """Compile the ``apply_rope`` kernel for sm_90; same report as above."""
+    mod = module or compiled_module("lol_kernels.rope.triton_kernel")
+    fn = mod._apply_rope_fwd
+    t = _DTYPES[dtype]
+    ptr = {"X": f"*{t}", "Y": f"*{t}", "Turns": "*i64"}
+    const = {"HEAD_DIM": head_dim, "NUM_AXES": 3, "BLOCK_R": mod.BLOCK_R}
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in const:
+            sig[name] = "constexpr"
+        elif name == "R" or name.startswith("stride"):
+            sig[name] = "i32"
+        else:
+            sig[name] = ptr.get(name, "*i32")
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    ck = compile_sm90(fn, sig, const, attrs, num_warps=mod.NUM_WARPS, num_stages=1)
+    res = resource_usage(ck.asm["cubin"])
+    res["shared"] += int(ck.metadata.shared)
+    return {"kernel": "apply_rope_fwd", "dtype": dtype, "head_dim": head_dim,
+            "BLOCK_R": mod.BLOCK_R, "num_warps": mod.NUM_WARPS, **res,
+            **sass_summary(ck.asm["cubin"])}
+
+
+def _job(job):
+    kind, dtype, head_dim, config = job
+    if kind == "rope":
+        return compile_rope_kernel(dtype, head_dim)
+    return compile_attention_config(dtype, head_dim, config)
+
+
+def sm90_report(dtypes=("fp16", "bf16"), head_dims=(64, 128), *, rope: bool = True,
+                workers: int | None = None) -> list[dict]:
+    """Compile every autotune config of the attention kernel (and the apply_rope kernel) for
+    each dtype and head dim, in ``workers`` processes (default: one per CPU; Triton compiles
+    hold the GIL, so threads would not help)."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    configs = compiled_module().CONFIGS
+    jobs = [("attn", dt, d, c) for dt in dtypes for d in head_dims for c in configs]
+    if rope:
+        jobs += [("rope", dt, d, None) for dt in dtypes for d in head_dims]
+    workers = workers or max(1, min(len(jobs), os.cpu_count() or 1))
+    if workers == 1:
+        return [_job(j) for j in jobs]
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
+        return list(ex.map(_job, jobs))
