@@ -172,3 +172,50 @@ def test_bad_settings():
     with pytest.raises(ValueError, match="unknown cache option"):
         get_cache_config("sink-window", windows=3)
     assert {"sink-window", "relativistic", "growing", "slow-fast", "moc"} <= set(CACHES)
+
+
+def test_tiny_text_encoder_pads_and_is_deterministic():
+    from lol_model.text import ByteTokenizer, TextEncoder
+
+    enc = TextEncoder.tiny(32, text_len=16, seed=0)
+    a = enc(["a cat", "a much longer prompt that is cut at sixteen tokens"])
+    assert a.shape == (2, 16, 32) and a.dtype == torch.float32
+    assert a[0, :6].abs().sum(-1).min() > 0 and not a[0, 6:].any()  # 5 bytes + EOS, then 0
+    assert a[1].abs().sum(-1).min() > 0
+    assert torch.equal(a, TextEncoder.tiny(32, text_len=16, seed=0)(["a cat", "a much longer "
+                       "prompt that is cut at sixteen tokens"]))
+    assert not torch.equal(a[:1], TextEncoder.tiny(32, text_len=16, seed=1)(["a cat"]))
+    ids, mask = ByteTokenizer()(["é"], 4)
+    assert ids.tolist() == [[0xC3 + 3, 0xA9 + 3, 1, 0]] and mask.tolist() == [[1, 1, 1, 0]]
+
+
+@pytest.mark.parametrize("ext", ["safetensors", "pt"])
+def test_precomputed_prompt_embeddings(tmp_path, ext):
+    from safetensors.torch import save_file
+
+    from lol_model.text import encode_prompt, load_text_encoder
+
+    table = {"a cat": torch.randn(5, 32), "1": torch.randn(40, 32)}
+    path = str(tmp_path / f"emb.{ext}")
+    save_file(table, path) if ext == "safetensors" else torch.save(table, path)
+    enc = load_text_encoder(path, text_dim=32, text_len=16)
+    a = encode_prompt(enc, "a cat", batch_size=2)
+    assert a.shape == (2, 16, 32) and torch.equal(a[1, :5], table["a cat"]) and not a[:, 5:].any()
+    b = encode_prompt(enc, "unknown prompt", index=1)
+    assert torch.equal(b[0], table["1"][:16])
+    with pytest.raises(ValueError, match="no embedding for prompt"):
+        encode_prompt(enc, "a dog", index=0)
+    with pytest.raises(ValueError, match="text_dim=64"):
+        load_text_encoder(path, text_dim=64, text_len=16)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_text_encoder(str(tmp_path / "none.pt"), text_dim=32, text_len=16)
+
+
+def test_stream_from_precomputed_embeddings(tmp_path):
+    from safetensors.torch import save_file
+
+    path = str(tmp_path / "emb.safetensors")
+    save_file({"0": torch.randn(7, 32), "1": torch.randn(3, 32)}, path)
+    st = new_stream(StreamSettings(blocks=2, prompt="x[1] | y", text_encoder=path))
+    run(st, progress=False)
+    assert st.segment == 1 and st.block == 2

@@ -1,0 +1,162 @@
+"""Streaming benchmark: per-block time and resident memory over a long stream on the CPU.
+
+Runs the tiny random model (``--preset tiny``, 8x8 latents = 16 tokens a frame, 4 steps + the
+write pass = 5 forwards a block) for ``--blocks`` blocks with each cache configuration, every
+configuration in its own process (so resident memory is not shared between them). The VAE
+decode is **disabled** (latents only): the figures measure the transformer and the KV cache.
+
+Target (DESIGN.md §5): with ``sink-window`` block 1000 is within 10% of block 10 in time and
+memory; the ``growing`` baseline (no eviction) grows. Block figures are medians over a window
+of ``--window`` blocks centered on the block (the machine is shared; single blocks are noisy).
+
+Usage::
+
+    python benchmarks/streaming.py --out results/streaming            # 1000 blocks each
+    python benchmarks/streaming.py --quick --out /tmp/s               # 100 blocks
+
+Writes ``streaming.json`` (settings, per-block arrays, summary), ``streaming.md`` (table) and
+``streaming.png`` (time and memory against block index).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import markdown_table, write_results  # noqa: E402
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def worker(args) -> None:
+    """One configuration in this process: per-block seconds and RSS, JSON to ``args.result``."""
+    import torch
+
+    from lol_model.generate import StreamSettings, new_stream, step
+
+    torch.set_num_threads(args.threads)
+    s = StreamSettings(blocks=args.blocks, cache=args.cache, latent_height=args.latent,
+                       latent_width=args.latent, decode=False, seed=0)
+    st = new_stream(s)
+    times, rss, peak, cache_mib = [], [], [], []
+    for _ in range(args.blocks):
+        t0 = time.perf_counter()
+        step(st)
+        times.append(time.perf_counter() - t0)
+        rss.append(rss_mib())
+        peak.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        cache_mib.append(st.cache.memory_bytes() / 2**20)
+    tokens = st.cache.frame_tokens
+    Path(args.result).write_text(json.dumps({
+        "cache": args.cache, "time_s": times, "rss_mib": rss, "peak_rss_mib": peak,
+        "cache_mib": cache_mib, "frame_tokens": tokens, "frames_cached": st.cache.num_frames}))
+
+
+def window_median(xs, block: int, w: int) -> float:
+    """Median of ``xs`` over ``w`` blocks centered on 1-based ``block`` (clipped to the run)."""
+    i = block - 1
+    lo = max(0, min(i - w // 2, len(xs) - w))
+    return statistics.median(xs[lo : lo + w])
+
+
+def plot(runs: dict, path: Path, blocks: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    for name, r in runs.items():
+        x = range(1, len(r["time_s"]) + 1)
+        ax[0].plot(x, [1000 * t for t in r["time_s"]], lw=0.7, label=name)
+        ax[1].plot(x, r["peak_rss_mib"], lw=1.2, label=f"{name} peak RSS")
+        ax[1].plot(x, r["cache_mib"], lw=1.0, ls="--", label=f"{name} cache tensors")
+    ax[0].set(xlabel="block", ylabel="ms / block", yscale="log",
+              title=f"per-block time, tiny model, CPU ({blocks} blocks)")
+    ax[1].set(xlabel="block", ylabel="MiB", title="resident memory")
+    for a in ax:
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="results/streaming")
+    p.add_argument("--blocks", type=int, default=1000)
+    p.add_argument("--quick", action="store_true", help="100 blocks")
+    p.add_argument("--caches", default="sink-window,growing")
+    p.add_argument("--latent", type=int, default=8, help="latent height = width (default 8)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--window", type=int, default=21, help="blocks per windowed median")
+    p.add_argument("--cache", help=argparse.SUPPRESS)  # worker mode
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.quick:
+        args.blocks = 100
+    if args.cache:
+        return worker(args)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs, wall = {}, {}
+    for name in args.caches.split(","):
+        res = out / f"_{name}.json"
+        cmd = [sys.executable, __file__, "--cache", name, "--result", str(res), "--blocks",
+               str(args.blocks), "--latent", str(args.latent), "--threads", str(args.threads)]
+        print(f"[streaming] {name}: {args.blocks} blocks ...", flush=True)
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True)
+        wall[name] = time.perf_counter() - t0
+        runs[name] = json.loads(res.read_text())
+        res.unlink()
+
+    first, last, w = 10, args.blocks, args.window
+    rows, summary = [], {}
+    for name, r in runs.items():
+        t_a, t_b = (1000 * window_median(r["time_s"], b, w) for b in (first, last))
+        m_a, m_b = (window_median(r["peak_rss_mib"], b, w) for b in (first, last))
+        c_a, c_b = r["cache_mib"][first - 1], r["cache_mib"][last - 1]
+        s = {"ms_block_first": t_a, "ms_block_last": t_b, "time_ratio": t_b / t_a,
+             "peak_rss_first_mib": m_a, "peak_rss_last_mib": m_b, "rss_ratio": m_b / m_a,
+             "cache_first_mib": c_a, "cache_last_mib": c_b, "frames_cached": r["frames_cached"],
+             "wall_s": wall[name],
+             "flat_within_10pct": abs(t_b / t_a - 1) <= 0.10 and abs(m_b / m_a - 1) <= 0.10}
+        summary[name] = s
+        rows.append({"cache": name, f"ms/block @{first}": t_a, f"ms/block @{last}": t_b,
+                     "time ratio": s["time_ratio"], f"peak RSS MiB @{first}": m_a,
+                     f"peak RSS MiB @{last}": m_b, "RSS ratio": s["rss_ratio"],
+                     f"cache MiB @{last}": c_b, "flat (±10%)": s["flat_within_10pct"]})
+    cols = list(rows[0])
+    table = (f"Streaming, tiny model on CPU ({args.threads} thread), {args.blocks} blocks of 3 "
+             f"latent frames ({runs[next(iter(runs))]['frame_tokens']} tokens a frame), VAE "
+             f"decode off; block figures are medians of {w} blocks.\n\n"
+             + markdown_table(rows, cols))
+    payload = {
+        "settings": {"preset": "tiny", "latent": [args.latent, args.latent], "blocks": args.blocks,
+                     "block_frames": 3, "forwards_per_block": 5, "threads": args.threads,
+                     "vae_decode": False, "window_median": w,
+                     "note": "VAE decode disabled (latents only): transformer + KV cache only"},
+        "summary": summary,
+        "per_block": {n: {k: r[k] for k in ("time_s", "rss_mib", "peak_rss_mib", "cache_mib")}
+                      for n, r in runs.items()},
+    }
+    write_results(out, "streaming", payload, table)
+    plot(runs, out / "streaming.png", args.blocks)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
