@@ -60,7 +60,8 @@ def add_generate_parser(sub) -> argparse.ArgumentParser:
     n = p.add_mutually_exclusive_group()
     n.add_argument("--blocks", type=int, help=f"blocks to generate (default: the schedule's "
                                               f"length, else {DEFAULT_BLOCKS})")
-    n.add_argument("--seconds", type=float, help="seconds of video (4 latent frames a second)")
+    n.add_argument("--seconds", type=float, help="seconds of video (4 latent frames a second, "
+                                                  "rounded up to whole blocks)")
     p.add_argument("--out", default="outputs/lol.mp4", help="output mp4 (default %(default)s)")
     p.add_argument("--checkpoint", help="model weights (diffusers or Wan/Self-Forcing/LongLive "
                                         "layout); default: a random model of --preset")
@@ -138,7 +139,7 @@ def run_generate(args) -> dict:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     t0 = time.perf_counter()
     st = new_stream(s)
-    attach_outputs(st, None if args.no_decode else args.out, save_latents=args.save_latents)
+    attach_outputs(st, args.out, save_latents=args.save_latents)
     if args.resume:
         resume_stream(st, ckpt)
         print(f"resumed at block {st.block} from {ckpt}", file=sys.stderr)

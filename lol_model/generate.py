@@ -241,7 +241,8 @@ def step(st: Stream) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- outputs
 def attach_outputs(st: Stream, out: str | None, *, save_latents: bool = False) -> None:
-    """Streaming decoder + segmented mp4 at ``out`` (``None``: no video), latents beside it."""
+    """Streaming decoder + segmented mp4 at ``out`` (no video when ``out`` is ``None`` or
+    ``settings.decode`` is off); with ``save_latents`` latents go to ``<out stem>.latents/``."""
     if out is not None and st.settings.decode:
         from .vae import StreamingDecoder, load_vae
         from .video import SegmentedVideoWriter
