@@ -86,6 +86,7 @@ SHAPES = [  # B, T, H, C, D, k
     pytest.param(2, 9, 2, 257, 128, 33, id="C257-k33"),
     pytest.param(1, 2, 2, 1000, 64, 64, id="C1000-k64"),
     pytest.param(1, 2, 2, 20000, 64, 16, id="C20000"),
+    pytest.param(1, 2, 1, 70000, 8, 64, id="C70000-k64"),
 ]
 
 
@@ -347,6 +348,74 @@ def test_fp16_conversion_exhaustive_in_plain_gxx(tmp_path):
         both_nan = want.isnan() & g.isnan()
         assert torch.equal(g[~both_nan].view(torch.int32), want[~both_nan].view(torch.int32)), dt
         assert torch.equal(want.isnan(), g.isnan())
+
+
+EMU_SRC = os.path.join(ROOT, "tests", "cuda_emu", "moc_route_emu.cpp")
+
+
+@pytest.fixture(scope="module")
+def cuda_emulator(tmp_path_factory):
+    """The CUDA kernel source compiled by g++ with warps emulated by threads (no GPU here)."""
+    gxx = shutil.which("g++")
+    if gxx is None:
+        pytest.skip("g++ missing")
+    exe = tmp_path_factory.mktemp("emu") / "moc_route_emu"
+    res = subprocess.run([gxx, "-std=c++20", "-O2", "-pthread", "-Wall", "-Wextra",
+                          "-Wno-unknown-pragmas", "-Werror", "-ffp-contract=off", f"-I{CSRC}",
+                          EMU_SRC, "-o", str(exe)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+
+    def run(q, c, k, valid=None, limit=None):
+        B, T, H, D = q.shape
+        C = c.shape[1]
+        code = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[c.dtype]
+        hdr = torch.tensor([B, T, H, C, D, k, code, valid is not None, limit is not None])
+        raw = c.contiguous().view(torch.float32 if code == 0 else torch.int16)
+        parts = [hdr.numpy().tobytes(), q.float().contiguous().numpy().tobytes(),
+                 raw.numpy().tobytes()]
+        if valid is not None:
+            parts.append(valid.to(torch.uint8).numpy().tobytes())
+        if limit is not None:
+            parts.append(limit.long().numpy().tobytes())
+        out = subprocess.run([str(exe)], input=b"".join(parts), capture_output=True, check=True)
+        return torch.frombuffer(bytearray(out.stdout), dtype=torch.int32).reshape(B, T, H, k)
+
+    return run
+
+
+EMU_CASES = [  # B, T, H, C, D, k: k = 32 / 33 switch the warp list from 1 to 2 keys a lane
+    pytest.param(1, 2, 2, 5, 7, 8, id="C5-k8"),
+    pytest.param(2, 1, 2, 300, 33, 1, id="C300-k1"),
+    pytest.param(1, 2, 1, 2100, 16, 32, id="C2100-k32"),
+    pytest.param(1, 1, 2, 2100, 12, 33, id="C2100-k33"),
+    pytest.param(2, 1, 1, 900, 8, 64, id="C900-k64"),
+]
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+@pytest.mark.parametrize("B,T,H,C,D,k", EMU_CASES)
+def test_cuda_kernel_emulated_equals_torch(cuda_emulator, B, T, H, C, D, k, dtype):
+    q, c, valid, limit = make_inputs(B, T, H, C, D, DTYPES[dtype])
+    ref = moc_route_reference(q, c, k, chunk_valid=valid, causal_limit=limit)
+    assert torch.equal(cuda_emulator(q, c, k, valid, limit), ref)
+    qi = torch.randint(-2, 3, (B, T, H, D)).to(DTYPES[dtype])  # exact scores, many ties
+    ci = torch.randint(-2, 3, (B, C, H, D)).to(DTYPES[dtype])
+    assert torch.equal(cuda_emulator(qi, ci, k), moc_route_reference(qi, ci, k))
+
+
+@pytest.mark.parametrize("k", [1, 31, 64])
+def test_cuda_kernel_emulated_adversarial(cuda_emulator, k):
+    """Ascending scores make every batch of every warp beat the list; NaN rows and invalid
+    chunks mixed in."""
+    C = 1500
+    c = torch.arange(C, dtype=torch.float32)[None, :, None, None].expand(1, C, 2, 8).contiguous()
+    c[0, 7, 1] = float("nan")
+    q = torch.ones(1, 3, 2, 8)
+    q[0, 1] = -1.0  # descending for this tile
+    valid = torch.rand(1, C) > 0.1
+    limit = torch.tensor([[C, 1400, 0]])
+    ref = moc_route_reference(q, c, k, chunk_valid=valid, causal_limit=limit)
+    assert torch.equal(cuda_emulator(q, c, k, valid, limit), ref)
 
 
 NVCC = shutil.which("nvcc") or ("/usr/local/bin/nvcc" if os.path.exists("/usr/local/bin/nvcc") else None)

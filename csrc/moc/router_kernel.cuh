@@ -14,6 +14,11 @@
 namespace lol {
 namespace moc {
 
+// The tests' CPU emulation of this kernel (tests/cuda_emu/) supplies its own dynamic smem.
+#ifndef LOL_DYNAMIC_SMEM
+#define LOL_DYNAMIC_SMEM(T, name) extern __shared__ T name[]
+#endif
+
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr unsigned kFullMask = 0xffffffffu;
@@ -67,7 +72,7 @@ __global__ void __launch_bounds__(kThreads)
     moc_route_kernel(const float* __restrict__ q, const typename E::storage* __restrict__ chunk,
                      const uint8_t* __restrict__ valid, const int64_t* __restrict__ limit,
                      int32_t* __restrict__ out, int64_t T, int64_t H, int64_t C, int D, int k) {
-  extern __shared__ float s_q[];                 // [D] query row of this (b, t, h)
+  LOL_DYNAMIC_SMEM(float, s_q);                 // [D] query row of this (b, t, h)
   __shared__ uint64_t s_list[kWarps][32 * R];   // per-warp candidate lists for the final merge
   const int64_t i_bth = blockIdx.x;             // (b * T + t) * H + h
   const int64_t i_h = i_bth % H;
@@ -112,6 +117,7 @@ __global__ void __launch_bounds__(kThreads)
   if (lane == 0) write_indices(s_list[0], k, k, out + i_bth * k);
 }
 
+#if defined(__CUDACC__)
 // Launch on `stream` for B*T*H blocks; D floats of dynamic shared memory.
 template <class E>
 inline cudaError_t launch_moc_route(const float* q, const typename E::storage* chunk,
@@ -130,6 +136,7 @@ inline cudaError_t launch_moc_route(const float* q, const typename E::storage* c
   }
   return cudaGetLastError();
 }
+#endif  // __CUDACC__
 
 }  // namespace moc
 }  // namespace lol
