@@ -70,17 +70,46 @@ LOL_HD float half_to_float(uint16_t h) {
 LOL_HD float bf16_to_float(uint16_t h) { return bits_float(uint32_t(h) << 16); }
 
 // Storage types of chunk_mean: raw bits, so this header needs no torch or CUDA half types.
+// load8 reads p[0..8) with p 16-byte aligned: one or two vector loads on the GPU.
 struct F32 {
   using storage = float;
   static LOL_HD float load(const float* p, int64_t i) { return p[i]; }
+  static LOL_HD void load8(const float* p, float (&v)[8]) {
+#if defined(__CUDA_ARCH__)
+    const float4 a = reinterpret_cast<const float4*>(p)[0];
+    const float4 b = reinterpret_cast<const float4*>(p)[1];
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+    v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+#else
+    for (int j = 0; j < 8; ++j) v[j] = p[j];
+#endif
+  }
 };
+
+template <float (*Convert)(uint16_t)>
+LOL_HD void load8_u16(const uint16_t* p, float (&v)[8]) {
+#if defined(__CUDA_ARCH__)
+  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+LOL_UNROLL
+  for (int j = 0; j < 4; ++j) {  // little endian: element 2j is the low half of word j
+    v[2 * j] = Convert(uint16_t(w[j] & 0xffffu));
+    v[2 * j + 1] = Convert(uint16_t(w[j] >> 16));
+  }
+#else
+  for (int j = 0; j < 8; ++j) v[j] = Convert(p[j]);
+#endif
+}
+
 struct F16 {
   using storage = uint16_t;
   static LOL_HD float load(const uint16_t* p, int64_t i) { return half_to_float(p[i]); }
+  static LOL_HD void load8(const uint16_t* p, float (&v)[8]) { load8_u16<half_to_float>(p, v); }
 };
 struct BF16 {
   using storage = uint16_t;
   static LOL_HD float load(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
+  static LOL_HD void load8(const uint16_t* p, float (&v)[8]) { load8_u16<bf16_to_float>(p, v); }
 };
 
 // Rounded multiply and add that the compiler may not fuse into an FMA (nvcc fuses by default).
@@ -100,6 +129,12 @@ LOL_HD float add_rn(float a, float b) {
 #endif
 }
 
+// The fixed combination of the eight lane sums.
+LOL_HD float lane_tree(const float (&lane)[kLanes]) {
+  return add_rn(add_rn(add_rn(lane[0], lane[1]), add_rn(lane[2], lane[3])),
+                add_rn(add_rn(lane[4], lane[5]), add_rn(lane[6], lane[7])));
+}
+
 // Score of one chunk row (D values of chunk_mean) against a fp32 query row, in contract order.
 template <class E>
 LOL_HD float chunk_score(const float* q, const typename E::storage* c, int D) {
@@ -115,8 +150,23 @@ LOL_UNROLL
   for (int j = 0; j < kLanes; ++j) {  // tail; constant indices keep lane[] in registers
     if (d + j < D) lane[j] = add_rn(lane[j], mul_rn(q[d + j], E::load(c, d + j)));
   }
-  return add_rn(add_rn(add_rn(lane[0], lane[1]), add_rn(lane[2], lane[3])),
-                add_rn(add_rn(lane[4], lane[5]), add_rn(lane[6], lane[7])));
+  return lane_tree(lane);
+}
+
+// chunk_score for D % 8 == 0 and a 16-byte aligned row: the same operations in the same order,
+// with the eight values of each step read by E::load8.
+template <class E>
+LOL_HD float chunk_score_vec8(const float* q, const typename E::storage* c, int D) {
+  float lane[kLanes];
+LOL_UNROLL
+  for (int j = 0; j < kLanes; ++j) lane[j] = 0.0f;
+  for (int d = 0; d < D; d += kLanes) {
+    float v[kLanes];
+    E::load8(c + d, v);
+LOL_UNROLL
+    for (int j = 0; j < kLanes; ++j) lane[j] = add_rn(lane[j], mul_rn(q[d + j], v[j]));
+  }
+  return lane_tree(lane);
 }
 
 // Total order of candidates as one integer: higher score first, then lower chunk index.

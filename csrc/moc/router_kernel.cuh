@@ -2,7 +2,7 @@
 // be compiled standalone (nvcc -arch=sm_90 -c) where torch's CUDA headers are missing.
 //
 // One block per (b, t, h), kWarps warps. Each warp scores 32 chunks at a time (a thread per
-// chunk, contract-order dot product) and keeps its best 32*R keys sorted across its lanes
+// chunk, contract-order dot product, 16-byte loads when rows are aligned) and keeps its best 32*R keys sorted across its lanes
 // (R = 1 for k <= 32, else 2); a batch whose best key beats the warp's current k-th key is merged
 // in with a bitonic network. Warp 0 then merges the other warps' lists and writes the indices.
 #pragma once
@@ -67,7 +67,7 @@ __device__ __forceinline__ uint64_t warp_kth(const uint64_t (&list)[R], int k) {
   return __shfl_sync(kFullMask, v, (k - 1) & 31);
 }
 
-template <class E, int R>
+template <class E, int R, bool kVec>
 __global__ void __launch_bounds__(kThreads)
     moc_route_kernel(const float* __restrict__ q, const typename E::storage* __restrict__ chunk,
                      const uint8_t* __restrict__ valid, const int64_t* __restrict__ limit,
@@ -96,7 +96,8 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t c = c0 + lane;
     uint64_t key = 0;
     if (c < end && (vrow == nullptr || vrow[c] != 0))
-      key = rank_key(chunk_score<E>(s_q, p_chunk + c * H * D, D), c);
+      key = rank_key(kVec ? chunk_score_vec8<E>(s_q, p_chunk + c * H * D, D)
+                          : chunk_score<E>(s_q, p_chunk + c * H * D, D), c);
     if (__any_sync(kFullMask, key > warp_kth<R>(list, k))) warp_insert<R>(list, key, lane);
   }
 
@@ -127,12 +128,21 @@ inline cudaError_t launch_moc_route(const float* q, const typename E::storage* c
   const int64_t blocks = B * T * H;
   if (blocks == 0) return cudaSuccess;
   const size_t smem = sizeof(float) * size_t(D);
-  if (k <= 32) {
-    moc_route_kernel<E, 1><<<dim3(unsigned(blocks)), kThreads, smem, stream>>>(
-        q, chunk, valid, limit, out, T, H, C, D, k);
+  // Vector loads when every row starts 16-byte aligned: D % 8 == 0 and an aligned base.
+  const bool vec = D % kLanes == 0 && reinterpret_cast<uintptr_t>(chunk) % 16 == 0;
+  const dim3 grid(static_cast<unsigned>(blocks));
+  if (k <= 32 && vec) {
+    moc_route_kernel<E, 1, true><<<grid, kThreads, smem, stream>>>(q, chunk, valid, limit, out,
+                                                                    T, H, C, D, k);
+  } else if (k <= 32) {
+    moc_route_kernel<E, 1, false><<<grid, kThreads, smem, stream>>>(q, chunk, valid, limit, out,
+                                                                     T, H, C, D, k);
+  } else if (vec) {
+    moc_route_kernel<E, 2, true><<<grid, kThreads, smem, stream>>>(q, chunk, valid, limit, out,
+                                                                    T, H, C, D, k);
   } else {
-    moc_route_kernel<E, 2><<<dim3(unsigned(blocks)), kThreads, smem, stream>>>(
-        q, chunk, valid, limit, out, T, H, C, D, k);
+    moc_route_kernel<E, 2, false><<<grid, kThreads, smem, stream>>>(q, chunk, valid, limit, out,
+                                                                     T, H, C, D, k);
   }
   return cudaGetLastError();
 }
