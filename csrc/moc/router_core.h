@@ -13,6 +13,7 @@
 #pragma once
 
 #include <stdint.h>
+#include <string.h>
 
 // LOL_HD marks the shared functions; plain g++ (no CUDA) sees ordinary inline functions.
 #if defined(__CUDACC__)
@@ -38,9 +39,9 @@ LOL_HD uint32_t float_bits(float x) {
 #if defined(__CUDA_ARCH__)
   return __float_as_uint(x);
 #else
-  union { float f; uint32_t u; } v;
-  v.f = x;
-  return v.u;
+  uint32_t u;
+  memcpy(&u, &x, sizeof(u));
+  return u;
 #endif
 }
 
@@ -48,9 +49,9 @@ LOL_HD float bits_float(uint32_t u) {
 #if defined(__CUDA_ARCH__)
   return __uint_as_float(u);
 #else
-  union { uint32_t u; float f; } v;
-  v.u = u;
-  return v.f;
+  float x;
+  memcpy(&x, &u, sizeof(x));
+  return x;
 #endif
 }
 
