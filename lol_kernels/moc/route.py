@@ -69,9 +69,10 @@ def _resolve_backend(backend: str, is_cuda: bool) -> str:
         if err is not None:
             _fallback_warning(err)
             return "torch"
-        if is_cuda:
-            return "cuda" if extension_has_cuda() else "torch"
-        return "cpp"
+        if is_cuda and not extension_has_cuda():
+            _fallback_warning("it was built without CUDA")
+            return "torch"
+        return "cuda" if is_cuda else "cpp"
     if backend == "torch":
         return backend
     if err is not None:
