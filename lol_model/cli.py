@@ -91,7 +91,11 @@ def add_generate_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--save-latents", action="store_true",
                    help="also save clean latents to <out>.latents/seg_*.safetensors")
     p.add_argument("--checkpoint-every", type=int, default=0,
-                   help="save the stream state every N blocks (0: never)")
+                   help="save the stream state every N blocks (0: never). The mp4 is "
+                        "written as segments in <out>.segments/ closed at every checkpoint "
+                        "(every 25 blocks without checkpoints), so what was written stays "
+                        "playable if the process is killed; they are joined into --out at "
+                        "the end")
     p.add_argument("--checkpoint-dir", help="state folder (default <out>.ckpt)")
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
     p.add_argument("--threads", type=int, help="torch CPU threads")
