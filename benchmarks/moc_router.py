@@ -6,6 +6,7 @@ Shape of issue 4: B = 1, T = 37 query tiles, H = 12, D = 128, k = 8, C in {256, 
 * ``cpp_ms``: ``lk.moc_route(..., backend="cpp")`` (csrc/moc/router_cpu.cpp, OpenMP).
 * ``torch_ms``: ``backend="torch"``, the reference that computes the scores in the contract's
   bit-exact order (indices identical to ``cpp``); ``ratio = torch_ms / cpp_ms``.
+* ``*_cpu_ms``: process CPU time (all threads), less sensitive to other load on the machine.
 * ``matmul_topk_ms``: for scale only, a plain ``einsum`` + ``topk``: fastest torch code, but its
   summation order is BLAS's, so near-ties may pick other chunks (not the contract).
 
@@ -15,7 +16,10 @@ Shape of issue 4: B = 1, T = 37 query tiles, H = 12, D = 128, k = 8, C in {256, 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -26,6 +30,16 @@ from harness import bench, markdown_table, write_results  # noqa: E402
 import lol_kernels as lk  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cpu_time(fn, repeats):
+    """Median process CPU time of ``fn()`` (all threads): robust to other load on the machine."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.process_time()
+        fn()
+        times.append(time.process_time() - t0)
+    return statistics.median(times)
 
 
 def matmul_topk(q, c, k):
@@ -57,10 +71,14 @@ def main(argv=None):
             ref = bench(lambda: lk.moc_route(q, c, k, backend="torch"),  # noqa: B023
                         warmup=0, repeats=args.ref_repeats)
             mm = bench(lambda: matmul_topk(q, c, k), repeats=args.repeats)  # noqa: B023
+            cpp_cpu = cpu_time(lambda: lk.moc_route(q, c, k, backend="cpp"), args.repeats)  # noqa: B023
+            ref_cpu = cpu_time(lambda: lk.moc_route(q, c, k, backend="torch"), 1)  # noqa: B023
             row = {"dtype": name, "B": B, "T": T, "H": H, "D": D, "C": C, "k": k,
                    "cpp_ms": cpp["median_s"] * 1e3, "torch_ms": ref["median_s"] * 1e3,
                    "ratio": ref["median_s"] / cpp["median_s"],
                    "matmul_topk_ms": mm["median_s"] * 1e3,
+                   "cpp_cpu_ms": cpp_cpu * 1e3, "torch_cpu_ms": ref_cpu * 1e3,
+                   "cpu_ratio": ref_cpu / cpp_cpu,
                    "cpp_GMAC_s": B * T * H * C * D / cpp["median_s"] / 1e9,
                    "timings": {"cpp": cpp, "torch": ref, "matmul_topk": mm}}
             rows.append(row)
@@ -68,9 +86,11 @@ def main(argv=None):
                   f"ratio {row['ratio']:.1f}x, matmul+topk {row['matmul_topk_ms']:.2f} ms",
                   flush=True)
     table = markdown_table(rows, ["dtype", "C", "cpp_ms", "torch_ms", "ratio", "matmul_topk_ms",
-                                  "cpp_GMAC_s"])
-    path = write_results(args.out, "moc_router", {"rows": rows, "threads": torch.get_num_threads()},
-                         table)
+                                  "cpp_cpu_ms", "torch_cpu_ms", "cpu_ratio", "cpp_GMAC_s"])
+    load = os.getloadavg()[0]
+    table += f"\nWall times are medians; load average {load:.1f} on {os.cpu_count()} cores.\n"
+    path = write_results(args.out, "moc_router", {"rows": rows, "threads": torch.get_num_threads(),
+                                                  "loadavg_1min": load}, table)
     print(table)
     print(f"wrote {path}")
 
