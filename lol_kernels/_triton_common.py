@@ -52,6 +52,14 @@ def is_interpreted(kernel) -> bool:
     return isinstance(kernel, InterpretedFunction)
 
 
+def check_kernel_device(kernel, x: torch.Tensor):
+    """A GPU-compiled kernel needs CUDA tensors; say so instead of Triton's driver error."""
+    if x.device.type != "cuda" and not is_interpreted(kernel):
+        raise RuntimeError(
+            f"the Triton kernel needs CUDA tensors (got {x.device}); to run it on the CPU set "
+            "TRITON_INTERPRET=1 before lol_kernels' Triton kernel modules are first imported")
+
+
 def rope_turns(freqs: torch.Tensor) -> torch.Tensor:
     """Frequencies as 64-bit fixed-point turns, the table :func:`rope_phase` reads.
 

@@ -1,7 +1,16 @@
 """Shared test helpers: fresh random inputs, NaN poisoning, the DESIGN.md §5 error rule."""
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run in the interpreter on a CPU-only machine. The variable is read when
+    # @triton.jit decorates, so it is set here, before any test module imports a kernel module
+    # (an earlier module importing one would otherwise freeze it in GPU mode for the session).
+    # The sm_90 compile test re-imports the kernels with it off (triton_aot.compiled_module).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -5,8 +5,9 @@ pipeline down to a cubin with the ``ptxas`` shipped in the triton wheel; ``cuobj
 the wheel) then reports registers, shared/local memory and stack, and disassembles the SASS.
 Used by ``tests/test_triton_aot.py`` and ``benchmarks/kernel_report.py``.
 
-The kernel module is imported afresh with ``TRITON_INTERPRET=0`` (:func:`compiled_module`),
-so this works inside a test session that runs the other kernels in the interpreter.
+:func:`sm90_report` compiles in ``spawn`` worker processes started with ``TRITON_INTERPRET=0``,
+so it works inside a test session that runs the kernels in the interpreter;
+:func:`compiled_module` gives the JIT functions themselves (for inspection) in any process.
 """
 
 from __future__ import annotations
@@ -98,9 +99,10 @@ def compile_sm90(kernel, signature, constexprs, attrs=None, *, num_warps: int, n
 
     src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs,
                                     attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": num_warps, "num_stages": num_stages,
-                                   "enable_fp_fusion": True})
+    with _interpret("0"):  # parts of the front end (static_range, ...) consult the knob
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages,
+                                       "enable_fp_fusion": True})
 
 
 def cuobjdump(cubin: bytes, *flags: str) -> str:
@@ -184,10 +186,15 @@ def _job(job):
 
 
 def sm90_report(dtypes=("fp16", "bf16"), head_dims=(64, 128), *, rope: bool = True,
-                workers: int | None = None) -> list[dict]:
+                 workers: int | None = None) -> list[dict]:
     """Compile every autotune config of the attention kernel (and the apply_rope kernel) for
-    each dtype and head dim, in ``workers`` processes (default: one per CPU; Triton compiles
-    hold the GIL, so threads would not help)."""
+    each dtype and head dim.
+
+    Runs in fresh ``spawn`` processes started with ``TRITON_INTERPRET=0``: a process that
+    imported triton in interpreter mode has interpreted versions of triton's own library
+    (``tl.max``, ``tl.sum``, ...) and cannot compile for a GPU. ``workers`` defaults to one per
+    CPU (Triton compiles hold the GIL, so threads would not help).
+    """
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
@@ -196,7 +203,5 @@ def sm90_report(dtypes=("fp16", "bf16"), head_dims=(64, 128), *, rope: bool = Tr
     if rope:
         jobs += [("rope", dt, d, None) for dt in dtypes for d in head_dims]
     workers = workers or max(1, min(len(jobs), os.cpu_count() or 1))
-    if workers == 1:
-        return [_job(j) for j in jobs]
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
+    with _interpret("0"), ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
         return list(ex.map(_job, jobs))

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from .._triton_common import (
+    check_kernel_device,
     is_interpreted,
     load_pair_positions,
     rope_cos_sin,
@@ -254,6 +255,7 @@ def launch_rope_attention(q, q_pos, table, *, cache=None, new=None, causal=False
         lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=dev)
     if B * Nq * Hq == 0:
         return out, lse
+    check_kernel_device(_paged_rope_attn_fwd, q)
     t = table.to(dev)
     turns = rope_turns(t.freqs)
     pair_axis = t.pair_axis.to(torch.int32)

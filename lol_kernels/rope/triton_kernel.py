@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from .._triton_common import (
+    check_kernel_device,
     interleave,
     is_interpreted,
     load_pair_positions,
@@ -77,6 +78,7 @@ def apply_rope_triton(x: torch.Tensor, pos: torch.Tensor, table, *, out=None) ->
     yr = y.view(-1, H, D)
     if R == 0:
         return y
+    check_kernel_device(_apply_rope_fwd, x)
     t = table.to(x.device)
     turns = rope_turns(t.freqs)
     pair_axis = t.pair_axis.to(torch.int32)
