@@ -28,6 +28,13 @@ needs_ext = pytest.mark.skipif(not HAS_EXT, reason=f"extension not built: {route
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def test_extension_is_built():
+    """The cpp tests below skip without the extension; a broken build must still fail here."""
+    if os.environ.get("LOL_NO_EXTENSION") == "1":
+        pytest.skip("built with LOL_NO_EXTENSION=1")
+    assert HAS_EXT, route.extension_error()
+
+
 def make_inputs(B, T, H, C, D, dtype, *, p_invalid=0.2, causal=True):
     q = torch.randn(B, T, H, D).to(dtype)
     c = torch.randn(B, C, H, D).to(dtype)
