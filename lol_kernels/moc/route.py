@@ -113,7 +113,8 @@ def moc_route(q_mean: torch.Tensor, chunk_mean: torch.Tensor, k: int, *,
     """Mixture-of-Contexts router: the top-``k`` chunks of each query tile and head.
 
     Args:
-        q_mean: ``[B, T, H, D]`` fp16/bf16/fp32/fp64, summary (mean) of each query tile.
+        q_mean: ``[B, T, H, D]`` fp16/bf16/fp32/fp64, summary (mean) of each query tile;
+            ``1 <= D <= 8192``.
         chunk_mean: ``[B, C, H, D]`` fp16/bf16/fp32/fp64, summary (mean of the un-rotated keys)
             of each chunk. The two dtypes may differ.
         k: chunks per (tile, head), ``1 <= k <= 64``. ``k`` may exceed the eligible count.
