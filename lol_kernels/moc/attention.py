@@ -54,7 +54,7 @@ def _moc_attention_op(q: torch.Tensor, q_pos: torch.Tensor, cache_k: torch.Tenso
                   chunk_pages=chunk_pages, routed=routed, k_new=k_new, v_new=v_new,
                   causal=causal, page_shift=page_shift, chunk_shift=chunk_shift, scale=scale,
                   tile_size=tile_size)
-    return out, lse.float()
+    return out.contiguous(), lse.float().contiguous()  # the fake impl promises contiguous
 
 
 @_moc_attention_op.register_fake

@@ -16,6 +16,8 @@ kernel tests. :func:`moc_attention_torch` is the CPU fast path: the mandatory pa
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..attention.reference import (
@@ -144,16 +146,58 @@ def merge_lse(out_a, lse_a, out_b, lse_b):
 
 
 def _flash(q, k, v, bias, scale):
-    """``q [H, Nq, D]``, ``k, v [H, L, D]`` -> ``out [H, Nq, D]``, ``lse [H, Nq]`` fp32."""
+    """``q [G, H, Nq, D]``, ``k, v [G, H, L, D]``, ``bias`` broadcastable to ``[G, H, Nq, L]``
+    or ``None`` -> ``out [G, H, Nq, D]``, ``lse [G, H, Nq]`` (fp32; fp64 for fp64 inputs)."""
     if q.device.type == "cpu" and q.dtype != torch.float64:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask=bias, scale=scale)
-        return out[0], lse[0].float()
+            q, k, v, attn_mask=bias, scale=scale)
+        return out, lse.float()
     s = (q @ k.transpose(-1, -2)).to(compute_dtype(q.dtype)) * scale
     if bias is not None:
-        s = s + bias[0].to(s.dtype)
+        s = s + bias.to(s.dtype)
     lse = torch.logsumexp(s, dim=-1)
     return (torch.softmax(s, dim=-1).to(q.dtype) @ v), lse
+
+
+def rope_phasors(pos: torch.Tensor, table: RopeTable, dtype: torch.dtype) -> torch.Tensor:
+    """Unit phasors ``exp(i angle)`` ``[H, L, D/2]`` (complex of ``dtype``) for ``pos [L, A]``.
+
+    Same angles as ``rope_angles`` (float64 product reduced modulo ``2 pi``), but each axis
+    takes few distinct values (frame index, patch row, patch column), so they are formed once
+    per distinct value and gathered, instead of once per token and head.
+    """
+    H, half = table.freqs.shape
+    L = pos.shape[0]
+    cdt = torch.complex128 if dtype == torch.float64 else torch.complex64
+    ph = torch.empty(H, L, half, dtype=cdt, device=pos.device)
+    j0 = 0
+    for a, width in enumerate(table.axes):
+        j1 = j0 + width // 2
+        p_a = pos[:, a]
+        lo, hi = (int(v) for v in torch.aminmax(p_a)) if L else (0, 0)
+        if hi - lo < max(4096, L // 4):  # a dense range: index by offset, no sort
+            u = torch.arange(lo, hi + 1, device=pos.device)
+            inv = (p_a - lo).long()
+        else:
+            u, inv = torch.unique(p_a, return_inverse=True)
+        ang = torch.remainder(u.to(torch.float64)[None, :, None] * table.freqs[:, None, j0:j1],
+                              2.0 * math.pi).to(dtype)  # [H, U_a, n_a]
+        ph[..., j0:j1] = torch.polar(torch.ones_like(ang), ang)[:, inv]
+        j0 = j1
+    return ph
+
+
+def rotate_keys_headmajor(k: torch.Tensor, kpos: torch.Tensor, table: RopeTable, dtype):
+    """Rotate head-major keys ``k [Hkv, L, D]`` at ``kpos [L, A]`` for every query head.
+
+    Returns ``[Hq, L, D]`` contiguous in ``dtype``: query head ``h`` rotates KV head
+    ``h // (Hq // Hkv)`` with its own frequencies, one complex multiply per channel pair.
+    """
+    Hkv, L, D = k.shape
+    Hq = table.freqs.shape[0]
+    z = torch.view_as_complex(k.to(dtype).contiguous().view(Hkv, 1, L, D // 2, 2))
+    ph = rope_phasors(kpos, table, dtype).view(Hkv, Hq // Hkv, L, D // 2)
+    return torch.view_as_real(z * ph).view(Hq, L, D)
 
 
 def moc_attention_torch(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table,
@@ -162,64 +206,82 @@ def moc_attention_torch(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_ta
                         tile_size=128):
     """CPU fast path of :func:`lol_kernels.moc_attention`; same outputs as the reference.
 
-    Cost: the mandatory part costs what :func:`paged_attention_torch` costs; the routed part
-    rotates each selected chunk once per reading head (the union over tiles) and runs one flash
-    call per (batch row, tile) over the ``k * Lc`` keys each head of that tile selected.
+    * mandatory pages and new keys: one :func:`paged_attention_torch` call (one flash call);
+    * routed chunks: the pages of every chunk some tile routes to (the union) are copied
+      head-major once and rotated once per reading head (one complex multiply per pair,
+      angles per distinct position value). Then, per head and chunk, the queries of the tiles
+      that selected it attend the chunk's keys **in place** (a contiguous ``[Lc, D]`` block:
+      no per-tile copy of keys or values, which costs as much memory traffic as the attention
+      itself on a CPU); each (tile, slot) keeps its partial ``(out, lse)``;
+    * the partials and the mandatory part merge by log-sum-exp.
     """
     B, N, Hq, D = q.shape
     dt, ct = q.dtype, compute_dtype(q.dtype)
     scale = D**-0.5 if scale is None else scale
     table = table.to(q.device)
+    dev = q.device
     out_m, lse_m = paged_attention_torch(q, q_pos, cache_k, cache_v, cache_pos, page_len,
                                          page_table, table, k_new=k_new, v_new=v_new,
                                          causal=causal, page_shift=page_shift, scale=scale)
+    P, S, Hkv, _ = cache_k.shape
+    C, Pc = chunk_pages.shape[1:]
     used = torch.unique(routed[routed >= 0].long())
-    if used.numel() == 0:
-        return out_m, lse_m.float()
-    # gather and rotate only the chunks some tile routes to (the union over the batch)
-    C = chunk_pages.shape[1]
-    lut = torch.full((C,), -1, dtype=torch.long, device=q.device)
-    lut[used] = torch.arange(used.numel(), device=q.device)
-    shift = None if chunk_shift is None else chunk_shift[:, used]
-    ck, cv, cpos, cvalid = gather_chunks(cache_k, cache_v, cache_pos, page_len,
-                                         chunk_pages[:, used], shift)
-    U, Lc, Hkv = ck.shape[1], ck.shape[2], ck.shape[3]
-    g = Hq // Hkv
-    kr = _rotate_keys(ck.reshape(B, U * Lc, Hkv, D), cpos.reshape(B, U * Lc, -1), table, Hq,
-                      ct).to(dt)
-    kr = kr.view(B, U, Lc, Hq, D).permute(0, 3, 1, 2, 4)  # [B, Hq, U, Lc, D]
-    vv = cv.permute(0, 3, 1, 2, 4)  # [B, Hkv, U, Lc, D]; head h reads KV head h // g
+    if Pc == 0 or used.numel() == 0:
+        return out_m, lse_m
+    U, Lc, g, A = used.numel(), Pc * S, Hq // Hkv, cache_pos.shape[-1]
+    T, K = routed.shape[1], routed.shape[3]
+    lut = torch.full((C,), -1, dtype=torch.long, device=dev)
+    lut[used] = torch.arange(U, device=dev)
+    pages = chunk_pages[:, used].long()  # [B, U, Pc]
+    pid = pages.clamp(min=0)
+    slots = torch.arange(S, device=dev)
+    valid = ((pages >= 0).unsqueeze(-1) & (slots < page_len.long()[pid].unsqueeze(-1)))
+    valid = valid.view(B, U, Lc)
+    bias = torch.zeros(B, U, Lc, dtype=ct, device=dev).masked_fill_(~valid, float("-inf"))
+    has_hole = ~valid.all(dim=-1)  # [B, U]
+    nonempty = valid.any(dim=-1)
+    k_hm, v_hm = cache_k.permute(2, 0, 1, 3), cache_v.permute(2, 0, 1, 3)  # [Hkv, P, S, D]
     cos, sin = rope_cos_sin(q_pos, table, ct)
-    qr = rotate_pairs(q.to(ct), cos, sin).to(dt).transpose(1, 2)  # [B, Hq, N, D]
-    T = routed.shape[1]
-    kv_head = torch.arange(Hq, device=q.device) // g
-    hh = torch.arange(Hq, device=q.device)[:, None]
-    out_r = torch.zeros(B, N, Hq, D, dtype=dt, device=q.device)
-    lse_r = torch.full((B, Hq, N), float("-inf"), dtype=lse_m.dtype, device=q.device)
+    qr = rotate_pairs(q.to(ct), cos, sin).to(dt)
+    qr = torch.nn.functional.pad(qr, (0, 0, 0, 0, 0, T * tile_size - N))
+    qr = qr.view(B, T, tile_size, Hq, D).permute(0, 3, 1, 2, 4).contiguous()  # [B,Hq,T,tile,D]
+    out_r = torch.zeros(B, T * tile_size, Hq, D, dtype=ct, device=dev)
+    lse_r = torch.full((B, Hq, T * tile_size), float("-inf"), dtype=ct, device=dev)
     for b in range(B):
-        for t in range(T):
-            sel = lut[routed[b, t].long().clamp(min=0)]  # [Hq, k]
-            ok = routed[b, t] >= 0
-            if not bool(ok.any()):
-                continue
-            # drop columns no head uses so short routings do not pay for -1 entries
-            keep = ok.any(dim=0)
-            sel, ok = sel[:, keep].clamp(min=0), ok[:, keep]
-            kk = kr[b][hh, sel].flatten(1, 2)  # [Hq, k * Lc, D]
-            vk = vv[b][kv_head[:, None], sel].flatten(1, 2)
-            slot_ok = (cvalid[b][sel] & ok.unsqueeze(-1)).flatten(1, 2)  # [Hq, k * Lc]
-            q0, q1 = t * tile_size, min(N, (t + 1) * tile_size)
-            bias = None
-            if not bool(slot_ok.all()):
-                bias = torch.zeros(slot_ok.shape, dtype=dt, device=q.device)
-                bias = bias.masked_fill_(~slot_ok, float("-inf"))[None, :, None, :]
-                bias = bias.expand(1, Hq, q1 - q0, -1)
-            o, lse = _flash(qr[b, :, q0:q1], kk, vk, bias, scale)
-            empty = ~slot_ok.any(dim=-1)  # a head whose routed chunks hold no valid slot
-            if bool(empty.any()):
-                o = o.masked_fill(empty[:, None, None], 0.0)
-                lse = lse.masked_fill(empty[:, None], float("-inf"))
-            out_r[b, q0:q1] = o.transpose(0, 1).to(dt)
-            lse_r[b, :, q0:q1] = lse.to(lse_r.dtype)
-    out, lse = merge_lse(out_m, lse_m, out_r, lse_r)
+        kpos = cache_pos[pid[b]].long().view(U, Lc, A)
+        if chunk_shift is not None:
+            kpos = kpos + chunk_shift[b, used].long().unsqueeze(1)
+        kr = rotate_keys_headmajor(k_hm[:, pid[b].view(-1)].reshape(Hkv, U * Lc, D),
+                                   kpos.view(U * Lc, A), table, ct).to(dt).view(Hq, U, Lc, D)
+        vu = v_hm[:, pid[b].view(-1)].reshape(Hkv, U, Lc, D)
+        for h in range(Hq):
+            col = lut[routed[b, :, h].long().clamp(min=0)]  # [T, K] union column
+            col = torch.where(routed[b, :, h] >= 0, col, -1).flatten()
+            order = torch.argsort(col, stable=True)
+            cols, counts = torch.unique_consecutive(col[order], return_counts=True)
+            o_p = torch.zeros(T * K, tile_size, D, dtype=ct, device=dev)  # partial per slot
+            l_p = torch.full((T * K, tile_size), float("-inf"), dtype=ct, device=dev)
+            start = 0
+            for w, n in zip(cols.tolist(), counts.tolist(), strict=True):
+                slot = order[start:start + n]  # flat (tile, slot) entries routed to column w
+                start += n
+                if w < 0 or not bool(nonempty[b, w]):
+                    continue
+                qs = qr[b, h][slot // K].view(n * tile_size, D)
+                s = (qs @ kr[h, w].transpose(0, 1)).to(ct) * scale  # [n * tile, Lc]
+                if bool(has_hole[b, w]):
+                    s = s + bias[b, w]
+                m = s.amax(dim=-1, keepdim=True)
+                p = torch.exp(s - m)
+                den = p.sum(dim=-1, keepdim=True)
+                o = (p.to(dt) @ vu[h // g, w]).to(ct) / den
+                o_p[slot] = o.view(n, tile_size, D)
+                l_p[slot] = (m + torch.log(den)).view(n, tile_size)
+            lse = torch.logsumexp(l_p.view(T, K, tile_size), dim=1)  # [T, tile]
+            wgt = torch.exp(l_p.view(T, K, tile_size) - torch.where(
+                torch.isfinite(lse), lse, 0.0).unsqueeze(1))
+            out_r[b, :, h] = (wgt.unsqueeze(-1) * o_p.view(T, K, tile_size, D)).sum(1).view(
+                T * tile_size, D)
+            lse_r[b, h] = lse.view(-1)
+    out, lse = merge_lse(out_m, lse_m, out_r[:, :N], lse_r[..., :N])
     return out.to(dt), lse
