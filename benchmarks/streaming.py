@@ -80,12 +80,12 @@ def plot(runs: dict, path: Path, blocks: int) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-    for name, r in runs.items():
-        x = range(1, len(r["time_s"]) + 1)
-        ax[0].plot(x, [1000 * t for t in r["time_s"]], lw=0.6, label=f"{name} wall")
-        ax[0].plot(x, [1000 * t for t in r["cpu_s"]], lw=0.6, label=f"{name} CPU")
-        ax[1].plot(x, r["peak_rss_mib"], lw=1.2, label=f"{name} peak RSS")
-        ax[1].plot(x, r["cache_mib"], lw=1.0, ls="--", label=f"{name} cache tensors")
+    for i, (name, r) in enumerate(runs.items()):
+        x, c = range(1, len(r["time_s"]) + 1), f"C{i}"
+        ax[0].plot(x, [1000 * t for t in r["time_s"]], c=c, lw=0.6, label=f"{name} wall")
+        ax[0].plot(x, [1000 * t for t in r["cpu_s"]], c=c, lw=0.6, ls=":", label=f"{name} CPU")
+        ax[1].plot(x, r["peak_rss_mib"], c=c, lw=1.2, label=f"{name} peak RSS")
+        ax[1].plot(x, r["cache_mib"], c=c, lw=1.0, ls="--", label=f"{name} cache tensors")
     ax[0].set(xlabel="block", ylabel="ms / block", yscale="log",
               title=f"per-block time, tiny model, CPU ({blocks} blocks)")
     ax[1].set(xlabel="block", ylabel="MiB", title="resident memory")
