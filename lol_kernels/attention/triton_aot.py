@@ -69,7 +69,7 @@ def attention_signature(kernel, dtype: str, *, head_dim: int, group: int = 1, nu
            "Out": f"*{t}", "Lse": "*fp32", "Turns": "*i64"}
     const = {"HEAD_DIM": head_dim, "GROUP": group, "NUM_AXES": num_axes, "HAS_SHIFT": has_shift,
              "HAS_NEW": has_new, "IS_CAUSAL": causal,
-             "DOT_PREC": "ieee" if dtype == "fp32" else "tf32", "BLOCK_M": block_m,
+             "DOT_PREC": "tf32x3" if dtype == "fp32" else "tf32", "BLOCK_M": block_m,
              "BLOCK_N": block_n}
     # strides that are multiples of 16 in any contiguous launch (head strides, row strides of
     # [.., H, D] tensors); the JIT marks the same ones divisible
@@ -186,9 +186,9 @@ def _job(job):
 
 
 def sm90_report(dtypes=("fp16", "bf16"), head_dims=(64, 128), *, rope: bool = True,
-                 workers: int | None = None) -> list[dict]:
+                fp32_d64: bool = False, workers: int | None = None) -> list[dict]:
     """Compile every autotune config of the attention kernel (and the apply_rope kernel) for
-    each dtype and head dim.
+    each dtype and head dim; ``fp32_d64`` adds the configs kept for fp32 inputs at D = 64.
 
     Runs in fresh ``spawn`` processes started with ``TRITON_INTERPRET=0``: a process that
     imported triton in interpreter mode has interpreted versions of triton's own library
@@ -200,6 +200,8 @@ def sm90_report(dtypes=("fp16", "bf16"), head_dims=(64, 128), *, rope: bool = Tr
 
     configs = compiled_module().CONFIGS
     jobs = [("attn", dt, d, c) for dt in dtypes for d in head_dims for c in configs]
+    if fp32_d64:
+        jobs += [("attn", "fp32", 64, c) for c in configs if c[1] <= 32]
     if rope:
         jobs += [("rope", dt, d, None) for dt in dtypes for d in head_dims]
     workers = workers or max(1, min(len(jobs), os.cpu_count() or 1))

@@ -46,7 +46,9 @@ LN2 = 0.6931471805599453
 #: (BLOCK_M, BLOCK_N, num_warps, num_stages) the autotuner may pick on a GPU. Two warpgroups
 #: everywhere: with 4 warps at D = 128 the fp32 rotation of a [BLOCK_N, D] key tile next to the
 #: [BLOCK_M, D] accumulator exceeds 255 registers and spills; BLOCK_N = 128 or 3 stages at
-#: BLOCK_M = 128 spill too (sm_90 compile, tests/test_triton_aot.py).
+#: BLOCK_M = 128 spill too (sm_90 compile, tests/test_triton_aot.py). fp32 inputs (3xTF32
+#: products) keep the BLOCK_N = 32 configs: spill-free at D = 64, small spills at D = 128
+#: (fp32 is the accuracy path, not the performance one).
 CONFIGS = [
     (128, 64, 8, 2),
     (128, 32, 8, 2),
@@ -64,16 +66,19 @@ def _smem_bytes(bm: int, bn: int, stages: int, head_dim: int, elem: int = 2) -> 
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Keep configs whose shared memory fits the device; D = 256 keeps only narrow key tiles."""
+    """Keep configs whose shared memory fits the device; fp32 inputs and D = 256 keep only
+    narrow key tiles (3xTF32 products hold split operands in registers)."""
     d = named_args.get("HEAD_DIM", kwargs.get("HEAD_DIM", 128))
+    q = named_args.get("Q")
+    elem = q.element_size() if q is not None else 2
     try:
         dev = torch.cuda.current_device()
         limit = triton.runtime.driver.active.utils.get_device_properties(dev)["max_shared_mem"]
     except Exception:  # no device to ask: keep Hopper's 227 KiB
         limit = 232448
     keep = [c for c in configs
-            if _smem_bytes(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, d) <= limit
-            and (d <= 128 or c.kwargs["BLOCK_N"] <= 32)]
+            if _smem_bytes(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, d, elem)
+            <= limit and ((d <= 128 and elem == 2) or c.kwargs["BLOCK_N"] <= 32)]
     return keep or configs[-1:]
 
 
@@ -311,7 +316,8 @@ def launch_rope_attention(q, q_pos, table, *, cache=None, new=None, causal=False
         Nq=Nq, N_new=N_new, M=M, span=span, Hq=Hq, qk_scale=scale * LOG2E,
         HEAD_DIM=D, GROUP=Hq // Hkv, NUM_AXES=A, HAS_SHIFT=page_shift is not None,
         HAS_NEW=new is not None, IS_CAUSAL=bool(causal),
-        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        # fp32: 3xTF32 tensor-core products, fp32-level accuracy ("ieee" FMA products spill)
+        DOT_PREC="tf32x3" if q.dtype == torch.float32 else "tf32",
     )
     if config is None and is_interpreted(_paged_rope_attn_fwd):
         config = INTERPRET_CONFIG
