@@ -52,6 +52,13 @@ def is_interpreted(kernel) -> bool:
     return isinstance(kernel, InterpretedFunction)
 
 
+def kernel_supports(dtype: torch.dtype, head_dim: int) -> bool:
+    """The RoPE kernels take fp16/bf16/fp32 and a power-of-two head dim in [16, 256]
+    (``tl.arange`` extents); the wrappers send anything else to the torch path."""
+    return dtype in (torch.float16, torch.bfloat16, torch.float32) and 16 <= head_dim <= 256 \
+        and head_dim & (head_dim - 1) == 0
+
+
 def check_kernel_device(kernel, x: torch.Tensor):
     """A GPU-compiled kernel needs CUDA tensors; say so instead of Triton's driver error."""
     if x.device.type != "cuda" and not is_interpreted(kernel):

@@ -198,3 +198,17 @@ def test_apply_rope_public_triton_backend():
     y = lk.apply_rope(x, pos, table, backend="triton")
     assert_close_rule(y.cpu(), apply_rope_torch(x.cpu(), pos.cpu(), table),
                       apply_rope_reference(x.cpu(), pos.cpu(), table), "apply_rope")
+
+
+def test_unsupported_head_dim_and_fp64_take_the_torch_path():
+    """D = 48 (not a power of two) and fp64 give the torch path's result through the Triton
+    wrappers, written into the preallocated (NaN) outputs."""
+    for D, dt in ((48, torch.float16), (64, torch.float64)):
+        q, k, v, qp, kp, table = make_dense(B=1, Nq=9, Nk=12, D=D)
+        q, k, v = (t.to(dt) for t in (q, k, v))
+        out = torch.full(q.shape, float("nan"), dtype=dt)
+        o, lse = tk.rope_attention_triton(q, k, v, qp, kp, table, causal=True, out=out)
+        ref, ref_lse = dense.rope_attention_torch(q, k, v, qp, kp, table, causal=True)
+        assert o is out and torch.equal(o, ref) and torch.equal(lse, ref_lse)
+        y = apply_rope_triton(q, qp, table)
+        assert torch.equal(y, apply_rope_torch(q, qp, table))

@@ -29,6 +29,7 @@ import triton.language as tl
 from .._triton_common import (
     check_kernel_device,
     is_interpreted,
+    kernel_supports,
     load_pair_positions,
     rope_cos_sin,
     rope_rotate,
@@ -337,23 +338,35 @@ def launch_rope_attention(q, q_pos, table, *, cache=None, new=None, causal=False
 # ---------------------------------------------------------------------------------------------
 
 
+def _into(res, out, lse):
+    """Copy a torch-path result into the caller's preallocated outputs, if any."""
+    o, l = res
+    if out is not None:
+        o = out.copy_(o)
+    if lse is not None:
+        l = lse.copy_(l)
+    return o, l
+
+
 def paged_attention_triton(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table, table, *,
                            k_new=None, v_new=None, causal=False, page_shift=None, scale=None,
                            out=None, lse=None, config=None):
     """Triton backend of :func:`lol_kernels.paged_attention` (same arguments and outputs).
 
-    Inputs are assumed validated (``validate_paged_inputs``). fp64 inputs take the torch path
-    (the kernel's angles and products are fp32). Extra keyword-only arguments: ``out``/``lse``
-    preallocated outputs and ``config`` fixed tiles, see :func:`launch_rope_attention`.
+    Inputs are assumed validated (``validate_paged_inputs``). fp64 inputs and head dims that
+    are not a power of two in [16, 256] take the torch path (:func:`kernel_supports`). Extra
+    keyword-only arguments: ``out``/``lse`` preallocated outputs and ``config`` fixed tiles,
+    see :func:`launch_rope_attention`.
 
     Returns:
         ``out [B, Nq, Hq, D]`` in q.dtype, ``lse [B, Hq, Nq]`` fp32.
     """
-    if q.dtype == torch.float64:
+    if not kernel_supports(q.dtype, q.shape[-1]):
         from .reference import paged_attention_torch
-        return paged_attention_torch(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table,
-                                     table, k_new=k_new, v_new=v_new, causal=causal,
-                                     page_shift=page_shift, scale=scale)
+        return _into(paged_attention_torch(q, q_pos, cache_k, cache_v, cache_pos, page_len,
+                                           page_table, table, k_new=k_new, v_new=v_new,
+                                           causal=causal, page_shift=page_shift, scale=scale),
+                     out, lse)
     cache = (cache_k, cache_v, cache_pos, page_len, page_table, page_shift, cache_k.shape[1])
     new = None if k_new is None else (k_new, v_new, q_pos)
     return launch_rope_attention(q, q_pos, table, cache=cache, new=new, causal=causal,
@@ -367,9 +380,10 @@ def rope_attention_triton(q, k, v, q_pos, k_pos, table, *, causal=False, scale=N
     The dense keys are the kernel's "new key" stream at ``k_pos``; ``causal`` means query ``i``
     sees keys ``j <= i`` (top-left aligned, as ``scaled_dot_product_attention(is_causal=True)``).
     """
-    if q.dtype == torch.float64:
+    if not kernel_supports(q.dtype, q.shape[-1]):
         from .dense import rope_attention_torch
-        return rope_attention_torch(q, k, v, q_pos, k_pos, table, causal=causal, scale=scale)
+        return _into(rope_attention_torch(q, k, v, q_pos, k_pos, table, causal=causal,
+                                          scale=scale), out, lse)
     return launch_rope_attention(q, q_pos, table, new=(k, v, k_pos), causal=causal, scale=scale,
                                  out=out, lse=lse, config=config)
 

@@ -16,6 +16,7 @@ from .._triton_common import (
     check_kernel_device,
     interleave,
     is_interpreted,
+    kernel_supports,
     load_pair_positions,
     rope_cos_sin,
     rope_rotate,
@@ -55,16 +56,18 @@ def apply_rope_triton(x: torch.Tensor, pos: torch.Tensor, table, *, out=None) ->
     """Triton backend of :func:`lol_kernels.apply_rope` (inputs validated there).
 
     Args:
-        x: ``[..., N, H, D]`` fp16/bf16/fp32 (fp64 takes the torch path: the kernel is fp32).
+        x: ``[..., N, H, D]`` fp16/bf16/fp32; fp64 and head dims that are not a power of two
+            in [16, 256] take the torch path (:func:`kernel_supports`).
         pos: ``[..., N, A]`` int positions. table: RopeTable with ``H`` rows.
         out: optional preallocated ``[..., N, H, D]`` contiguous output (tests poison it).
 
     Returns:
         ``x`` rotated, same shape and dtype.
     """
-    if x.dtype == torch.float64:
+    if not kernel_supports(x.dtype, x.shape[-1]):
         from .reference import apply_rope_torch
-        return apply_rope_torch(x, pos, table)
+        y = apply_rope_torch(x, pos, table)
+        return y if out is None else out.copy_(y)
     *lead, H, D = x.shape
     A = pos.shape[-1]
     xr = x.reshape(-1, H, D)
