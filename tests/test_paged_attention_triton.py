@@ -180,3 +180,14 @@ def test_autotune_key_has_no_token_counts():
     fn = compiled_module()._paged_rope_attn_fwd
     nospec = {p.name for p in fn.params if p.do_not_specialize}
     assert counts | {"stride_qpb", "stride_npb", "stride_lb", "stride_lh"} <= nospec
+
+
+def test_config_pruning():
+    """Hardware pruning of the autotune list: fp32 and D = 256 keep narrow key tiles only."""
+    cfgs = tk.autotune_configs()
+    half = tk._prune_configs(cfgs, {}, Q=torch.empty(1, dtype=torch.float16), HEAD_DIM=128)
+    assert len(half) == len(tk.CONFIGS)
+    fp32 = tk._prune_configs(cfgs, {}, Q=torch.empty(1), HEAD_DIM=64)
+    assert fp32 and all(c.kwargs["BLOCK_N"] <= 32 for c in fp32)
+    wide = tk._prune_configs(cfgs, {}, Q=torch.empty(1, dtype=torch.bfloat16), HEAD_DIM=256)
+    assert wide and all(c.kwargs["BLOCK_N"] <= 32 for c in wide) and len(wide) < len(cfgs)

@@ -69,8 +69,9 @@ def _smem_bytes(bm: int, bn: int, stages: int, head_dim: int, elem: int = 2) -> 
 def _prune_configs(configs, named_args, **kwargs):
     """Keep configs whose shared memory fits the device; fp32 inputs and D = 256 keep only
     narrow key tiles (3xTF32 products hold split operands in registers)."""
-    d = named_args.get("HEAD_DIM", kwargs.get("HEAD_DIM", 128))
-    q = named_args.get("Q")
+    args = {**kwargs, **named_args}  # the launcher passes everything by keyword
+    d = args.get("HEAD_DIM", 128)
+    q = args.get("Q")
     elem = q.element_size() if q is not None else 2
     try:
         dev = torch.cuda.current_device()
