@@ -118,7 +118,7 @@ def test_cli_default_run_writes_playable_mp4(tmp_path, capsys):
     assert main(["generate", "--blocks", "3", "--out", str(out), "--quiet", "--threads", "1",
                  "--checkpoint-every", "2"]) == 0
     v = iio.imread(out)
-    assert v.shape == (1 + 4 * 8, 64, 64, 3) and v.std() > 0
+    assert v.shape == (1 + 4 * 8, 128, 128, 3) and v.std() > 0
     assert (tmp_path / "lol.mp4.ckpt" / "stream.safetensors").is_file()
     # extend the finished run by one block
     assert main(["generate", "--blocks", "4", "--out", str(out), "--quiet", "--threads", "1",
