@@ -139,3 +139,11 @@ def test_cli_errors(tmp_path, capsys):
         main(["generate", "--size", "60x64"])
     with pytest.raises(SystemExit):
         main(["generate", "--blocks", "2", "--seconds", "3"])
+
+
+def test_cli_missing_subcommand_module_is_reported(monkeypatch):
+    import lol_model.cli as cli
+
+    monkeypatch.setattr(cli, "SUBCOMMANDS", [("lol_kernels.no_such_module", "add_x", "diagnose")])
+    with pytest.raises(SystemExit, match="lol diagnose is unavailable"):
+        main(["diagnose", "--anything"])
