@@ -178,9 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
         except (ImportError, AttributeError) as e:
             if name == "bench" and isinstance(e, ModuleNotFoundError) and e.name == module:
                 continue  # optional subcommand not written yet
-            p = sub.add_parser(name, help=f"(unavailable: {e})", add_help=False)
+            # a stub that accepts any arguments ("-" is no option prefix here) and explains
+            p = sub.add_parser(name, help=f"(unavailable: {e})", add_help=False,
+                               prefix_chars="+")
             p.set_defaults(func=_missing(name, module, e))
-            p.add_argument("rest", nargs=argparse.REMAINDER)
+            p.add_argument("rest", nargs="*")
     return parser
 
 
