@@ -175,7 +175,7 @@ def test_autotune_key_has_no_token_counts():
     re-tune: they are outside the autotune key and not specialized by the JIT."""
     from lol_kernels.attention.triton_aot import compiled_module
 
-    counts = {"Nq", "N_new", "M", "span"}
+    counts = {"Nq", "N_new", "M"}
     assert not counts & set(tk.AUTOTUNE_KEY)
     fn = compiled_module()._paged_rope_attn_fwd
     nospec = {p.name for p in fn.params if p.do_not_specialize}

@@ -24,7 +24,7 @@ from pathlib import Path
 _KERNEL_MODULES = ("lol_kernels._triton_common", "lol_kernels.attention.triton_kernel",
                    "lol_kernels.rope.triton_kernel")
 _DTYPES = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
-_SCALARS = {"Nq", "N_new", "M", "span", "Hq", "qk_scale"}
+_SCALARS = {"Nq", "N_new", "M", "Hq", "qk_scale"}
 
 
 @contextmanager
@@ -61,13 +61,13 @@ def tool(name: str) -> str:
 
 def attention_signature(kernel, dtype: str, *, head_dim: int, group: int = 1, num_axes: int = 3,
                         has_shift: bool = True, has_new: bool = True, causal: bool = False,
-                        block_m: int, block_n: int):
+                        page_size: int = 64, block_m: int, block_n: int):
     """Signature, constexprs and alignment attributes of a typical paged-attention launch:
     contiguous fp16/bf16 tensors, int32 positions/page ids, int64 turns."""
     t = _DTYPES[dtype]
     ptr = {"Q": f"*{t}", "K": f"*{t}", "V": f"*{t}", "KNew": f"*{t}", "VNew": f"*{t}",
            "Out": f"*{t}", "Lse": "*fp32", "Turns": "*i64"}
-    const = {"HEAD_DIM": head_dim, "GROUP": group, "NUM_AXES": num_axes, "HAS_SHIFT": has_shift,
+    const = {"HEAD_DIM": head_dim, "PAGE_SIZE": page_size, "GROUP": group, "NUM_AXES": num_axes, "HAS_SHIFT": has_shift,
              "HAS_NEW": has_new, "IS_CAUSAL": causal,
              "DOT_PREC": "tf32x3" if dtype == "fp32" else "tf32", "BLOCK_M": block_m,
              "BLOCK_N": block_n}

@@ -3,10 +3,10 @@
 One program owns ``BLOCK_M`` queries of one query head ``h`` (grid ``[cdiv(Nq, BLOCK_M), B*Hq]``):
 
 1. load the query tile, rotate it in registers with head ``h``'s frequencies at ``q_pos``;
-2. stream the cached keys: the page-table entries are laid end to end, ``span`` slots each
-   (``span = S`` for a pool), and each ``BLOCK_N`` tile gathers its rows from whatever pages they
-   fall in (so pages smaller or larger than the tile both work). Row ``r`` is valid when its entry
-   is not ``-1`` and its slot is ``< page_len``. The un-rotated K tile is rotated in registers
+2. stream the cached keys: the page-table entries are laid end to end, ``S`` slots each. When
+   ``S`` is a multiple of ``BLOCK_N`` a tile lies in one page (one scalar page-table lookup);
+   otherwise each row of the tile gathers its own page (pages smaller than the tile). Row ``r``
+   is valid when its entry is not ``-1`` and its slot is ``< page_len``. The un-rotated K tile is rotated in registers
    with head ``h``'s frequencies at ``stored position + page_shift[entry]``, then an online
    softmax (base 2, fp32 state) accumulates ``P V``;
 3. stream the block's own keys ``k_new`` at their positions, all visible or ``j <= i``.
@@ -58,7 +58,8 @@ CONFIGS = [
 ]
 #: tiles used under TRITON_INTERPRET=1 (no autotuning there: it would time every config)
 INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32}
-AUTOTUNE_KEY = ["HEAD_DIM", "GROUP", "NUM_AXES", "HAS_SHIFT", "HAS_NEW", "IS_CAUSAL", "DOT_PREC"]
+AUTOTUNE_KEY = ["HEAD_DIM", "PAGE_SIZE", "GROUP", "NUM_AXES", "HAS_SHIFT", "HAS_NEW",
+                "IS_CAUSAL", "DOT_PREC"]
 
 
 def _smem_bytes(bm: int, bn: int, stages: int, head_dim: int, elem: int = 2) -> int:
@@ -114,7 +115,7 @@ def _attend_tile(acc, m_i, l_i, b_qe, b_qo, b_k, b_v, b_pos, m_vis, b_thi, b_tlo
     return acc, m_new, l_i
 
 
-@triton.jit(do_not_specialize=["Nq", "N_new", "M", "span", "stride_qpb", "stride_npb",
+@triton.jit(do_not_specialize=["Nq", "N_new", "M", "stride_qpb", "stride_npb",
                                "stride_lb", "stride_lh", "stride_ptb", "stride_psb"])
 def _paged_rope_attn_fwd(
     Q, QPos, K, V, KPos, PageLen, PageTable, PageShift, KNew, VNew, NewPos, Turns, PairAxis,
@@ -125,8 +126,8 @@ def _paged_rope_attn_fwd(
     stride_knb, stride_knn, stride_knh, stride_vnb, stride_vnn, stride_vnh, stride_npb,
     stride_npn,
     stride_ob, stride_on, stride_oh, stride_lb, stride_lh,
-    Nq, N_new, M, span, Hq, qk_scale,
-    HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, NUM_AXES: tl.constexpr,
+    Nq, N_new, M, Hq, qk_scale,
+    HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr, NUM_AXES: tl.constexpr,
     HAS_SHIFT: tl.constexpr, HAS_NEW: tl.constexpr, IS_CAUSAL: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -160,15 +161,23 @@ def _paged_rope_attn_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    # cached keys: entries laid end to end, `span` slots each; rows gather their own page
-    for start in range(0, M * span, BLOCK_N):
-        o_v = start + o_n
-        o_e = o_v // span
-        o_s = o_v - o_e * span
-        m_e = o_e < M
-        b_page = tl.load(PageTable + i_b * stride_ptb + o_e, mask=m_e, other=-1)
-        b_len = tl.load(PageLen + b_page, mask=b_page >= 0, other=0)
-        m_n = o_s < b_len
+    # cached keys: the entries' pages laid end to end, PAGE_SIZE slots each
+    for start in range(0, M * PAGE_SIZE, BLOCK_N):
+        if PAGE_SIZE % BLOCK_N == 0:  # the tile lies in one page: one scalar lookup
+            i_e = start // PAGE_SIZE
+            i_page = tl.load(PageTable + i_b * stride_ptb + i_e)
+            i_len = tl.load(PageLen + tl.maximum(i_page, 0), mask=i_page >= 0, other=0)
+            o_e = tl.full([BLOCK_N], 0, tl.int32) + i_e
+            o_s = start % PAGE_SIZE + o_n
+            b_page = tl.full([BLOCK_N], 0, tl.int32) + i_page
+            m_n = o_s < i_len
+        else:  # pages smaller than the tile: each row gathers its own page
+            o_v = start + o_n
+            o_e = o_v // PAGE_SIZE
+            o_s = o_v % PAGE_SIZE
+            b_page = tl.load(PageTable + i_b * stride_ptb + o_e, mask=o_e < M, other=-1)
+            b_len = tl.load(PageLen + b_page, mask=b_page >= 0, other=0)
+            m_n = o_s < b_len
         o_pg = tl.where(m_n, b_page, 0).to(tl.int64)
         p_k = K + o_pg[:, None] * stride_kp + o_s[:, None] * stride_ks + i_kvh * stride_kh \
             + o_d[None, :]
@@ -241,9 +250,9 @@ def launch_rope_attention(q, q_pos, table, *, cache=None, new=None, causal=False
     Args:
         q: ``[B, Nq, Hq, D]``; q_pos ``[B, Nq, A]`` int; table: RopeTable with ``Hq`` rows.
         cache: ``None`` or ``(cache_k, cache_v, cache_pos, page_len, page_table, page_shift,
-            span)``: pools ``[P, S, Hkv, D]``, positions ``[P, S, A]``, ``page_len [P]``,
-            ``page_table [B, M]``, ``page_shift [B, M, A]`` or ``None``, and ``span`` the slots
-            laid out per entry (``S``).
+            S)``: pools ``[P, S, Hkv, D]``, positions ``[P, S, A]``, ``page_len [P]``,
+            ``page_table [B, M]``, ``page_shift [B, M, A]`` or ``None``, and the page size
+            ``S`` (a shape constant: part of the autotune key).
         new: ``None`` or ``(k_new, v_new, new_pos)``: ``[B, N_new, Hkv, D]`` and ``[B, N_new, A]``.
         out, lse: optional preallocated outputs ``[B, Nq, Hq, D]`` q.dtype / ``[B, Hq, Nq]`` fp32
             (tests pass NaN-filled buffers). config: ``{"BLOCK_M", "BLOCK_N"[, "num_warps",
@@ -269,7 +278,7 @@ def launch_rope_attention(q, q_pos, table, *, cache=None, new=None, causal=False
     q, q_pos = _last_contig(q), _last_contig(q_pos)
 
     if cache is not None:
-        cache_k, cache_v, cache_pos, page_len, page_table, page_shift, span = cache
+        cache_k, cache_v, cache_pos, page_len, page_table, page_shift, page_size = cache
         cache_k, cache_v, cache_pos = map(_last_contig, (cache_k, cache_v, cache_pos))
         page_len, page_table = page_len.contiguous(), _last_contig(page_table)
         page_shift = _last_contig(page_shift)
@@ -277,7 +286,7 @@ def launch_rope_attention(q, q_pos, table, *, cache=None, new=None, causal=False
         Hkv = cache_k.shape[2]
     else:
         cache_k = cache_v = cache_pos = page_len = page_table = page_shift = None
-        span, M = 1, 0
+        page_size, M = 16, 0  # no cache: any page size, the loop runs 0 times
     if new is not None:
         k_new, v_new, new_pos = map(_last_contig, new)
         N_new = k_new.shape[1]
@@ -315,8 +324,9 @@ def launch_rope_attention(q, q_pos, table, *, cache=None, new=None, causal=False
         + st(k_new, 0, 1, 2) + st(v_new, 0, 1, 2) + st(new_pos, 0, 1) + st(out, 0, 1, 2)
         + st(lse, 0, 1)))
     meta = dict(
-        Nq=Nq, N_new=N_new, M=M, span=span, Hq=Hq, qk_scale=scale * LOG2E,
-        HEAD_DIM=D, GROUP=Hq // Hkv, NUM_AXES=A, HAS_SHIFT=page_shift is not None,
+        Nq=Nq, N_new=N_new, M=M, Hq=Hq, qk_scale=scale * LOG2E,
+        HEAD_DIM=D, PAGE_SIZE=page_size, GROUP=Hq // Hkv, NUM_AXES=A,
+        HAS_SHIFT=page_shift is not None,
         HAS_NEW=new is not None, IS_CAUSAL=bool(causal),
         # fp32: 3xTF32 tensor-core products, fp32-level accuracy ("ieee" FMA products spill)
         DOT_PREC="tf32x3" if q.dtype == torch.float32 else "tf32",
