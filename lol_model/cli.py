@@ -190,7 +190,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         print(f"lol {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -219,3 +219,20 @@ def test_stream_from_precomputed_embeddings(tmp_path):
     st = new_stream(StreamSettings(blocks=2, prompt="x[1] | y", text_encoder=path))
     run(st, progress=False)
     assert st.segment == 1 and st.block == 2
+
+
+def test_checkpoint_weights_reproduce_the_random_model(tmp_path):
+    from safetensors.torch import save_file
+
+    from lol_model.generate import build_model
+
+    s = StreamSettings(blocks=2, seed=4, decode=False)
+    model = build_model(s, torch.float32, torch.device("cpu"))
+    path = str(tmp_path / "tiny.safetensors")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    a = run(new_stream(s), progress=False)
+    b = run(new_stream(StreamSettings(blocks=2, seed=4, decode=False, checkpoint=path)),
+            progress=False)
+    assert torch.equal(a.latents[a.cache.frames()[-1].fid], b.latents[b.cache.frames()[-1].fid])
+    with pytest.raises(FileNotFoundError):
+        new_stream(StreamSettings(checkpoint=str(tmp_path / "missing.safetensors")))

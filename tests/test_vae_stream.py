@@ -101,3 +101,15 @@ def test_uint8_frames():
     v = torch.tensor([-1.0, 0.0, 1.0, 2.0]).view(1, 1, 1, 1, 4).expand(1, 3, 1, 1, 4)
     f = to_uint8_frames(v)
     assert f.shape == (1, 1, 1, 4, 3) and f[0, 0, 0, :, 0].tolist() == [0, 128, 255, 255]
+
+
+def test_load_vae_from_a_diffusers_folder(tmp_path, vae64):
+    from lol_model.vae import load_vae
+
+    vae = tiny_vae(seed=5)
+    vae.save_pretrained(str(tmp_path / "wan" / "vae"))
+    loaded = load_vae(str(tmp_path / "wan"))
+    z = torch.randn(1, 16, 2, 2, 2)
+    assert torch.equal(StreamingDecoder(vae).decode(z), StreamingDecoder(loaded).decode(z))
+    with pytest.raises(ValueError, match="AutoencoderKLWan folder"):
+        load_vae(str(tmp_path / "nope"))
