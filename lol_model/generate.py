@@ -70,7 +70,6 @@ class StreamSettings:
     vae: str | None = None
     decode: bool = True
     fps: float = 16.0
-    extra: dict = field(default_factory=dict)
 
     def fingerprint(self) -> dict:
         """Settings a resumed run must share with its checkpoint (not blocks nor device)."""

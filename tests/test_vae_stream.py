@@ -113,3 +113,12 @@ def test_load_vae_from_a_diffusers_folder(tmp_path, vae64):
     assert torch.equal(StreamingDecoder(vae).decode(z), StreamingDecoder(loaded).decode(z))
     with pytest.raises(ValueError, match="AutoencoderKLWan folder"):
         load_vae(str(tmp_path / "nope"))
+
+
+def test_decoder_feature_cache_is_constant_size(vae64):
+    dec = StreamingDecoder(vae64)
+    sizes = []
+    for _ in range(4):
+        dec.decode(torch.randn(1, 16, 3, 2, 2, dtype=torch.float64))
+        sizes.append(sum(f.numel() for f in dec.feat_map if isinstance(f, torch.Tensor)))
+    assert sizes[1] == sizes[2] == sizes[3] > 0
