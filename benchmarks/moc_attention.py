@@ -39,6 +39,7 @@ data sets:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -148,7 +149,11 @@ def main(argv=None):
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--queries", type=int, default=2048)
     ap.add_argument("--tile", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch intra-op threads for every method (0 = torch's default)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     H, D, N, tile = args.heads, args.head_dim, args.queries, args.tile
     g = torch.Generator().manual_seed(0)
     table = lk.rope_frequencies(D, H, jitter_sigma=0.8)
@@ -167,13 +172,15 @@ def main(argv=None):
     shape = {"N": N, "history_keys": C * CHUNK, "chunks": C, "chunk_tokens": CHUNK,
              "mandatory_chunks": len(MANDATORY), "H": H, "D": D, "tile_size": tile,
              "page_size": PAGE, "dtype": "float32", "threads": torch.get_num_threads(),
+             "load_avg_1min": os.getloadavg()[0],
              "router": "cpp" if lk.moc.extension_error() is None else "torch (fallback)"}
     t1 = markdown_table(rows, ["method", "sparsity_pct", "k", "median_s", "route_s", "total_s",
                                "speedup_vs_sdpa", "effective_gflops"])
     t2 = markdown_table(errors, ["data", "sparsity_pct", "k", "rel_err", "max_abs_err",
                                 "mass_kept"])
     md = f"{t1}\nOutput error against dense attention:\n\n{t2}"
-    path = write_results(args.out, "moc_attention", {"shape": shape, "timings": rows,
+    name = "moc_attention" + (f"_t{args.threads}" if args.threads else "")
+    path = write_results(args.out, name, {"shape": shape, "timings": rows,
                                                      "errors": errors}, md)
     print(f"shape {shape}\n\n{md}\nwrote {path}")
 

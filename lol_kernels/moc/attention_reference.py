@@ -17,6 +17,7 @@ kernel tests. :func:`moc_attention_torch` is the CPU fast path: the mandatory pa
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 
@@ -229,7 +230,7 @@ def moc_attention_torch(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_ta
     if Pc == 0 or used.numel() == 0:
         return out_m, lse_m
     U, Lc, g, A = used.numel(), Pc * S, Hq // Hkv, cache_pos.shape[-1]
-    T, K = routed.shape[1], routed.shape[3]
+    T = routed.shape[1]
     lut = torch.full((C,), -1, dtype=torch.long, device=dev)
     lut[used] = torch.arange(U, device=dev)
     pages = chunk_pages[:, used].long()  # [B, U, Pc]
@@ -254,34 +255,61 @@ def moc_attention_torch(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_ta
         kr = rotate_keys_headmajor(k_hm[:, pid[b].view(-1)].reshape(Hkv, U * Lc, D),
                                    kpos.view(U * Lc, A), table, ct).to(dt).view(Hq, U, Lc, D)
         vu = v_hm[:, pid[b].view(-1)].reshape(Hkv, U, Lc, D)
-        for h in range(Hq):
-            col = lut[routed[b, :, h].long().clamp(min=0)]  # [T, K] union column
-            col = torch.where(routed[b, :, h] >= 0, col, -1).flatten()
-            order = torch.argsort(col, stable=True)
-            cols, counts = torch.unique_consecutive(col[order], return_counts=True)
-            o_p = torch.zeros(T * K, tile_size, D, dtype=ct, device=dev)  # partial per slot
-            l_p = torch.full((T * K, tile_size), float("-inf"), dtype=ct, device=dev)
-            start = 0
-            for w, n in zip(cols.tolist(), counts.tolist(), strict=True):
-                slot = order[start:start + n]  # flat (tile, slot) entries routed to column w
-                start += n
-                if w < 0 or not bool(nonempty[b, w]):
-                    continue
-                qs = qr[b, h][slot // K].view(n * tile_size, D)
-                s = (qs @ kr[h, w].transpose(0, 1)).to(ct) * scale  # [n * tile, Lc]
-                if bool(has_hole[b, w]):
-                    s = s + bias[b, w]
-                m = s.amax(dim=-1, keepdim=True)
-                p = torch.exp(s - m)
-                den = p.sum(dim=-1, keepdim=True)
-                o = (p.to(dt) @ vu[h // g, w]).to(ct) / den
-                o_p[slot] = o.view(n, tile_size, D)
-                l_p[slot] = (m + torch.log(den)).view(n, tile_size)
-            lse = torch.logsumexp(l_p.view(T, K, tile_size), dim=1)  # [T, tile]
-            wgt = torch.exp(l_p.view(T, K, tile_size) - torch.where(
-                torch.isfinite(lse), lse, 0.0).unsqueeze(1))
-            out_r[b, :, h] = (wgt.unsqueeze(-1) * o_p.view(T, K, tile_size, D)).sum(1).view(
-                T * tile_size, D)
-            lse_r[b, h] = lse.view(-1)
+        with _one_thread():
+            _routed_heads(out_r, lse_r, b, qr, kr, vu, routed, lut, bias, has_hole, nonempty,
+                          scale, g, dt, ct)
     out, lse = merge_lse(out_m, lse_m, out_r[:, :N], lse_r[..., :N])
     return out.to(dt), lse
+
+
+@contextmanager
+def _one_thread():
+    """Per-chunk kernels are small ([n * tile, Lc]): intra-op threads cost more in barriers
+    than they gain (on a busy 2-core machine, 4-20x), so this loop runs single-threaded."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def _routed_heads(out_r, lse_r, b, qr, kr, vu, routed, lut, bias, has_hole, nonempty, scale, g,
+                  dt, ct):
+    """Routed part of batch row ``b`` for every head (see :func:`moc_attention_torch`)."""
+    Hq, T, tile_size, D = qr.shape[1:]
+    K = routed.shape[3]
+    dev = qr.device
+    for h in range(Hq):
+        col = lut[routed[b, :, h].long().clamp(min=0)]  # [T, K] union column
+        col = torch.where(routed[b, :, h] >= 0, col, -1).flatten()
+        order = torch.argsort(col, stable=True)
+        cols, counts = torch.unique_consecutive(col[order], return_counts=True)
+        # partials in sorted-slot order (slice writes), un-permuted once at the end
+        o_s = torch.zeros(T * K, tile_size, D, dtype=ct, device=dev)
+        l_s = torch.full((T * K, tile_size), float("-inf"), dtype=ct, device=dev)
+        start = 0
+        for w, n in zip(cols.tolist(), counts.tolist(), strict=True):
+            slot = order[start:start + n]  # flat (tile, slot) entries routed to column w
+            r0, start = start, start + n
+            if w < 0 or not bool(nonempty[b, w]):
+                continue
+            qs = qr[b, h][slot // K].view(n * tile_size, D)
+            # fused kernels: scores (+ bias for partial pages), logsumexp, softmax, P V
+            if bool(has_hole[b, w]):
+                sc = torch.addmm(bias[b, w].to(dt), qs, kr[h, w].t(), alpha=scale)
+            else:
+                sc = torch.mm(qs, kr[h, w].t()).mul_(scale)
+            sc = sc.to(ct)
+            l_s[r0:start] = torch.logsumexp(sc, dim=-1).view(n, tile_size)
+            o_s[r0:start] = (torch.softmax(sc, dim=-1).to(dt) @ vu[h // g, w]).to(ct).view(
+                n, tile_size, D)
+        inv = torch.empty_like(order)
+        inv[order] = torch.arange(order.numel(), device=dev)
+        o_p, l_p = o_s[inv], l_s[inv]
+        lse = torch.logsumexp(l_p.view(T, K, tile_size), dim=1)  # [T, tile]
+        wgt = torch.exp(l_p.view(T, K, tile_size) - torch.where(
+            torch.isfinite(lse), lse, 0.0).unsqueeze(1))
+        out_r[b, :, h] = (wgt.unsqueeze(-1) * o_p.view(T, K, tile_size, D)).sum(1).view(
+            T * tile_size, D)
+        lse_r[b, h] = lse.view(-1)
