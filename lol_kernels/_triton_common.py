@@ -16,11 +16,12 @@ rad: 0.01 rad at 172,800, up to 1 rad at 2^24), the kernels work in **turns** he
 * :func:`sincos_phase` splits the phase into a quadrant (two exact integer bits) and a
   remainder ``|x| <= pi/4`` and evaluates short Taylor polynomials in float32 (error < 1e-7).
 
-Everything is plain integer and float arithmetic: no ``tl.sin``/``tl.cos`` (which lower to
-libdevice ``__nv_sinf`` with a Payne-Hanek slow path that uses local memory on the GPU and does
-not run under ``TRITON_INTERPRET=1``), no inline assembly. The same code therefore runs, bit for
-bit the same algorithm, in the interpreter and on sm_90, and the polynomials run on the FMA
-pipe, leaving the MUFU unit to the softmax ``exp2``.
+No ``tl.sin``/``tl.cos``: they lower to libdevice ``__nv_sinf``, whose Payne-Hanek slow path
+uses local memory on the GPU, and libdevice does not run under ``TRITON_INTERPRET=1``. The
+exact integer phase makes range reduction free, so two back ends remain (``FAST_TRIG``): plain
+integer/float polynomials (the interpreter, tested on the CPU; also compiles for sm_90) and the
+hardware ``sin.approx``/``cos.approx`` on a reduced argument (GPU launches; ~6x fewer
+instructions per pair, which matters because every key tile is rotated once per query tile).
 
 Interleaved pairs
 -----------------
@@ -67,6 +68,12 @@ def check_kernel_device(kernel, x: torch.Tensor):
             "TRITON_INTERPRET=1 before lol_kernels' Triton kernel modules are first imported")
 
 
+def fast_trig(kernel) -> bool:
+    """Whether a launch of ``kernel`` may use the MUFU sin/cos (compiled for a GPU), or must use
+    the portable polynomials (the interpreter runs no inline assembly)."""
+    return not is_interpreted(kernel)
+
+
 def rope_turns(freqs: torch.Tensor) -> torch.Tensor:
     """Frequencies as 64-bit fixed-point turns, the table :func:`rope_phase` reads.
 
@@ -110,13 +117,26 @@ def rope_phase(pos, turns_hi, turns_lo):
 
 
 @triton.jit
-def sincos_phase(phase):
+def sincos_phase(phase, FAST_TRIG: tl.constexpr = False):
     """``cos, sin`` (float32) of the angle ``2 pi * phase / 2^32``, ``phase`` uint32.
 
-    The quadrant ``k`` is the phase rounded to a multiple of ``2^30`` (exact integer bits), the
-    remainder ``x`` lies in ``[-pi/4, pi/4)``; Taylor polynomials of degree 9 (sin) and 10 (cos)
-    are accurate to 2e-9 there, so float32 rounding (~6e-8) dominates.
+    ``FAST_TRIG=False`` (portable, the interpreter's path): the quadrant ``k`` is the phase
+    rounded to a multiple of ``2^30`` (exact integer bits), the remainder ``x`` lies in
+    ``[-pi/4, pi/4)``; Taylor polynomials of degree 9 (sin) and 10 (cos) are accurate to 2e-9
+    there, so float32 rounding (~6e-8) dominates. About 25 FMA/integer instructions a pair.
+
+    ``FAST_TRIG=True`` (GPU only: inline PTX): the phase as a signed angle in ``[-pi, pi)`` goes
+    to the MUFU ``sin.approx.f32`` / ``cos.approx.f32`` (absolute error about 2^-20.5 on that
+    range by the PTX ISA, ~7e-7, below the fp32 rounding of a rotated O(1) value times 3):
+    4 instructions a pair, on the special-function unit beside the softmax ``exp2``.
     """
+    if FAST_TRIG:
+        x = phase.to(tl.int32, bitcast=True).to(tl.float32) * 1.4629180792671596e-09
+        sin = tl.inline_asm_elementwise("sin.approx.f32 $0, $1;", "=r,r", [x],
+                                        dtype=tl.float32, is_pure=True, pack=1)
+        cos = tl.inline_asm_elementwise("cos.approx.f32 $0, $1;", "=r,r", [x],
+                                        dtype=tl.float32, is_pure=True, pack=1)
+        return cos, sin
     k = (phase + 0x20000000) >> 30
     x = (phase - (k << 30)).to(tl.int32, bitcast=True).to(tl.float32) * 1.4629180792671596e-09
     x2 = x * x
@@ -134,9 +154,10 @@ def sincos_phase(phase):
 
 
 @triton.jit
-def rope_cos_sin(pos, turns_hi, turns_lo):
-    """``cos, sin`` float32 of ``pos * omega``; ``pos`` int32 ``[R, D/2]``, turns uint32."""
-    return sincos_phase(rope_phase(pos, turns_hi, turns_lo))
+def rope_cos_sin(pos, turns_hi, turns_lo, FAST_TRIG: tl.constexpr = False):
+    """``cos, sin`` float32 of ``pos * omega``; ``pos`` int32 ``[R, D/2]``, turns uint32.
+    ``FAST_TRIG``: see :func:`sincos_phase` (pass :func:`fast_trig` of the kernel)."""
+    return sincos_phase(rope_phase(pos, turns_hi, turns_lo), FAST_TRIG)
 
 
 @triton.jit
@@ -149,8 +170,10 @@ def load_pair_positions(ptrs, mask, pair_axis, NUM_AXES: tl.constexpr):
         pair_axis: ``[D/2]`` int, the axis that drives each channel pair.
         NUM_AXES: ``A``, axes stored per row.
     """
-    pos = tl.zeros((ptrs.shape[0], pair_axis.shape[0]), dtype=tl.int32)
-    for a in tl.static_range(NUM_AXES):
+    # pair_axis < NUM_AXES (validated), so the last axis is the default: NUM_AXES - 1 selects
+    p_last = tl.load(ptrs + (NUM_AXES - 1), mask=mask, other=0).to(tl.int32)
+    pos = tl.broadcast_to(p_last[:, None], (ptrs.shape[0], pair_axis.shape[0]))
+    for a in tl.static_range(NUM_AXES - 1):
         p_a = tl.load(ptrs + a, mask=mask, other=0).to(tl.int32)
         pos = tl.where(pair_axis[None, :] == a, p_a[:, None], pos)
     return pos

@@ -69,7 +69,8 @@ def attention_signature(kernel, dtype: str, *, head_dim: int, group: int = 1, nu
            "Out": f"*{t}", "Lse": "*fp32", "Turns": "*i64"}
     const = {"HEAD_DIM": head_dim, "PAGE_SIZE": page_size, "GROUP": group, "NUM_AXES": num_axes, "HAS_SHIFT": has_shift,
              "HAS_NEW": has_new, "IS_CAUSAL": causal,
-             "DOT_PREC": "tf32x3" if dtype == "fp32" else "tf32", "BLOCK_M": block_m,
+             "DOT_PREC": "tf32x3" if dtype == "fp32" else "tf32", "FAST_TRIG": True,
+             "BLOCK_M": block_m,
              "BLOCK_N": block_n}
     # strides that are multiples of 16 in any contiguous launch (head strides, row strides of
     # [.., H, D] tensors); the JIT marks the same ones divisible
@@ -160,7 +161,7 @@ def compile_rope_kernel(dtype: str, head_dim: int, module=None) -> dict:
     fn = mod._apply_rope_fwd
     t = _DTYPES[dtype]
     ptr = {"X": f"*{t}", "Y": f"*{t}", "Turns": "*i64"}
-    const = {"HEAD_DIM": head_dim, "NUM_AXES": 3, "BLOCK_R": mod.BLOCK_R}
+    const = {"HEAD_DIM": head_dim, "NUM_AXES": 3, "FAST_TRIG": True, "BLOCK_R": mod.BLOCK_R}
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in const:

@@ -28,6 +28,7 @@ import triton.language as tl
 
 from .._triton_common import (
     check_kernel_device,
+    fast_trig,
     is_interpreted,
     kernel_supports,
     load_pair_positions,
@@ -97,10 +98,10 @@ def autotune_configs() -> list[triton.Config]:
 
 @triton.jit
 def _attend_tile(acc, m_i, l_i, b_qe, b_qo, b_k, b_v, b_pos, m_vis, b_thi, b_tlo, qk_scale,
-                 DOT_PREC: tl.constexpr):
+                 DOT_PREC: tl.constexpr, FAST_TRIG: tl.constexpr = False):
     """Rotate one un-rotated key tile ``[BLOCK_N, D]`` in registers and fold it into the online
     softmax state (``m_i`` running max and ``l_i`` running sum in base 2, ``acc`` fp32)."""
-    b_c, b_s = rope_cos_sin(b_pos, b_thi[None, :], b_tlo[None, :])
+    b_c, b_s = rope_cos_sin(b_pos, b_thi[None, :], b_tlo[None, :], FAST_TRIG)
     b_ke, b_ko = rope_rotate(b_k, b_c, b_s)
     # q.k over interleaved pairs = q_e.k_e + q_o.k_o: two K = D/2 products, no re-interleave
     b_qk = tl.dot(b_qe, tl.trans(b_ke.to(b_qe.dtype)), input_precision=DOT_PREC)
@@ -129,7 +130,8 @@ def _paged_rope_attn_fwd(
     Nq, N_new, M, Hq, qk_scale,
     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr, NUM_AXES: tl.constexpr,
     HAS_SHIFT: tl.constexpr, HAS_NEW: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr, FAST_TRIG: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     HALF: tl.constexpr = HEAD_DIM // 2
     i_m = tl.program_id(0)
@@ -152,7 +154,7 @@ def _paged_rope_attn_fwd(
     b_q = tl.load(p_q, mask=m_m[:, None], other=0.0)
     b_qpos = load_pair_positions(QPos + i_b * stride_qpb + o_m * stride_qpn, m_m, b_axis,
                                  NUM_AXES)
-    b_c, b_s = rope_cos_sin(b_qpos, b_thi[None, :], b_tlo[None, :])
+    b_c, b_s = rope_cos_sin(b_qpos, b_thi[None, :], b_tlo[None, :], FAST_TRIG)
     b_qe, b_qo = rope_rotate(b_q, b_c, b_s)
     b_qe = b_qe.to(Q.dtype.element_ty)
     b_qo = b_qo.to(Q.dtype.element_ty)
@@ -191,7 +193,7 @@ def _paged_rope_attn_fwd(
             b_kpos += load_pair_positions(PageShift + i_b * stride_psb + o_e * stride_psm, m_n,
                                           b_axis, NUM_AXES)
         acc, m_i, l_i = _attend_tile(acc, m_i, l_i, b_qe, b_qo, b_k, b_v, b_kpos,
-                                     m_n[None, :], b_thi, b_tlo, qk_scale, DOT_PREC)
+                                     m_n[None, :], b_thi, b_tlo, qk_scale, DOT_PREC, FAST_TRIG)
 
     # the block's own keys: all visible, or j <= i (top-left aligned) when causal
     if HAS_NEW:
@@ -209,11 +211,12 @@ def _paged_rope_attn_fwd(
             b_v = tl.load(p_v, mask=m_t[:, None], other=0.0)
             b_kpos = load_pair_positions(NewPos + i_b * stride_npb + o_t * stride_npn, m_t,
                                          b_axis, NUM_AXES)
-            m_vis = m_t[None, :]
-            if IS_CAUSAL:
-                m_vis = m_vis & (o_t[None, :] <= o_m[:, None])
+            if IS_CAUSAL:  # j <= i and j < N_new in one compare
+                m_vis = o_t[None, :] <= tl.minimum(o_m, N_new - 1)[:, None]
+            else:
+                m_vis = m_t[None, :]
             acc, m_i, l_i = _attend_tile(acc, m_i, l_i, b_qe, b_qo, b_k, b_v, b_kpos, m_vis,
-                                         b_thi, b_tlo, qk_scale, DOT_PREC)
+                                         b_thi, b_tlo, qk_scale, DOT_PREC, FAST_TRIG)
 
     # epilogue: rows that saw no key have l_i = 0 and acc = 0 -> out 0, lse -inf
     seen = l_i > 0.0
@@ -330,6 +333,7 @@ def launch_rope_attention(q, q_pos, table, *, cache=None, new=None, causal=False
         HAS_NEW=new is not None, IS_CAUSAL=bool(causal),
         # fp32: 3xTF32 tensor-core products, fp32-level accuracy ("ieee" FMA products spill)
         DOT_PREC="tf32x3" if q.dtype == torch.float32 else "tf32",
+        FAST_TRIG=fast_trig(_paged_rope_attn_fwd),
     )
     if config is None and is_interpreted(_paged_rope_attn_fwd):
         config = INTERPRET_CONFIG

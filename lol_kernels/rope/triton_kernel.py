@@ -14,6 +14,7 @@ import triton.language as tl
 
 from .._triton_common import (
     check_kernel_device,
+    fast_trig,
     interleave,
     is_interpreted,
     kernel_supports,
@@ -32,7 +33,7 @@ NUM_WARPS = 4
 @triton.jit(do_not_specialize=["R"])
 def _apply_rope_fwd(X, Pos, Turns, PairAxis, Y, R, stride_xr, stride_xh, stride_pr, stride_yr,
                     stride_yh, HEAD_DIM: tl.constexpr, NUM_AXES: tl.constexpr,
-                    BLOCK_R: tl.constexpr):
+                    FAST_TRIG: tl.constexpr, BLOCK_R: tl.constexpr):
     HALF: tl.constexpr = HEAD_DIM // 2
     i_r = tl.program_id(0)
     i_h = tl.program_id(1)
@@ -45,7 +46,7 @@ def _apply_rope_fwd(X, Pos, Turns, PairAxis, Y, R, stride_xr, stride_xh, stride_
     b_x = tl.load(X + o_r[:, None].to(tl.int64) * stride_xr + i_h * stride_xh + o_d[None, :],
                   mask=m_r[:, None], other=0.0)
     b_pos = load_pair_positions(Pos + o_r.to(tl.int64) * stride_pr, m_r, b_axis, NUM_AXES)
-    b_c, b_s = rope_cos_sin(b_pos, b_thi[None, :], b_tlo[None, :])
+    b_c, b_s = rope_cos_sin(b_pos, b_thi[None, :], b_tlo[None, :], FAST_TRIG)
     b_e, b_o = rope_rotate(b_x, b_c, b_s)
     b_y = interleave(b_e, b_o)
     tl.store(Y + o_r[:, None].to(tl.int64) * stride_yr + i_h * stride_yh + o_d[None, :],
@@ -90,5 +91,6 @@ def apply_rope_triton(x: torch.Tensor, pos: torch.Tensor, table, *, out=None) ->
     _apply_rope_fwd[grid](X=xr, Pos=pr, Turns=turns, PairAxis=pair_axis, Y=yr, R=R,
                           stride_xr=xr.stride(0), stride_xh=xr.stride(1), stride_pr=pr.stride(0),
                           stride_yr=yr.stride(0), stride_yh=yr.stride(1), HEAD_DIM=D,
-                          NUM_AXES=A, BLOCK_R=BLOCK_R, **kwargs)
+                          NUM_AXES=A, FAST_TRIG=fast_trig(_apply_rope_fwd), BLOCK_R=BLOCK_R,
+                          **kwargs)
     return y
