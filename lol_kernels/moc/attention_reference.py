@@ -285,16 +285,22 @@ def _routed_heads(out_r, lse_r, b, qr, kr, vu, routed, lut, bias, has_hole, none
         col = torch.where(routed[b, :, h] >= 0, col, -1).flatten()
         order = torch.argsort(col, stable=True)
         cols, counts = torch.unique_consecutive(col[order], return_counts=True)
-        # partials in sorted-slot order (slice writes), un-permuted once at the end
-        o_s = torch.zeros(T * K, tile_size, D, dtype=ct, device=dev)
-        l_s = torch.full((T * K, tile_size), float("-inf"), dtype=ct, device=dev)
+        skip = int(counts[0]) if int(cols[0]) < 0 else 0  # -1 entries sort first
+        nv = order.numel() - skip
+        if nv == 0:
+            continue
+        # partials in sorted-slot order (slice writes): out normalized per slot, and its lse
+        o_s = torch.empty(nv, tile_size, D, dtype=ct, device=dev)
+        l_s = torch.full((nv, tile_size), float("-inf"), dtype=ct, device=dev)
         start = 0
         for w, n in zip(cols.tolist(), counts.tolist(), strict=True):
-            slot = order[start:start + n]  # flat (tile, slot) entries routed to column w
-            r0, start = start, start + n
-            if w < 0 or not bool(nonempty[b, w]):
+            if w < 0:
                 continue
-            qs = qr[b, h][slot // K].view(n * tile_size, D)
+            r0, start = start, start + n
+            if not bool(nonempty[b, w]):
+                o_s[r0:start] = 0.0
+                continue
+            qs = qr[b, h][order[skip + r0:skip + start] // K].view(n * tile_size, D)
             # fused kernels: scores (+ bias for partial pages), logsumexp, softmax, P V
             if bool(has_hole[b, w]):
                 sc = torch.addmm(bias[b, w].to(dt), qs, kr[h, w].t(), alpha=scale)
@@ -304,12 +310,17 @@ def _routed_heads(out_r, lse_r, b, qr, kr, vu, routed, lut, bias, has_hole, none
             l_s[r0:start] = torch.logsumexp(sc, dim=-1).view(n, tile_size)
             o_s[r0:start] = (torch.softmax(sc, dim=-1).to(dt) @ vu[h // g, w]).to(ct).view(
                 n, tile_size, D)
-        inv = torch.empty_like(order)
-        inv[order] = torch.arange(order.numel(), device=dev)
-        o_p, l_p = o_s[inv], l_s[inv]
-        lse = torch.logsumexp(l_p.view(T, K, tile_size), dim=1)  # [T, tile]
-        wgt = torch.exp(l_p.view(T, K, tile_size) - torch.where(
-            torch.isfinite(lse), lse, 0.0).unsqueeze(1))
-        out_r[b, :, h] = (wgt.unsqueeze(-1) * o_p.view(T, K, tile_size, D)).sum(1).view(
-            T * tile_size, D)
-        lse_r[b, h] = lse.view(-1)
+        # merge the slots of each tile: lse over its slots, then one weighted index_add
+        tile_of = order[skip:] // K  # [nv]
+        lse = torch.full((T, tile_size), float("-inf"), dtype=ct, device=dev)
+        lmax = lse.scatter_reduce(0, tile_of[:, None].expand(-1, tile_size), l_s, "amax")
+        lmax = torch.where(torch.isfinite(lmax), lmax, 0.0)
+        wgt = torch.exp(l_s - lmax[tile_of])
+        den = torch.zeros(T, tile_size, dtype=ct, device=dev).index_add_(0, tile_of, wgt)
+        acc = torch.zeros(T, tile_size, D, dtype=ct, device=dev)
+        acc.index_add_(0, tile_of, o_s.mul_(wgt.unsqueeze(-1)))
+        seen = den > 0
+        out_r[b, :, h] = torch.where(seen.unsqueeze(-1), acc / torch.where(seen, den, 1.0)
+                                     .unsqueeze(-1), 0.0).view(T * tile_size, D)
+        lse_r[b, h] = torch.where(seen, lmax + torch.log(torch.where(seen, den, 1.0)),
+                                  float("-inf")).view(-1)
