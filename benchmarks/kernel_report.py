@@ -14,11 +14,12 @@ For every autotune config it reports, without a GPU:
 * ``roofline_ms``: ``max(flops / 800 TFLOP/s, min_bytes / 3.0 TB/s)`` (H100 dense bf16 and copy
   bandwidth) and ``predicted_ms = roofline_ms / wave_efficiency``, an upper bound on speed, not
   a measurement. The 70% goal is ``flops / 560 TFLOP/s``;
-* the work the roofline ignores, as time on its own pipe (an estimate, stated assumptions):
-  ``rope_ms``: every program rotates every key pair it reads, ``ctas * Nk * D/2`` pairs at
-  ~30 integer/FMA instructions each (phase, quadrant, two polynomials, rotation) on 128 lanes
-  per SM per clock; ``exp_ms``: ``Hq * Nq * Nk`` ``exp2`` on the MUFU at 16 per SM per clock
-  (1.755 GHz). They overlap with the tensor cores only as far as warps interleave.
+* ``issue_ms``: the instruction-issue bound the roofline ignores (every program rotates every
+  key tile it reads, then runs the softmax on it): the SASS instructions of one key-tile
+  iteration of the compiled loop (``loop_instr``, per thread), times warps and tiles, at 4 warp
+  instructions per SM per clock (1.755 GHz). ``predicted_ms`` is the larger bound over the wave
+  efficiency. ``exp_ms``: ``Hq * Nq * Nk`` ``exp2`` on the MUFU at 16 per SM per clock (the
+  RoPE sin/cos add ``ctas * Nk * D`` more MUFU ops, ``mufu_ms`` counts both).
 
 On a machine with a CUDA GPU it also measures (``triton.testing.do_bench``) the Triton kernel
 (autotuned) next to torch SDPA, FlexAttention and flash-attn (when installed) on keys that were
@@ -48,7 +49,7 @@ NUM_SMS = 132  # H100 SXM
 REGS_PER_SM = 65536
 SMEM_PER_SM = 233472  # 228 KiB
 CLOCK = 1.755e9
-ROPE_OPS_PER_PAIR = 30
+ISSUE_PER_SM = 4  # warp schedulers
 SHAPE = {"B": 1, "Nq": 4680, "Nk": 18720, "Hq": 12, "Hkv": 12, "D": 128, "S": 64, "A": 3}
 
 
@@ -80,20 +81,27 @@ def static_rows(dtypes) -> list[dict]:
     fl, by = flops(SHAPE), min_bytes(SHAPE)
     roof = max(fl / PEAK_FLOPS, by / PEAK_BYTES)
     rows = []
-    for r in triton_aot.sm90_report(dtypes, (SHAPE["D"],), rope=False):
+    report = triton_aot.sm90_report(dtypes, (SHAPE["D"],), rope=False, causal=False, group=1,
+                                    has_new=False, has_shift=True, page_size=SHAPE["S"])
+    for r in report:
         per_sm, eff = occupancy(r)
         ctas = math.ceil(SHAPE["Nq"] / r["BLOCK_M"]) * SHAPE["Hq"] * SHAPE["B"]
-        rope_s = ctas * SHAPE["Nk"] * SHAPE["D"] / 2 * ROPE_OPS_PER_PAIR / (128 * NUM_SMS * CLOCK)
+        body = max(r["loop_instructions"] or [0])
+        tiles = SHAPE["Nk"] / r["BLOCK_N"]
+        issue_s = ctas * tiles * body * r["num_warps"] / (ISSUE_PER_SM * NUM_SMS * CLOCK)
         exp_s = SHAPE["Hq"] * SHAPE["Nq"] * SHAPE["Nk"] * SHAPE["B"] / (16 * NUM_SMS * CLOCK)
+        mufu_s = exp_s + ctas * SHAPE["Nk"] * SHAPE["D"] / (16 * NUM_SMS * CLOCK)
+        bound = max(roof, issue_s, mufu_s)
         rows.append({"config": f"M{r['BLOCK_M']}-N{r['BLOCK_N']}-w{r['num_warps']}"
                                f"-s{r['num_stages']}", "dtype": r["dtype"],
                      "registers": r["registers"], "shared_B": r["shared"], "stack_B": r["stack"],
                      "local_B": r["local"], "hgmma": r["hgmma"], "ctas_per_sm": per_sm,
                      "wave_eff": eff, "gflop": fl / 1e9, "min_MB": by / 1e6,
-                     "roofline_ms": roof * 1e3, "predicted_ms": roof / eff * 1e3,
-                     "predicted_tflops": fl / (roof / eff) / 1e12,
-                     "goal_ms": fl / (GOAL * PEAK_FLOPS) * 1e3, "rope_ms": rope_s * 1e3,
-                     "exp_ms": exp_s * 1e3})
+                     "roofline_ms": roof * 1e3, "loop_instr": body, "issue_ms": issue_s * 1e3,
+                     "exp_ms": exp_s * 1e3, "mufu_ms": mufu_s * 1e3,
+                     "predicted_ms": bound / eff * 1e3,
+                     "predicted_tflops": fl / (bound / eff) / 1e12,
+                     "goal_ms": fl / (GOAL * PEAK_FLOPS) * 1e3})
     return rows
 
 
@@ -185,8 +193,9 @@ def main(argv=None):
                "measured_note": None if measured else "no CUDA device: static report only"}
     table = markdown_table(static, ["config", "dtype", "registers", "shared_B", "stack_B",
                                     "local_B", "hgmma", "ctas_per_sm", "wave_eff", "gflop",
-                                    "min_MB", "roofline_ms", "predicted_ms", "predicted_tflops",
-                                    "goal_ms", "rope_ms", "exp_ms"])
+                                    "min_MB", "roofline_ms", "loop_instr", "issue_ms",
+                                    "mufu_ms", "predicted_ms", "predicted_tflops",
+                                    "goal_ms"])
     if measured:
         table += "\n" + markdown_table(measured, ["method", "ms", "tflops", "pct_of_800",
                                                   "note"])

@@ -132,11 +132,32 @@ def sass_summary(cubin: bytes) -> dict:
     return {"hgmma": len(re.findall(r"\bHGMMA\.", text)),
             "local_ldst": len(re.findall(r"\b(LDL|STL)\b", text)),
             "mufu": len(re.findall(r"\bMUFU\.", text)),
-            "calls": len(re.findall(r"\bCALL\.", text))}
+            "calls": len(re.findall(r"\bCALL\.", text)),
+            "loop_instructions": loop_sizes(text)}
+
+
+def loop_sizes(sass: str) -> list[int]:
+    """SASS instructions in the body of each loop (a backward branch to a lower address), in
+    address order: per-thread instructions of one key-tile iteration."""
+    addr = {}
+    order = []
+    for line in sass.splitlines():
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*)", line)
+        if m:
+            a = int(m.group(1), 16)
+            addr[a] = m.group(2)
+            order.append(a)
+    sizes = []
+    for a in order:
+        b = re.search(r"\bBRA\s+(?:`\()?0x([0-9a-f]+)", addr[a])
+        if b and int(b.group(1), 16) < a:
+            lo = int(b.group(1), 16)
+            sizes.append(sum(1 for x in order if lo <= x <= a))
+    return sizes
 
 
 def compile_attention_config(dtype: str, head_dim: int, config, *, causal: bool = True,
-                             group: int = 3, module=None) -> dict:
+                             group: int = 3, module=None, **signature_kw) -> dict:
     """Compile one ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` config of the paged-attention
     kernel for sm_90; returns its static resources (``registers``, ``shared`` = static +
     dynamic bytes per CTA, ``stack``, ``local``) and SASS counts (``hgmma``, ``local_ldst``,
@@ -144,7 +165,8 @@ def compile_attention_config(dtype: str, head_dim: int, config, *, causal: bool 
     mod = module or compiled_module()
     bm, bn, warps, stages = config
     sig, const, attrs = attention_signature(mod._paged_rope_attn_fwd, dtype, head_dim=head_dim,
-                                            group=group, causal=causal, block_m=bm, block_n=bn)
+                                            group=group, causal=causal, block_m=bm, block_n=bn,
+                                            **signature_kw)
     ck = compile_sm90(mod._paged_rope_attn_fwd, sig, const, attrs, num_warps=warps,
                       num_stages=stages)
     cubin = ck.asm["cubin"]
@@ -180,16 +202,18 @@ def compile_rope_kernel(dtype: str, head_dim: int, module=None) -> dict:
 
 
 def _job(job):
-    kind, dtype, head_dim, config = job
+    kind, dtype, head_dim, config, kw = job
     if kind == "rope":
         return compile_rope_kernel(dtype, head_dim)
-    return compile_attention_config(dtype, head_dim, config)
+    return compile_attention_config(dtype, head_dim, config, **kw)
 
 
 def sm90_report(dtypes=("fp16", "bf16"), head_dims=(64, 128), *, rope: bool = True,
-                fp32_d64: bool = False, workers: int | None = None) -> list[dict]:
+                fp32_d64: bool = False, workers: int | None = None, **variant) -> list[dict]:
     """Compile every autotune config of the attention kernel (and the apply_rope kernel) for
     each dtype and head dim; ``fp32_d64`` adds the configs kept for fp32 inputs at D = 64.
+    ``variant``: keyword arguments of :func:`compile_attention_config` (``causal``, ``group``,
+    ``has_new``, ``has_shift``, ``page_size``); default: causal with new keys, shifts, GQA 3.
 
     Runs in fresh ``spawn`` processes started with ``TRITON_INTERPRET=0``: a process that
     imported triton in interpreter mode has interpreted versions of triton's own library
@@ -200,11 +224,11 @@ def sm90_report(dtypes=("fp16", "bf16"), head_dims=(64, 128), *, rope: bool = Tr
     from concurrent.futures import ProcessPoolExecutor
 
     configs = compiled_module().CONFIGS
-    jobs = [("attn", dt, d, c) for dt in dtypes for d in head_dims for c in configs]
+    jobs = [("attn", dt, d, c, variant) for dt in dtypes for d in head_dims for c in configs]
     if fp32_d64:
-        jobs += [("attn", "fp32", 64, c) for c in configs if c[1] <= 32]
+        jobs += [("attn", "fp32", 64, c, variant) for c in configs if c[1] <= 32]
     if rope:
-        jobs += [("rope", dt, d, None) for dt in dtypes for d in head_dims]
+        jobs += [("rope", dt, d, None, {}) for dt in dtypes for d in head_dims]
     workers = workers or max(1, min(len(jobs), os.cpu_count() or 1))
     with _interpret("0"), ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
         return list(ex.map(_job, jobs))
