@@ -129,7 +129,7 @@ def test_reference_equals_per_route_paged_formula(causal):
 CASES = {
     "N37-gqa2-D16": dict(N=37, Hq=4, Hkv=2, D=16),
     "N5-mha-D32-k3": dict(N=5, Hq=2, Hkv=2, D=32, k=3, C=4),
-    "N50-gqa3-tile32": dict(N=50, Hq=6, Hkv=2, tile=32, Pc=1, C=7),
+    "N50-gqa3-tile32-S32": dict(N=50, Hq=6, Hkv=2, tile=32, Pc=1, C=7, S=32),
     "N19-noshift-nonew": dict(N=19, Hq=2, Hkv=1, shifts=False, new=False),
 }
 
@@ -153,7 +153,7 @@ def test_torch_path_matches_float64(case, causal, dtype):
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("causal", [False, True], ids=["block", "causal"])
-@pytest.mark.parametrize("case", ["N37-gqa2-D16", "N50-gqa3-tile32", "N19-noshift-nonew"])
+@pytest.mark.parametrize("case", ["N37-gqa2-D16", "N50-gqa3-tile32-S32", "N19-noshift-nonew"])
 def test_triton_matches_float64(case, causal, dtype):
     if case == "N19-noshift-nonew" and causal:
         pytest.skip("causal needs new keys")
@@ -195,6 +195,21 @@ def test_select_everything_equals_paged_attention(backend):
                                       backend=backend)
     assert max_err(out.cpu(), ref.cpu()) < 1e-5
     assert max_err(lse.cpu(), ref_lse.cpu()) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_no_routable_chunks(backend):
+    """C = 0 (an empty slow memory): routed is all -1 and the result is the mandatory part."""
+    x, opts = make_case(N=20, Hq=2, Hkv=1, C=3)
+    x["chunk_pages"] = x["chunk_pages"][:, :0]
+    x["chunk_shift"] = x["chunk_shift"][:, :0]
+    x["routed"] = torch.full_like(x["routed"], -1)
+    dev = DEV if backend == "triton" else "cpu"
+    pos, kw = split(x, opts, device=dev)
+    out, lse = moc_attention(*pos, **kw, backend=backend)
+    ref, ref_lse = lk.paged_attention(*pos, k_new=kw["k_new"], v_new=kw["v_new"],
+                                      page_shift=kw["page_shift"], backend="torch")
+    assert max_err(out.cpu(), ref.cpu()) < 1e-5 and max_err(lse.cpu(), ref_lse.cpu()) < 1e-5
 
 
 def test_select_nothing_equals_mandatory_only():

@@ -5,12 +5,17 @@ One program owns ``BLOCK_M`` queries of one query head ``h`` of one batch row (g
 routing tile ``t = i_m * BLOCK_M // tile_size`` and share one key list:
 
 1. load the query tile, rotate it in registers with head ``h``'s frequencies at ``q_pos``;
-2. the **mandatory** pages ``page_table[b]`` laid end to end (``S`` slots each), each key tile
-   gathered from the pages its rows fall in, rotated at ``cache_pos + page_shift[entry]``;
-3. for each routed chunk ``c = routed[b, t, h, j] >= 0``: its pages ``chunk_pages[b, c]`` laid
-   end to end the same way, rotated at ``cache_pos + chunk_shift[b, c]``; ``-1`` entries cost
-   one scalar load and an empty loop;
-4. the block's own keys ``k_new`` (all, or ``j <= i`` when causal).
+2. one stream of page entries laid end to end (``S`` slots each): the **mandatory** pages
+   ``page_table[b]``, then the ``Pc`` pages ``chunk_pages[b, c]`` of each routed chunk
+   ``c = routed[b, t, h, j]``. Each ``BLOCK_N`` key tile gathers its rows from whatever pages
+   they fall in (a mandatory row reads its page-table entry, a routed row its chunk id and
+   then the chunk's page), is rotated at ``cache_pos + page_shift[entry]`` or
+   ``cache_pos + chunk_shift[b, c]``; rows of a ``-1`` entry are masked (they still cost
+   their tiles: the router puts ``-1`` only where fewer than ``k`` chunks are eligible);
+3. the block's own keys ``k_new`` (all, or ``j <= i`` when causal).
+
+One flat loop (not a loop per chunk) keeps the register allocation of the paged kernel: a
+nested loop made the software pipeliner keep a second set of buffers live and spill.
 
 Every key tile goes through the shared online-softmax step (``_attend_tile`` of the paged
 kernel: fp32 state in base 2, exact fixed-point RoPE angles from
@@ -27,6 +32,7 @@ import triton
 import triton.language as tl
 
 from .._triton_common import (
+    fast_trig,
     is_interpreted,
     load_pair_positions,
     rope_cos_sin,
@@ -42,7 +48,7 @@ from ..attention.triton_kernel import CONFIGS, LOG2E, _attend_tile, _last_contig
 
 #: tiles used under TRITON_INTERPRET=1 (BLOCK_M is lowered to 16 when tile_size % 32 != 0)
 INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32}
-AUTOTUNE_KEY = ["HEAD_DIM", "GROUP", "NUM_AXES", "HAS_SHIFT", "HAS_CSHIFT", "HAS_NEW",
+AUTOTUNE_KEY = ["HEAD_DIM", "PAGE_SIZE", "GROUP", "NUM_AXES", "HAS_SHIFT", "HAS_NEW",
                 "IS_CAUSAL", "TILE", "DOT_PREC"]
 
 
@@ -64,56 +70,21 @@ def autotune_configs() -> list[triton.Config]:
 # ---------------------------------------------------------------------------------------------
 
 
-@triton.jit
-def _attend_pages(acc, m_i, l_i, b_qe, b_qo, b_axis, b_thi, b_tlo, qk_scale, p_table, n_slots, p_shift,
-                  stride_se, K, V, KPos, PageLen, kv_off_k, kv_off_v, stride_kp, stride_ks,
-                  stride_vp, stride_vs, stride_cpp, stride_cps, S,
-                  HEAD_DIM: tl.constexpr, NUM_AXES: tl.constexpr, HAS_SHIFT: tl.constexpr,
-                  DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Fold the pages listed at ``p_table`` (``n_slots = entries * S`` slots laid end to end)
-    into the softmax state. Entry ``e``'s positions get the shift at ``p_shift + e*stride_se``
-    (``stride_se = 0``: one shift for every entry, as for a chunk)."""
-    o_n = tl.arange(0, BLOCK_N)
-    o_d = tl.arange(0, HEAD_DIM)
-    for start in range(0, n_slots, BLOCK_N):
-        o_v = start + o_n
-        o_e = o_v // S
-        o_s = o_v - o_e * S
-        m_e = o_v < n_slots
-        b_page = tl.load(p_table + o_e, mask=m_e, other=-1)
-        b_len = tl.load(PageLen + b_page, mask=b_page >= 0, other=0)
-        m_n = o_s < b_len
-        o_pg = tl.where(m_n, b_page, 0).to(tl.int64)
-        b_k = tl.load(K + kv_off_k + o_pg[:, None] * stride_kp + o_s[:, None] * stride_ks
-                      + o_d[None, :], mask=m_n[:, None], other=0.0)
-        b_v = tl.load(V + kv_off_v + o_pg[:, None] * stride_vp + o_s[:, None] * stride_vs
-                      + o_d[None, :], mask=m_n[:, None], other=0.0)
-        b_kpos = load_pair_positions(KPos + o_pg * stride_cpp + o_s * stride_cps, m_n, b_axis,
-                                     NUM_AXES)
-        if HAS_SHIFT:
-            b_kpos += load_pair_positions(p_shift + o_e * stride_se, m_n, b_axis, NUM_AXES)
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, b_qe, b_qo, b_k, b_v, b_kpos,
-                                     m_n[None, :], b_thi, b_tlo, qk_scale, DOT_PREC)
-    return acc, m_i, l_i
-
-
-@triton.jit(do_not_specialize=["N", "M", "C", "Pc", "K_SEL", "S", "stride_qpb", "stride_lb",
-                               "stride_lh", "stride_ptb", "stride_psb", "stride_cpb",
-                               "stride_csb", "stride_rb", "stride_rt"])
+@triton.jit(do_not_specialize=["N", "T", "stride_qpb", "stride_lb", "stride_lh",
+                               "stride_eb", "stride_et", "stride_sb", "stride_st"])
 def _moc_attn_fwd(
-    Q, QPos, K, V, KPos, PageLen, PageTable, PageShift, ChunkPages, ChunkShift, Routed,
-    KNew, VNew, Turns, PairAxis, Out, Lse,
+    Q, QPos, K, V, KPos, PageLen, EntryPages, EntryLen, EntryShift, KNew, VNew, Turns, PairAxis,
+    Out, Lse,
     stride_qb, stride_qn, stride_qh, stride_qpb, stride_qpn,
     stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh, stride_cpp, stride_cps,
-    stride_ptb, stride_psb, stride_psm, stride_cpb, stride_cpc, stride_csb, stride_csc,
-    stride_rb, stride_rt, stride_rh,
+    stride_eb, stride_et, stride_eh, stride_sb, stride_st, stride_sh, stride_se,
     stride_knb, stride_knn, stride_knh, stride_vnb, stride_vnn, stride_vnh,
     stride_ob, stride_on, stride_oh, stride_lb, stride_lh,
-    N, M, C, Pc, K_SEL, S, Hq, qk_scale,
-    HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, NUM_AXES: tl.constexpr,
-    HAS_SHIFT: tl.constexpr, HAS_CSHIFT: tl.constexpr, HAS_NEW: tl.constexpr,
+    N, T, Hq, qk_scale,
+    HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr,
+    NUM_AXES: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_NEW: tl.constexpr,
     IS_CAUSAL: tl.constexpr, TILE: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    FAST_TRIG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     HALF: tl.constexpr = HEAD_DIM // 2
     i_m = tl.program_id(0)
@@ -136,7 +107,7 @@ def _moc_attn_fwd(
     b_q = tl.load(p_q, mask=m_m[:, None], other=0.0)
     b_qpos = load_pair_positions(QPos + i_b * stride_qpb + o_m * stride_qpn, m_m, b_axis,
                                  NUM_AXES)
-    b_c, b_s = rope_cos_sin(b_qpos, b_thi[None, :], b_tlo[None, :])
+    b_c, b_s = rope_cos_sin(b_qpos, b_thi[None, :], b_tlo[None, :], FAST_TRIG)
     b_qe, b_qo = rope_rotate(b_q, b_c, b_s)
     b_qe = b_qe.to(Q.dtype.element_ty)
     b_qo = b_qo.to(Q.dtype.element_ty)
@@ -144,28 +115,42 @@ def _moc_attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    kv_off_k = i_kvh * stride_kh
-    kv_off_v = i_kvh * stride_vh
 
-    # mandatory pages (sink, fast window)
-    acc, m_i, l_i = _attend_pages(
-        acc, m_i, l_i, b_qe, b_qo, b_axis, b_thi, b_tlo, qk_scale, PageTable + i_b * stride_ptb,
-        M * S, PageShift + i_b * stride_psb, stride_psm, K, V, KPos, PageLen, kv_off_k,
-        kv_off_v, stride_kp, stride_ks, stride_vp, stride_vs, stride_cpp, stride_cps, S,
-        HEAD_DIM, NUM_AXES, HAS_SHIFT, DOT_PREC, BLOCK_N)
-
-    # routed chunks of this tile and head; -1 = none (an empty loop)
-    p_r = Routed + i_b * stride_rb + i_t * stride_rt + i_h * stride_rh
-    for j in range(0, K_SEL):
-        c = tl.load(p_r + j)
-        ok = c >= 0
-        c64 = tl.where(ok, c, 0).to(tl.int64)
-        acc, m_i, l_i = _attend_pages(
-            acc, m_i, l_i, b_qe, b_qo, b_axis, b_thi, b_tlo, qk_scale,
-            ChunkPages + i_b * stride_cpb + c64 * stride_cpc, tl.where(ok, Pc * S, 0),
-            ChunkShift + i_b * stride_csb + c64 * stride_csc, 0, K, V, KPos, PageLen,
-            kv_off_k, kv_off_v, stride_kp, stride_ks, stride_vp, stride_vs, stride_cpp,
-            stride_cps, S, HEAD_DIM, NUM_AXES, HAS_CSHIFT, DOT_PREC, BLOCK_N)
+    # this (tile, head)'s page list: mandatory pages then the pages of its routed chunks,
+    # -1 entries compacted away by the launcher; laid end to end, S slots each, every key
+    # tile gathering its rows from whatever pages they fall in (as the paged kernel does)
+    p_e = EntryPages + i_b * stride_eb + i_t * stride_et + i_h * stride_eh
+    p_s = EntryShift + i_b * stride_sb + i_t * stride_st + i_h * stride_sh
+    n_e = tl.load(EntryLen + (i_b * T + i_t) * Hq + i_h)  # [B, T, Hq] contiguous
+    for start in range(0, n_e * PAGE_SIZE, BLOCK_N):
+        if PAGE_SIZE % BLOCK_N == 0:  # the tile lies in one page: one scalar lookup
+            i_e = start // PAGE_SIZE
+            i_page = tl.load(p_e + i_e)
+            i_len = tl.load(PageLen + tl.maximum(i_page, 0), mask=i_page >= 0, other=0)
+            o_e = tl.full([BLOCK_N], 0, tl.int32) + i_e
+            o_s = start % PAGE_SIZE + o_n
+            b_page = tl.full([BLOCK_N], 0, tl.int32) + i_page
+            m_n = o_s < i_len
+        else:  # pages smaller than the tile: each row gathers its own page
+            o_v = start + o_n
+            o_e = o_v // PAGE_SIZE
+            o_s = o_v % PAGE_SIZE
+            b_page = tl.load(p_e + o_e, mask=o_e < n_e, other=-1)
+            b_len = tl.load(PageLen + b_page, mask=b_page >= 0, other=0)
+            m_n = o_s < b_len
+        o_pg = tl.where(m_n, b_page, 0).to(tl.int64)
+        p_k = K + o_pg[:, None] * stride_kp + o_s[:, None] * stride_ks + i_kvh * stride_kh \
+            + o_d[None, :]
+        p_v = V + o_pg[:, None] * stride_vp + o_s[:, None] * stride_vs + i_kvh * stride_vh \
+            + o_d[None, :]
+        b_k = tl.load(p_k, mask=m_n[:, None], other=0.0)
+        b_v = tl.load(p_v, mask=m_n[:, None], other=0.0)
+        b_kpos = load_pair_positions(KPos + o_pg * stride_cpp + o_s * stride_cps, m_n, b_axis,
+                                     NUM_AXES)
+        if HAS_SHIFT:
+            b_kpos += load_pair_positions(p_s + o_e * stride_se, m_n, b_axis, NUM_AXES)
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, b_qe, b_qo, b_k, b_v, b_kpos,
+                                     m_n[None, :], b_thi, b_tlo, qk_scale, DOT_PREC, FAST_TRIG)
 
     # the block's own keys: all visible, or j <= i when causal
     if HAS_NEW:
@@ -183,11 +168,12 @@ def _moc_attn_fwd(
             b_v = tl.load(p_v, mask=m_t[:, None], other=0.0)
             b_kpos = load_pair_positions(QPos + i_b * stride_qpb + o_t * stride_qpn, m_t,
                                          b_axis, NUM_AXES)
-            m_vis = m_t[None, :]
-            if IS_CAUSAL:
-                m_vis = m_vis & (o_t[None, :] <= o_m[:, None])
+            if IS_CAUSAL:  # j <= i and j < N in one compare
+                m_vis = o_t[None, :] <= tl.minimum(o_m, N - 1)[:, None]
+            else:
+                m_vis = m_t[None, :]
             acc, m_i, l_i = _attend_tile(acc, m_i, l_i, b_qe, b_qo, b_k, b_v, b_kpos, m_vis,
-                                         b_thi, b_tlo, qk_scale, DOT_PREC)
+                                         b_thi, b_tlo, qk_scale, DOT_PREC, FAST_TRIG)
 
     # rows that saw no key: out 0, lse -inf
     seen = l_i > 0.0
@@ -210,11 +196,51 @@ _moc_attn_fwd_tuned = triton.autotune(
 # ---------------------------------------------------------------------------------------------
 
 
+def entry_tables(page_table, page_shift, chunk_pages, chunk_shift, routed):
+    """Expand the routing into one page list per (batch row, tile, head).
+
+    Returns ``pages [B, T, Hq, E]`` int32 (``E = M + k * Pc``: the mandatory pages, then the
+    pages of the routed chunks, ``-1`` entries moved to the end), ``count [B, T, Hq]`` int32
+    (entries before the first ``-1``) and ``shift [B, T, Hq, E, A]`` int32 (the page's
+    ``page_shift`` or its chunk's ``chunk_shift``) or ``None``. A few hundred KB for the Wan
+    shape; the kernel's inner loop is then exactly the paged kernel's.
+    """
+    B, T, Hq, K = routed.shape
+    M, (C, Pc) = page_table.shape[1], chunk_pages.shape[1:]
+    if C == 0:  # nothing routable (routed is all -1): one empty chunk keeps the gathers valid
+        chunk_pages = chunk_pages.new_full((B, 1, Pc), -1)
+        chunk_shift = None
+    r = routed.long()
+    ok = r >= 0
+    bi = torch.arange(B, device=r.device).view(B, 1, 1, 1)
+    pg = chunk_pages.long()[bi, r.clamp(min=0)]  # [B, T, Hq, K, Pc]
+    pg = torch.where(ok.unsqueeze(-1), pg, -1).flatten(3)
+    pages = torch.cat([page_table.long()[:, None, None, :].expand(B, T, Hq, M), pg], -1)
+    shift = None
+    if page_shift is not None or chunk_shift is not None:
+        A = (page_shift if page_shift is not None else chunk_shift).shape[-1]
+        ms = (page_shift.long() if page_shift is not None else
+              torch.zeros(B, M, A, dtype=torch.long, device=r.device))
+        cs = (chunk_shift.long()[bi, r.clamp(min=0)] if chunk_shift is not None else
+              torch.zeros(B, T, Hq, K, A, dtype=torch.long, device=r.device))
+        shift = torch.cat([ms[:, None, None].expand(B, T, Hq, M, A),
+                           cs.unsqueeze(4).expand(B, T, Hq, K, Pc, A).flatten(3, 4)], 3)
+    # compact: valid entries first (stable), so -1 entries cost no key tile
+    order = torch.argsort((pages < 0).to(torch.int8), dim=-1, stable=True)
+    pages = torch.gather(pages, -1, order)
+    count = (pages >= 0).sum(-1)
+    if shift is not None:
+        shift = torch.gather(shift, 3, order.unsqueeze(-1).expand_as(shift))
+        shift = shift.to(torch.int32).contiguous()
+    return pages.to(torch.int32).contiguous(), count.to(torch.int32).contiguous(), shift
+
+
 def launch_moc_attention(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table, table, *,
                          chunk_pages, routed, k_new=None, v_new=None, causal=False,
                          page_shift=None, chunk_shift=None, scale=None, tile_size=128,
                          out=None, lse=None, config=None):
-    """Allocate outputs, build the grid and launch :func:`_moc_attn_fwd`.
+    """Expand the routing (:func:`entry_tables`), allocate outputs, launch
+    :func:`_moc_attn_fwd`.
 
     Arguments as :func:`lol_kernels.moc_attention` (validated); ``out``/``lse`` optional
     preallocated outputs (tests pass NaN-filled ones); ``config`` ``{"BLOCK_M", "BLOCK_N"[,
@@ -233,41 +259,34 @@ def launch_moc_attention(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_t
     t = table.to(dev)
     turns = rope_turns(t.freqs)
     pair_axis = t.pair_axis.to(torch.int32)
-    q, q_pos, cache_k, cache_v, cache_pos = map(_last_contig, (q, q_pos, cache_k, cache_v,
-                                                               cache_pos))
+    q, q_pos, cache_k, cache_v, cache_pos, k_new, v_new = map(
+        _last_contig, (q, q_pos, cache_k, cache_v, cache_pos, k_new, v_new))
     page_len = page_len.contiguous()
-    page_table, page_shift, chunk_pages, chunk_shift, routed, k_new, v_new = map(
-        _last_contig, (page_table, page_shift, chunk_pages, chunk_shift, routed, k_new, v_new))
-    Hkv = cache_k.shape[2]
-    P, S = cache_k.shape[:2]
-    M, (C, Pc), K_SEL = page_table.shape[1], chunk_pages.shape[1:], routed.shape[3]
+    pages, count, shift = entry_tables(page_table, page_shift, chunk_pages, chunk_shift, routed)
+    Hkv, S, T = cache_k.shape[2], cache_k.shape[1], routed.shape[1]
 
     def st(x, *dims):
         return [x.stride(d) if x is not None else 0 for d in dims]
 
     args = dict(
         Q=q, QPos=q_pos, K=cache_k, V=cache_v, KPos=cache_pos, PageLen=page_len,
-        PageTable=page_table, PageShift=page_shift if page_shift is not None else q_pos,
-        ChunkPages=chunk_pages, ChunkShift=chunk_shift if chunk_shift is not None else q_pos,
-        Routed=routed, KNew=k_new if k_new is not None else q,
-        VNew=v_new if v_new is not None else q, Turns=turns, PairAxis=pair_axis, Out=out,
-        Lse=lse)
+        EntryPages=pages, EntryLen=count, EntryShift=shift if shift is not None else pages,
+        KNew=k_new if k_new is not None else q, VNew=v_new if v_new is not None else q,
+        Turns=turns, PairAxis=pair_axis, Out=out, Lse=lse)
     names = ["stride_qb", "stride_qn", "stride_qh", "stride_qpb", "stride_qpn",
              "stride_kp", "stride_ks", "stride_kh", "stride_vp", "stride_vs", "stride_vh",
-             "stride_cpp", "stride_cps", "stride_ptb", "stride_psb", "stride_psm",
-             "stride_cpb", "stride_cpc", "stride_csb", "stride_csc", "stride_rb", "stride_rt",
-             "stride_rh", "stride_knb", "stride_knn", "stride_knh", "stride_vnb", "stride_vnn",
-             "stride_vnh", "stride_ob", "stride_on", "stride_oh", "stride_lb", "stride_lh"]
+             "stride_cpp", "stride_cps", "stride_eb", "stride_et", "stride_eh", "stride_sb",
+             "stride_st", "stride_sh", "stride_se", "stride_knb", "stride_knn", "stride_knh",
+             "stride_vnb", "stride_vnn", "stride_vnh", "stride_ob", "stride_on", "stride_oh",
+             "stride_lb", "stride_lh"]
     vals = (st(q, 0, 1, 2) + st(q_pos, 0, 1) + st(cache_k, 0, 1, 2) + st(cache_v, 0, 1, 2)
-            + st(cache_pos, 0, 1) + st(page_table, 0) + st(page_shift, 0, 1)
-            + st(chunk_pages, 0, 1) + st(chunk_shift, 0, 1) + st(routed, 0, 1, 2)
+            + st(cache_pos, 0, 1) + st(pages, 0, 1, 2) + st(shift, 0, 1, 2, 3)
             + st(k_new, 0, 1, 2) + st(v_new, 0, 1, 2) + st(out, 0, 1, 2) + st(lse, 0, 1))
     strides = dict(zip(names, vals, strict=True))
     meta = dict(
-        N=N, M=M, C=C, Pc=Pc, K_SEL=K_SEL, S=S, Hq=Hq, qk_scale=scale * LOG2E,
-        HEAD_DIM=D, GROUP=Hq // Hkv, NUM_AXES=A, HAS_SHIFT=page_shift is not None,
-        HAS_CSHIFT=chunk_shift is not None, HAS_NEW=k_new is not None,
-        IS_CAUSAL=bool(causal), TILE=int(tile_size),
+        N=N, T=T, Hq=Hq, qk_scale=scale * LOG2E, HEAD_DIM=D, PAGE_SIZE=S, GROUP=Hq // Hkv,
+        NUM_AXES=A, HAS_SHIFT=shift is not None, HAS_NEW=k_new is not None,
+        IS_CAUSAL=bool(causal), TILE=int(tile_size), FAST_TRIG=fast_trig(_moc_attn_fwd),
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
     if config is None and is_interpreted(_moc_attn_fwd):
         config = dict(INTERPRET_CONFIG)
@@ -315,4 +334,76 @@ def moc_attention_triton(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_t
                                 out=out, lse=lse, config=config)
 
 
-__all__ = ["launch_moc_attention", "moc_attention_triton"]
+# ---------------------------------------------------------------------------------------------
+# ahead-of-time sm_90 compile (DESIGN.md §5 "GPU"), no GPU needed
+# ---------------------------------------------------------------------------------------------
+
+_AOT_SCALARS = {"N", "T", "Hq"}
+_AOT_ALIGNED = {"stride_qb", "stride_qn", "stride_kp", "stride_ks", "stride_vp", "stride_vs",
+                "stride_knb", "stride_knn", "stride_vnb", "stride_vnn", "stride_ob", "stride_on"}
+_AOT_HEAD = {"stride_qh", "stride_kh", "stride_vh", "stride_knh", "stride_vnh", "stride_oh"}
+
+
+def compile_sm90_config(dtype: str, head_dim: int, config, *, tile: int = 128,
+                        page_size: int = 256, causal: bool = False, group: int = 3) -> dict:
+    """Compile one ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` config of :func:`_moc_attn_fwd`
+    for sm_90 and report registers, shared/stack/local memory and SASS counts.
+
+    Must run in a process whose kernels were decorated with ``TRITON_INTERPRET=0`` (see
+    :func:`sm90_report`, which spawns such processes)."""
+    from ..attention import triton_aot as aot
+
+    t = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}[dtype]
+    bm, bn, warps, stages = config
+    ptr = {"Q": f"*{t}", "K": f"*{t}", "V": f"*{t}", "KNew": f"*{t}", "VNew": f"*{t}",
+           "Out": f"*{t}", "Lse": "*fp32", "Turns": "*i64"}
+    const = {"HEAD_DIM": head_dim, "PAGE_SIZE": page_size, "GROUP": group, "NUM_AXES": 3,
+             "HAS_SHIFT": True, "HAS_NEW": True, "IS_CAUSAL": causal, "TILE": tile,
+             "FAST_TRIG": True,
+             "DOT_PREC": "ieee" if dtype == "fp32" else "tf32", "BLOCK_M": bm, "BLOCK_N": bn}
+    sig, attrs = {}, {}
+    for i, name in enumerate(_moc_attn_fwd.arg_names):
+        if name in const:
+            sig[name] = "constexpr"
+        elif name == "qk_scale":
+            sig[name] = "fp32"
+        elif name in _AOT_SCALARS or name.startswith("stride"):
+            sig[name] = "i32"
+            if name in _AOT_ALIGNED or (name in _AOT_HEAD and head_dim % 16 == 0):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[name] = ptr.get(name, "*i32")
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    ck = aot.compile_sm90(_moc_attn_fwd, sig, const, attrs, num_warps=warps, num_stages=stages)
+    cubin = ck.asm["cubin"]
+    res = aot.resource_usage(cubin)
+    res["shared"] += int(ck.metadata.shared)
+    return {"kernel": "moc_attn_fwd", "dtype": dtype, "head_dim": head_dim, "BLOCK_M": bm,
+            "BLOCK_N": bn, "num_warps": warps, "num_stages": stages, **res,
+            **aot.sass_summary(cubin)}
+
+
+def _aot_job(job):
+    return compile_sm90_config(*job)
+
+
+def sm90_report(dtypes=("fp16", "bf16"), head_dims=(64, 128), configs=None,
+                workers: int | None = None) -> list[dict]:
+    """Compile every autotune config for each dtype and head dim in fresh ``spawn`` processes
+    started with ``TRITON_INTERPRET=0`` (a process that decorated kernels in interpreter mode
+    cannot compile them for a GPU)."""
+    import multiprocessing as mp
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    from ..attention.triton_aot import _interpret
+
+    configs = CONFIGS if configs is None else configs
+    jobs = [(dt, d, c) for dt in dtypes for d in head_dims for c in configs]
+    workers = workers or max(1, min(len(jobs), os.cpu_count() or 1))
+    with _interpret("0"), ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
+        return list(ex.map(_aot_job, jobs))
+
+
+__all__ = ["compile_sm90_config", "entry_tables", "launch_moc_attention", "moc_attention_triton",
+           "sm90_report"]
