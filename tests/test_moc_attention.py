@@ -340,3 +340,26 @@ def test_torch_path_fast_case_no_masks():
     ref, ref_lse = moc_attention_reference(*split(x, opts, torch.float64)[0],
                                            **split(x, opts, torch.float64)[1])
     assert max_err(out, ref) < 1e-5 and max_err(lse, ref_lse) < 1e-5
+
+
+AOT_SKIP = None
+try:
+    from lol_kernels.attention import triton_aot as _aot
+    if not os.path.exists(_aot.tool("cuobjdump")):
+        AOT_SKIP = "triton wheel without the NVIDIA backend binaries"
+except Exception as e:  # triton missing
+    AOT_SKIP = str(e)
+
+
+@pytest.mark.skipif(AOT_SKIP is not None, reason=str(AOT_SKIP))
+def test_sm90_compile_no_spills_hgmma():
+    """Every autotune config at D = 64 and 128 (bf16) compiles for sm_90 (no GPU needed): no
+    stack or local memory, tensor-core HGMMA, no calls. About a minute on 2 cores."""
+    from lol_kernels.moc.attention_triton import CONFIGS, sm90_report
+    report = sm90_report(("bf16",), (64, 128))
+    assert len(report) == 2 * len(CONFIGS)
+    for r in report:
+        name = f"D{r['head_dim']}-M{r['BLOCK_M']}-N{r['BLOCK_N']}-w{r['num_warps']}"
+        assert r["stack"] == 0 and r["local"] == 0 and r["local_ldst"] == 0, f"{name} spills"
+        assert r["hgmma"] > 0, f"{name} has no HGMMA"
+        assert r["calls"] == 0 and r["registers"] <= 255, name
