@@ -106,11 +106,12 @@ def _attend_tile(acc, m_i, l_i, b_qe, b_qo, b_k, b_v, b_pos, m_vis, b_thi, b_tlo
     # q.k over interleaved pairs = q_e.k_e + q_o.k_o: two K = D/2 products, no re-interleave
     b_qk = tl.dot(b_qe, tl.trans(b_ke.to(b_qe.dtype)), input_precision=DOT_PREC)
     b_qk = tl.dot(b_qo, tl.trans(b_ko.to(b_qo.dtype)), b_qk, input_precision=DOT_PREC)
-    b_qk = tl.where(m_vis, b_qk * qk_scale, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(b_qk, 1))
+    b_qk = tl.where(m_vis, b_qk, float("-inf"))
+    # scale > 0 commutes with max, so the scale folds into the exponent's FMA
+    m_new = tl.maximum(m_i, tl.max(b_qk, 1) * qk_scale)
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key seen yet: avoid inf - inf
     alpha = tl.exp2(m_i - m_use)
-    b_p = tl.exp2(b_qk - m_use[:, None])
+    b_p = tl.exp2(b_qk * qk_scale - m_use[:, None])
     l_i = l_i * alpha + tl.sum(b_p, 1)
     acc = tl.dot(b_p.to(b_v.dtype), b_v, acc * alpha[:, None], input_precision=DOT_PREC)
     return acc, m_new, l_i
