@@ -18,6 +18,14 @@ accurate as the float64 reference. A row that sees no key gets ``out = 0``, ``ls
 
 The same launcher serves the dense :func:`lol_kernels.rope_attention`: there the cache is empty
 and the "new" keys are the dense K/V at ``k_pos`` (``N_new`` may differ from ``Nq``), zero-copy.
+
+Cost model (sm_90 compile, ``benchmarks/kernel_report.py``): rotating keys in registers means
+every query tile re-rotates every key tile it reads (``BLOCK_N * D / 2`` pairs: phase, MUFU
+sin/cos, four FMAs). At the Wan shape with ``BLOCK_M = 128, BLOCK_N = 64`` one key-tile
+iteration is ~1000 SASS instructions per thread, of which the rotation is ~20% and the online
+softmax ~30%; the loop is issue-bound rather than tensor-core-bound (prediction ~390 TFLOP/s
+against 560 for the 70% goal). Larger query tiles would amortize the rotation but do not fit
+in 255 registers next to the ``[BLOCK_M, D]`` accumulator.
 """
 
 from __future__ import annotations
@@ -270,7 +278,9 @@ def launch_rope_attention(q, q_pos, table, *, cache=None, new=None, causal=False
     dev = q.device
     scale = D**-0.5 if scale is None else float(scale)
     if out is None:
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        out = torch.empty_like(q)  # q's layout, as the custom op's fake implementation promises
+        if out.stride(-1) != 1:
+            out = torch.empty(q.shape, dtype=q.dtype, device=dev)
     if lse is None:
         lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=dev)
     if B * Nq * Hq == 0:

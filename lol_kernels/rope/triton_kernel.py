@@ -78,10 +78,12 @@ def apply_rope_triton(x: torch.Tensor, pos: torch.Tensor, table, *, out=None) ->
     if pr.stride(-1) != 1:
         pr = pr.contiguous()
     R = xr.shape[0]
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
+    if out is None:
+        out = torch.empty_like(x)  # x's layout, as the custom op's fake implementation promises
+    y = out if out.is_contiguous() else torch.empty(x.shape, dtype=x.dtype, device=x.device)
     yr = y.view(-1, H, D)
     if R == 0:
-        return y
+        return out
     check_kernel_device(_apply_rope_fwd, x)
     t = table.to(x.device)
     turns = rope_turns(t.freqs)
@@ -93,4 +95,4 @@ def apply_rope_triton(x: torch.Tensor, pos: torch.Tensor, table, *, out=None) ->
                           stride_yr=yr.stride(0), stride_yh=yr.stride(1), HEAD_DIM=D,
                           NUM_AXES=A, FAST_TRIG=fast_trig(_apply_rope_fwd), BLOCK_R=BLOCK_R,
                           **kwargs)
-    return y
+    return out if y is out else out.copy_(y)
