@@ -172,6 +172,20 @@ def test_triton_matches_float64(case, causal, dtype):
     assert_close_rule(lse.cpu(), lse_lo, lse64, what="lse")
 
 
+@needs_triton
+def test_triton_backend_odd_head_dim_takes_torch_path():
+    """D = 24 is not a tl.arange extent: the Triton backend answers through the torch path."""
+    from lol_kernels.moc.attention_triton import moc_attention_triton
+    x, opts = make_case(N=20, Hq=2, Hkv=1, D=24)
+    pos, kw = split(x, opts)
+    out = torch.full_like(pos[0], float("nan"))
+    lse = torch.full((2, 2, 20), float("nan"))
+    moc_attention_triton(*pos, **kw, out=out, lse=lse)
+    ref, ref_lse = moc_attention_reference(*split(x, opts, torch.float64)[0],
+                                           **split(x, opts, torch.float64)[1])
+    assert max_err(out, ref) < 1e-5 and max_err(lse, ref_lse) < 1e-5
+
+
 def _everything(x, opts):
     """The routing that selects every chunk, and the equivalent paged_attention inputs."""
     B, C, Pc = x["chunk_pages"].shape
@@ -329,6 +343,23 @@ def test_bad_backend():
     pos, kw = split(x, opts)
     with pytest.raises(ValueError, match="backend"):
         moc_attention(*pos, **kw, backend="cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_torch_path_chunks_on_consecutive_pages(dtype):
+    """Chunks whose pages are consecutive in the pool are read in place (views): same result."""
+    x, opts = make_case(N=40, Hq=4, Hkv=2, C=4, Pc=2, causal=True)
+    B, M = x["page_table"].shape
+    base = B * M  # pages [base, base + B * C * Pc) hold the chunks, consecutive per chunk
+    x["page_table"] = torch.arange(B * M, dtype=torch.int32).view(B, M)
+    x["chunk_pages"] = (base + torch.arange(B * 4 * 2, dtype=torch.int32)).view(B, 4, 2)
+    p64, k64 = split(x, opts, torch.float64)
+    ref64, lse64 = moc_attention_reference(*p64, **k64)
+    pos, kw = split(x, opts, dtype)
+    ref_lo, lse_lo = moc_attention_reference(*pos, **kw)
+    out, lse = moc_attention_torch(*pos, **kw)
+    assert_close_rule(out, ref_lo, ref64)
+    assert_close_rule(lse, lse_lo, lse64, what="lse")
 
 
 def test_torch_path_fast_case_no_masks():

@@ -10,8 +10,9 @@ Both see the same key set for query ``i`` (in query tile ``t = i // tile_size``)
 :func:`moc_attention_reference` is the plain formula: every chunk of the pool is gathered, and a
 dense ``[B, Hq, N, L]`` mask expresses the routing; run in float64 it is the ground truth of the
 kernel tests. :func:`moc_attention_torch` is the CPU fast path: the mandatory part is one
-:func:`paged_attention_torch` call, the routed part gathers only the selected chunks of each
-(tile, head) and runs one fused flash call per tile; the two parts are merged by log-sum-exp.
+:func:`paged_attention_torch` call; the routed part rotates the union of routed chunks once and
+lets each head's tiles attend each chunk in place (no per-tile copy of keys or values); the
+parts are merged by log-sum-exp (:func:`merge_lse`).
 """
 
 from __future__ import annotations
@@ -188,19 +189,6 @@ def rope_phasors(pos: torch.Tensor, table: RopeTable, dtype: torch.dtype) -> tor
     return ph
 
 
-def rotate_keys_headmajor(k: torch.Tensor, kpos: torch.Tensor, table: RopeTable, dtype):
-    """Rotate head-major keys ``k [Hkv, L, D]`` at ``kpos [L, A]`` for every query head.
-
-    Returns ``[Hq, L, D]`` contiguous in ``dtype``: query head ``h`` rotates KV head
-    ``h // (Hq // Hkv)`` with its own frequencies, one complex multiply per channel pair.
-    """
-    Hkv, L, D = k.shape
-    Hq = table.freqs.shape[0]
-    z = torch.view_as_complex(k.to(dtype).contiguous().view(Hkv, 1, L, D // 2, 2))
-    ph = rope_phasors(kpos, table, dtype).view(Hkv, Hq // Hkv, L, D // 2)
-    return torch.view_as_real(z * ph).view(Hq, L, D)
-
-
 def moc_attention_torch(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table,
                         table: RopeTable, *, chunk_pages, routed, k_new=None, v_new=None,
                         causal=False, page_shift=None, chunk_shift=None, scale=None,
@@ -241,25 +229,42 @@ def moc_attention_torch(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_ta
     bias = torch.zeros(B, U, Lc, dtype=ct, device=dev).masked_fill_(~valid, float("-inf"))
     has_hole = ~valid.all(dim=-1)  # [B, U]
     nonempty = valid.any(dim=-1)
-    k_hm, v_hm = cache_k.permute(2, 0, 1, 3), cache_v.permute(2, 0, 1, 3)  # [Hkv, P, S, D]
     cos, sin = rope_cos_sin(q_pos, table, ct)
     qr = rotate_pairs(q.to(ct), cos, sin).to(dt)
     qr = torch.nn.functional.pad(qr, (0, 0, 0, 0, 0, T * tile_size - N))
     qr = qr.view(B, T, tile_size, Hq, D).permute(0, 3, 1, 2, 4).contiguous()  # [B,Hq,T,tile,D]
     out_r = torch.zeros(B, T * tile_size, Hq, D, dtype=ct, device=dev)
     lse_r = torch.full((B, Hq, T * tile_size), float("-inf"), dtype=ct, device=dev)
+    # a chunk whose pages are consecutive in the pool is read in place (a view), else copied
+    first = pages[..., :1]
+    contig = ((pages == first + torch.arange(Pc, device=dev)) & (first >= 0)).all(-1).tolist()
+    cdt = torch.complex128 if ct == torch.float64 else torch.complex64
     for b in range(B):
         kpos = cache_pos[pid[b]].long().view(U, Lc, A)
         if chunk_shift is not None:
             kpos = kpos + chunk_shift[b, used].long().unsqueeze(1)
-        kr = rotate_keys_headmajor(k_hm[:, pid[b].view(-1)].reshape(Hkv, U * Lc, D),
-                                   kpos.view(U * Lc, A), table, ct).to(dt).view(Hq, U, Lc, D)
-        vu = v_hm[:, pid[b].view(-1)].reshape(Hkv, U, Lc, D)
+        ph = rope_phasors(kpos.view(U * Lc, A), table, ct).view(Hkv, g, U, Lc, D // 2)
+        rows = [_chunk_rows(cache_k, cache_v, pid[b, w], contig[b][w], Lc) for w in range(U)]
+        krc = torch.empty(Hkv, g, U, Lc, D // 2, dtype=cdt, device=dev)
+        for w, (kw, _) in enumerate(rows):  # rotate keys, written head-major
+            z = torch.view_as_complex(kw.to(ct).reshape(Lc, Hkv, D // 2, 2))
+            torch.mul(z.permute(1, 0, 2).unsqueeze(1), ph[:, :, w], out=krc[:, :, w])
+        kr = torch.view_as_real(krc).view(Hq, U, Lc, D).to(dt)
         with _one_thread():
-            _routed_heads(out_r, lse_r, b, qr, kr, vu, routed, lut, bias, has_hole, nonempty,
-                          scale, g, dt, ct)
+            _routed_heads(out_r, lse_r, b, qr, kr, [v for _, v in rows], routed, lut, bias,
+                          has_hole, nonempty, scale, g, dt, ct)
     out, lse = merge_lse(out_m, lse_m, out_r[:, :N], lse_r[..., :N])
     return out.to(dt), lse
+
+
+def _chunk_rows(cache_k, cache_v, pages, contiguous: bool, Lc: int):
+    """Keys and values ``[Lc, Hkv, D]`` of one chunk: views of the pool when its pages are
+    consecutive, else one gather of its pages."""
+    Hkv, D = cache_k.shape[2:]
+    if contiguous:
+        p0, n = int(pages[0]), pages.numel()
+        return cache_k[p0:p0 + n].view(Lc, Hkv, D), cache_v[p0:p0 + n].view(Lc, Hkv, D)
+    return cache_k[pages].view(Lc, Hkv, D), cache_v[pages].view(Lc, Hkv, D)
 
 
 @contextmanager
@@ -308,8 +313,12 @@ def _routed_heads(out_r, lse_r, b, qr, kr, vu, routed, lut, bias, has_hole, none
                 sc = torch.mm(qs, kr[h, w].t()).mul_(scale)
             sc = sc.to(ct)
             l_s[r0:start] = torch.logsumexp(sc, dim=-1).view(n, tile_size)
-            o_s[r0:start] = (torch.softmax(sc, dim=-1).to(dt) @ vu[h // g, w]).to(ct).view(
-                n, tile_size, D)
+            if dt == ct:  # write P V straight into the partial buffer
+                torch.mm(torch.softmax(sc, dim=-1), vu[w][:, h // g],
+                         out=o_s[r0:start].view(n * tile_size, D))
+            else:
+                o_s[r0:start] = (torch.softmax(sc, dim=-1).to(dt) @ vu[w][:, h // g]).to(
+                    ct).view(n, tile_size, D)
         # merge the slots of each tile: lse over its slots, then one weighted index_add
         tile_of = order[skip:] // K  # [nv]
         lse = torch.full((T, tile_size), float("-inf"), dtype=ct, device=dev)

@@ -5,17 +5,18 @@ One program owns ``BLOCK_M`` queries of one query head ``h`` of one batch row (g
 routing tile ``t = i_m * BLOCK_M // tile_size`` and share one key list:
 
 1. load the query tile, rotate it in registers with head ``h``'s frequencies at ``q_pos``;
-2. one stream of page entries laid end to end (``S`` slots each): the **mandatory** pages
-   ``page_table[b]``, then the ``Pc`` pages ``chunk_pages[b, c]`` of each routed chunk
-   ``c = routed[b, t, h, j]``. Each ``BLOCK_N`` key tile gathers its rows from whatever pages
-   they fall in (a mandatory row reads its page-table entry, a routed row its chunk id and
-   then the chunk's page), is rotated at ``cache_pos + page_shift[entry]`` or
-   ``cache_pos + chunk_shift[b, c]``; rows of a ``-1`` entry are masked (they still cost
-   their tiles: the router puts ``-1`` only where fewer than ``k`` chunks are eligible);
+2. read this (tile, head)'s **page list**: the mandatory pages ``page_table[b]`` then the
+   ``Pc`` pages ``chunk_pages[b, c]`` of each routed chunk ``c = routed[b, t, h, j]``, with
+   each page's shift (``page_shift`` or its chunk's ``chunk_shift``). The launcher builds
+   these lists (:func:`entry_tables`: ``B * T * Hq * (M + k * Pc)`` int32, ``-1`` entries
+   compacted to the end and not visited) with a few tensor ops, so the kernel's key loop is
+   exactly the paged kernel's: pages laid end to end, ``PAGE_SIZE`` slots each, one scalar
+   page lookup per key tile when ``PAGE_SIZE % BLOCK_N == 0``, keys rotated at read;
 3. the block's own keys ``k_new`` (all, or ``j <= i`` when causal).
 
-One flat loop (not a loop per chunk) keeps the register allocation of the paged kernel: a
-nested loop made the software pipeliner keep a second set of buffers live and spill.
+Resolving chunk -> page inside the loop instead (a three-level chain of dependent loads per
+key row) spilled registers at sm_90 (104-1048 bytes of stack); with the lists it compiles with
+no spills, like the paged kernel (``tests/test_moc_attention.py::test_sm90_compile...``).
 
 Every key tile goes through the shared online-softmax step (``_attend_tile`` of the paged
 kernel: fp32 state in base 2, exact fixed-point RoPE angles from
@@ -32,15 +33,24 @@ import triton
 import triton.language as tl
 
 from .._triton_common import (
+    check_kernel_device,
     fast_trig,
     is_interpreted,
+    kernel_supports,
     load_pair_positions,
     rope_cos_sin,
     rope_rotate,
     rope_turns,
     split_turns,
 )
-from ..attention.triton_kernel import CONFIGS, LOG2E, _attend_tile, _last_contig, _prune_configs
+from ..attention.triton_kernel import (
+    CONFIGS,
+    LOG2E,
+    _attend_tile,
+    _into,
+    _last_contig,
+    _prune_configs,
+)
 
 # ---------------------------------------------------------------------------------------------
 # configs
@@ -316,17 +326,20 @@ def moc_attention_triton(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_t
                          out=None, lse=None, config=None):
     """Triton backend of :func:`lol_kernels.moc_attention` (same arguments and outputs).
 
-    fp64 inputs take the torch path (the kernel's products are fp32).
+    fp64 inputs and head dims that are not a power of two in [16, 256] take the torch path
+    (``kernel_supports``); a compiled kernel given CPU tensors raises a clear error.
 
     Returns:
         ``out [B, N, Hq, D]`` in q.dtype, ``lse [B, Hq, N]`` fp32.
     """
-    if q.dtype == torch.float64:
+    if not kernel_supports(q.dtype, q.shape[-1]):
         from .attention_reference import moc_attention_torch
-        return moc_attention_torch(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table,
-                                   table, chunk_pages=chunk_pages, routed=routed, k_new=k_new,
-                                   v_new=v_new, causal=causal, page_shift=page_shift,
-                                   chunk_shift=chunk_shift, scale=scale, tile_size=tile_size)
+        return _into(moc_attention_torch(q, q_pos, cache_k, cache_v, cache_pos, page_len,
+                                         page_table, table, chunk_pages=chunk_pages,
+                                         routed=routed, k_new=k_new, v_new=v_new, causal=causal,
+                                         page_shift=page_shift, chunk_shift=chunk_shift,
+                                         scale=scale, tile_size=tile_size), out, lse)
+    check_kernel_device(_moc_attn_fwd, q)
     return launch_moc_attention(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table,
                                 table, chunk_pages=chunk_pages, routed=routed, k_new=k_new,
                                 v_new=v_new, causal=causal, page_shift=page_shift,
