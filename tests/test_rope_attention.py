@@ -159,6 +159,16 @@ def test_custom_op_fake_and_schema():
                           test_utils=("test_schema", "test_faketensor"))
 
 
+def test_torch_compile_traces_rope_attention():
+    """The custom op traces in one graph (fake implementation) and gives the eager result."""
+    q, k, v, qp, kp, table = make_dense(B=1, Nq=8, Nk=12)
+
+    def fn(q, k, v):
+        return lk.rope_attention(q, k, v, qp, kp, table, causal=True, backend="torch")
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(q, k, v), fn(q, k, v))
+
+
 @pytest.mark.parametrize("bad,exc,msg", [
     (lambda a: a.update(k=a["k"][:, :, :1].repeat(1, 1, 3, 1)), ValueError, "multiple"),
     (lambda a: a.update(v=a["v"][:, :-1]), ValueError, "v must have shape"),
