@@ -17,8 +17,13 @@ Methods timed (median of ``--repeats``):
   (the dense floor: no gather, no RoPE).
 * ``dense_paged``: ``lk.paged_attention`` over all 128 chunks (gather + RoPE at read + flash).
 * ``moc_s{sparsity}``: ``lk.moc_route_tiles`` (routing, timed separately) plus
-  ``lk.moc_attention(backend="torch")`` (gather + RoPE of the routed chunks + flash per tile,
-  merged with the mandatory part by log-sum-exp); speedup = dense_sdpa / (route + attention).
+  ``lk.moc_attention(backend="torch")`` (mandatory part: one flash call; routed part: RoPE of
+  the routed chunks once, each chunk attended in place by the tiles that chose it, partials
+  merged by log-sum-exp); speedup = dense_sdpa / (route + attention).
+
+The machine is a shared 2-core VM: other jobs make timings noisy, and many small parallel
+kernels suffer most from it. ``--threads 1`` runs every method (dense included) on one thread;
+the default uses torch's thread count. The JSON records the 1-minute load average.
 
 Output error against dense attention (``dense_paged``; the same keys and positions), as the
 relative Frobenius error ``|o - o_dense| / |o_dense|``, the max abs error, and the dense
@@ -33,7 +38,9 @@ data sets:
 * ``random``: i.i.d. Gaussian keys and queries: attention is nearly uniform over 64k keys, the
   worst case for any sparse method (reported for calibration).
 
-    python benchmarks/moc_attention.py --out results
+    python benchmarks/moc_attention.py --out results              # -> moc_attention.json/.md
+    python benchmarks/moc_attention.py --out results --threads 1  # -> moc_attention_t1.*
+    python benchmarks/moc_attention.py --out results --quick      # smoke run (lol bench --quick)
 """
 
 from __future__ import annotations
@@ -151,7 +158,10 @@ def main(argv=None):
     ap.add_argument("--tile", type=int, default=128)
     ap.add_argument("--threads", type=int, default=0,
                     help="torch intra-op threads for every method (0 = torch's default)")
+    ap.add_argument("--quick", action="store_true", help="512 queries, 1 repeat (about a minute)")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.queries, args.repeats = min(args.queries, 512), 1
     if args.threads:
         torch.set_num_threads(args.threads)
     H, D, N, tile = args.heads, args.head_dim, args.queries, args.tile
