@@ -134,28 +134,50 @@ def paged_attention_reference(q, q_pos, cache_k, cache_v, cache_pos, page_len, p
     return out.to(dt), lse
 
 
-def _gather_rotated(pool, idx, new, kpos, table, Hq, ct, rotate):
-    """``[B, L + Nq, Hq, D]`` in ``ct``: gathered slots then ``new``, rotated in place."""
+_WORKSPACE: dict = {}
+
+
+def workspace(name: str, shape, dtype, device) -> torch.Tensor:
+    """A reusable scratch tensor for internal temporaries of the CPU path.
+
+    Large fresh allocations are returned to the OS on free (mmap), so every call would pay
+    page faults on tens of MB; keeping one buffer per role avoids that. Never returned to
+    callers, so reuse across calls is safe (one call at a time per process).
+    """
+    n = 1
+    for s in shape:
+        n *= s
+    key = (name, dtype, str(device))
+    buf = _WORKSPACE.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.empty(n, dtype=dtype, device=device)
+        _WORKSPACE[key] = buf
+    return buf[:n].view(shape)
+
+
+def _gather_heads(pool, idx, new, kpos, table, Hq, ct, rotate, name):
+    """Keys/values a block reads, as one ``[B, Hq, L + Nq, D]`` buffer in ``ct``.
+
+    Gathered straight into the head-major layout the fused attention call reads best (one
+    ``index_select`` per query head from KV head ``h // g``: GQA needs no separate expand),
+    the block's own keys appended, then rotated in place when ``rotate``.
+    """
     B, L = idx.shape
     P, S, Hkv, D = pool.shape
     g = Hq // Hkv
     Nn = 0 if new is None else new.shape[1]
-    buf = torch.empty(B, L + Nn, Hkv, D, dtype=ct, device=pool.device)
+    buf = workspace(name, (B, Hq, L + Nn, D), ct, pool.device)
     flat = pool.reshape(P * S, Hkv, D)
-    for b in range(B):  # one gather straight into the buffer, no extra copy
-        if pool.dtype == ct:
-            torch.index_select(flat, 0, idx[b], out=buf[b, :L])
-        else:
-            buf[b, :L] = flat.index_select(0, idx[b])
+    for b in range(B):
+        for h in range(Hq):
+            if pool.dtype == ct:
+                torch.index_select(flat[:, h // g], 0, idx[b], out=buf[b, h, :L])
+            else:
+                buf[b, h, :L] = flat[:, h // g].index_select(0, idx[b])
     if Nn:
-        buf[:, L:] = new
-    shared = table.heads_share_freqs(g)
-    if rotate and shared:  # no jitter inside a GQA group: rotate once per KV head
-        rotate_(buf, rope_factors(kpos, RopeTable(table.freqs[::g], table.pair_axis, table.axes), ct))
-    if g > 1:
-        buf = buf.repeat_interleave(g, dim=2)
-    if rotate and not shared:
-        rotate_(buf, rope_factors(kpos, table, ct))
+        buf[:, :, L:] = new.repeat_interleave(g, dim=2).transpose(1, 2)
+    if rotate:
+        rotate_(buf.transpose(1, 2), rope_factors(kpos, table, ct))
     return buf
 
 
@@ -165,8 +187,9 @@ def paged_attention_torch(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_
     """CPU fast path: one gather, one in-place RoPE pass, one fused flash call.
 
     Same outputs as :func:`paged_attention_reference`. Keys are gathered straight into one
-    buffer (cache slots, then the block's own keys) and rotated in place with per-axis complex
-    factors computed once per distinct position (:func:`rope_factors`).
+    head-major workspace buffer (cache slots, then the block's own keys) and rotated in place
+    with per-axis complex factors computed once per distinct position (:func:`rope_factors`);
+    the fused call then reads contiguous ``[B, H, N, D]`` tensors like a plain SDPA call.
     """
     B, Nq, Hq, D = q.shape
     dt = q.dtype
@@ -180,10 +203,11 @@ def paged_attention_torch(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_
         return q.new_zeros(q.shape), q.new_full((B, Hq, Nq), float("-inf"), dtype=torch.float32)
     if k_new is not None:
         kpos = torch.cat([kpos, q_pos.long()], dim=1)
-    kr = _gather_rotated(cache_k, idx, k_new, kpos, table, Hq, ct, True).to(dt)
-    vv = _gather_rotated(cache_v, idx, v_new, kpos, table, Hq, dt, False)
-    qr = rotate_(q.to(ct, memory_format=torch.contiguous_format, copy=True),
-                 rope_factors(q_pos, table, ct)).to(dt)
+    kr = _gather_heads(cache_k, idx, k_new, kpos, table, Hq, ct, True, "k").to(dt)
+    vv = _gather_heads(cache_v, idx, v_new, kpos, table, Hq, dt, False, "v")
+    qr = workspace("q", (B, Hq, Nq, D), ct, q.device)
+    qr.copy_(q.transpose(1, 2))
+    qr = rotate_(qr.transpose(1, 2), rope_factors(q_pos, table, ct)).transpose(1, 2).to(dt)
     mask = None
     if valid is not None or causal:
         mask = torch.ones(B, Nq, Nk, dtype=torch.bool, device=q.device)
@@ -191,7 +215,6 @@ def paged_attention_torch(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_
             mask[:, :, :L] = valid.unsqueeze(1)
         if causal:
             mask[:, :, L:] = torch.ones(Nq, Nq, dtype=torch.bool, device=q.device).tril()
-    qr, kr, vv = qr.transpose(1, 2), kr.transpose(1, 2), vv.transpose(1, 2)
     bias = None
     if mask is not None:
         bias = torch.zeros(mask.shape, dtype=dt, device=q.device)
