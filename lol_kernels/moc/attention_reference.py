@@ -18,6 +18,7 @@ parts are merged by log-sum-exp (:func:`merge_lse`).
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import torch
@@ -25,6 +26,7 @@ import torch
 from ..attention.reference import (
     _rotate_keys,
     gather_keys,
+    paged_attention_reference,
     paged_attention_torch,
 )
 from ..rope.reference import compute_dtype, rope_cos_sin, rotate_pairs
@@ -195,7 +197,8 @@ def moc_attention_torch(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_ta
                         tile_size=128):
     """CPU fast path of :func:`lol_kernels.moc_attention`; same outputs as the reference.
 
-    * mandatory pages and new keys: one :func:`paged_attention_torch` call (one flash call);
+    * mandatory pages and new keys: one :func:`paged_attention_torch` call (one flash call;
+      the plain formula for fp16/bf16, so that low-precision rounding matches the reference);
     * routed chunks: the pages of every chunk some tile routes to (the union) are copied
       head-major once and rotated once per reading head (one complex multiply per pair,
       angles per distinct position value). Then, per head and chunk, the queries of the tiles
@@ -209,9 +212,13 @@ def moc_attention_torch(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_ta
     scale = D**-0.5 if scale is None else scale
     table = table.to(q.device)
     dev = q.device
-    out_m, lse_m = paged_attention_torch(q, q_pos, cache_k, cache_v, cache_pos, page_len,
-                                         page_table, table, k_new=k_new, v_new=v_new,
-                                         causal=causal, page_shift=page_shift, scale=scale)
+    # fp16/bf16 on the CPU are a correctness path: the mandatory part then uses the plain
+    # formula, whose rounding (scores rounded to the input dtype) is the reference's
+    mand = paged_attention_torch if dt in (torch.float32, torch.float64) or q.is_cuda else \
+        paged_attention_reference
+    out_m, lse_m = mand(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table, table,
+                        k_new=k_new, v_new=v_new, causal=causal, page_shift=page_shift,
+                        scale=scale)
     P, S, Hkv, _ = cache_k.shape
     C, Pc = chunk_pages.shape[1:]
     used = torch.unique(routed[routed >= 0].long())
@@ -250,9 +257,11 @@ def moc_attention_torch(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_ta
             z = torch.view_as_complex(kw.to(ct).reshape(Lc, Hkv, D // 2, 2))
             torch.mul(z.permute(1, 0, 2).unsqueeze(1), ph[:, :, w], out=krc[:, :, w])
         kr = torch.view_as_real(krc).view(Hq, U, Lc, D).to(dt)
-        with _one_thread():
-            _routed_heads(out_r, lse_r, b, qr, kr, [v for _, v in rows], routed, lut, bias,
-                          has_hole, nonempty, scale, g, dt, ct)
+        vrows = [v for _, v in rows]
+        with _one_thread() as workers, ThreadPoolExecutor(workers) as ex:
+            list(ex.map(lambda h, vr=vrows, kr=kr, b=b: _routed_head(
+                h, out_r, lse_r, b, qr, kr, vr, routed, lut, bias, has_hole, nonempty, scale, g,
+                dt, ct), range(Hq)))
     out, lse = merge_lse(out_m, lse_m, out_r[:, :N], lse_r[..., :N])
     return out.to(dt), lse
 
@@ -270,66 +279,68 @@ def _chunk_rows(cache_k, cache_v, pages, contiguous: bool, Lc: int):
 @contextmanager
 def _one_thread():
     """Per-chunk kernels are small ([n * tile, Lc]): intra-op threads cost more in barriers
-    than they gain (on a busy 2-core machine, 4-20x), so this loop runs single-threaded."""
+    than they gain (4-20x on a busy 2-core machine). Run them single-threaded and parallelize
+    over heads instead; yields the number of head workers (the previous thread count)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield
+        yield n
     finally:
         torch.set_num_threads(n)
 
 
-def _routed_heads(out_r, lse_r, b, qr, kr, vu, routed, lut, bias, has_hole, nonempty, scale, g,
-                  dt, ct):
-    """Routed part of batch row ``b`` for every head (see :func:`moc_attention_torch`)."""
-    Hq, T, tile_size, D = qr.shape[1:]
+def _routed_head(h, out_r, lse_r, b, qr, kr, vu, routed, lut, bias, has_hole, nonempty, scale,
+                 g, dt, ct):
+    """Routed part of batch row ``b`` and head ``h`` (see :func:`moc_attention_torch`): writes
+    ``out_r[b, :, h]`` and ``lse_r[b, h]`` only, so heads can run concurrently."""
+    T, tile_size, D = qr.shape[2:]
     K = routed.shape[3]
     dev = qr.device
-    for h in range(Hq):
-        col = lut[routed[b, :, h].long().clamp(min=0)]  # [T, K] union column
-        col = torch.where(routed[b, :, h] >= 0, col, -1).flatten()
-        order = torch.argsort(col, stable=True)
-        cols, counts = torch.unique_consecutive(col[order], return_counts=True)
-        skip = int(counts[0]) if int(cols[0]) < 0 else 0  # -1 entries sort first
-        nv = order.numel() - skip
-        if nv == 0:
+    col = lut[routed[b, :, h].long().clamp(min=0)]  # [T, K] union column
+    col = torch.where(routed[b, :, h] >= 0, col, -1).flatten()
+    order = torch.argsort(col, stable=True)
+    cols, counts = torch.unique_consecutive(col[order], return_counts=True)
+    skip = int(counts[0]) if int(cols[0]) < 0 else 0  # -1 entries sort first
+    nv = order.numel() - skip
+    if nv == 0:
+        return
+    # partials in sorted-slot order (slice writes): out normalized per slot, and its lse
+    o_s = torch.empty(nv, tile_size, D, dtype=ct, device=dev)
+    l_s = torch.full((nv, tile_size), float("-inf"), dtype=ct, device=dev)
+    start = 0
+    for w, n in zip(cols.tolist(), counts.tolist(), strict=True):
+        if w < 0:
             continue
-        # partials in sorted-slot order (slice writes): out normalized per slot, and its lse
-        o_s = torch.empty(nv, tile_size, D, dtype=ct, device=dev)
-        l_s = torch.full((nv, tile_size), float("-inf"), dtype=ct, device=dev)
-        start = 0
-        for w, n in zip(cols.tolist(), counts.tolist(), strict=True):
-            if w < 0:
-                continue
-            r0, start = start, start + n
-            if not bool(nonempty[b, w]):
-                o_s[r0:start] = 0.0
-                continue
-            qs = qr[b, h][order[skip + r0:skip + start] // K].view(n * tile_size, D)
-            # fused kernels: scores (+ bias for partial pages), logsumexp, softmax, P V
+        r0, start = start, start + n
+        if not bool(nonempty[b, w]):
+            o_s[r0:start] = 0.0
+            continue
+        qs = qr[b, h][order[skip + r0:skip + start] // K].view(n * tile_size, D)
+        # scores in the input dtype, scaled in fp32 (as the reference), then fused kernels
+        if dt == ct and bool(has_hole[b, w]):
+            sc = torch.addmm(bias[b, w], qs, kr[h, w].t(), alpha=scale)
+        else:
+            sc = torch.mm(qs, kr[h, w].t()).to(ct).mul_(scale)
             if bool(has_hole[b, w]):
-                sc = torch.addmm(bias[b, w].to(dt), qs, kr[h, w].t(), alpha=scale)
-            else:
-                sc = torch.mm(qs, kr[h, w].t()).mul_(scale)
-            sc = sc.to(ct)
-            l_s[r0:start] = torch.logsumexp(sc, dim=-1).view(n, tile_size)
-            if dt == ct:  # write P V straight into the partial buffer
-                torch.mm(torch.softmax(sc, dim=-1), vu[w][:, h // g],
-                         out=o_s[r0:start].view(n * tile_size, D))
-            else:
-                o_s[r0:start] = (torch.softmax(sc, dim=-1).to(dt) @ vu[w][:, h // g]).to(
-                    ct).view(n, tile_size, D)
-        # merge the slots of each tile: lse over its slots, then one weighted index_add
-        tile_of = order[skip:] // K  # [nv]
-        lse = torch.full((T, tile_size), float("-inf"), dtype=ct, device=dev)
-        lmax = lse.scatter_reduce(0, tile_of[:, None].expand(-1, tile_size), l_s, "amax")
-        lmax = torch.where(torch.isfinite(lmax), lmax, 0.0)
-        wgt = torch.exp(l_s - lmax[tile_of])
-        den = torch.zeros(T, tile_size, dtype=ct, device=dev).index_add_(0, tile_of, wgt)
-        acc = torch.zeros(T, tile_size, D, dtype=ct, device=dev)
-        acc.index_add_(0, tile_of, o_s.mul_(wgt.unsqueeze(-1)))
-        seen = den > 0
-        out_r[b, :, h] = torch.where(seen.unsqueeze(-1), acc / torch.where(seen, den, 1.0)
-                                     .unsqueeze(-1), 0.0).view(T * tile_size, D)
-        lse_r[b, h] = torch.where(seen, lmax + torch.log(torch.where(seen, den, 1.0)),
-                                  float("-inf")).view(-1)
+                sc += bias[b, w]
+        l_s[r0:start] = torch.logsumexp(sc, dim=-1).view(n, tile_size)
+        if dt == ct:  # write P V straight into the partial buffer
+            torch.mm(torch.softmax(sc, dim=-1), vu[w][:, h // g],
+                     out=o_s[r0:start].view(n * tile_size, D))
+        else:
+            o_s[r0:start] = (torch.softmax(sc, dim=-1).to(dt) @ vu[w][:, h // g]).to(
+                ct).view(n, tile_size, D)
+    # merge the slots of each tile: lse over its slots, then one weighted index_add
+    tile_of = order[skip:] // K  # [nv]
+    lse = torch.full((T, tile_size), float("-inf"), dtype=ct, device=dev)
+    lmax = lse.scatter_reduce(0, tile_of[:, None].expand(-1, tile_size), l_s, "amax")
+    lmax = torch.where(torch.isfinite(lmax), lmax, 0.0)
+    wgt = torch.exp(l_s - lmax[tile_of])
+    den = torch.zeros(T, tile_size, dtype=ct, device=dev).index_add_(0, tile_of, wgt)
+    acc = torch.zeros(T, tile_size, D, dtype=ct, device=dev)
+    acc.index_add_(0, tile_of, o_s.mul_(wgt.unsqueeze(-1)))
+    seen = den > 0
+    out_r[b, :, h] = torch.where(seen.unsqueeze(-1), acc / torch.where(seen, den, 1.0)
+                                 .unsqueeze(-1), 0.0).view(T * tile_size, D)
+    lse_r[b, h] = torch.where(seen, lmax + torch.log(torch.where(seen, den, 1.0)),
+                              float("-inf")).view(-1)
