@@ -29,6 +29,25 @@ def bench(fn, *, warmup: int = 2, repeats: int = 7, min_time: float = 0.0) -> di
             "repeats": len(times)}
 
 
+def bench_interleaved(fns: dict, *, warmup: int = 2, repeats: int = 9) -> dict:
+    """Time several functions round-robin (A, B, C, A, B, C, ...), so that load from other
+    processes on a shared machine falls on all of them alike; returns ``{name: stats}``."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return {name: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t),
+                   "repeats": len(t)} for name, t in times.items()}
+
+
 def machine() -> dict:
     """What the figures were measured on."""
     info = {"python": platform.python_version(), "torch": torch.__version__,
