@@ -163,18 +163,16 @@ def _flash(q, k, v, bias, scale):
     return (torch.softmax(s, dim=-1).to(q.dtype) @ v), lse
 
 
-def rope_phasors(pos: torch.Tensor, table: RopeTable, dtype: torch.dtype) -> torch.Tensor:
-    """Unit phasors ``exp(i angle)`` ``[H, L, D/2]`` (complex of ``dtype``) for ``pos [L, A]``.
+def rope_phasor_tables(pos: torch.Tensor, table: RopeTable, dtype: torch.dtype):
+    """Unit phasors ``exp(i angle)`` of ``pos [L, A]`` (complex of ``dtype``), per axis.
 
-    Same angles as ``rope_angles`` (float64 product reduced modulo ``2 pi``), but each axis
-    takes few distinct values (frame index, patch row, patch column), so they are formed once
-    per distinct value and gathered, instead of once per token and head.
+    Returns ``[(tab [H, U_a, n_a], inv [L])]`` over axes: token ``l`` rotates the pairs of
+    axis ``a`` by ``tab[:, inv[l]]``. Same angles as ``rope_angles`` (float64 product reduced
+    modulo ``2 pi``), formed once per distinct position value (frame index, patch row, patch
+    column: few of each) instead of once per token and head.
     """
-    H, half = table.freqs.shape
+    out, j0 = [], 0
     L = pos.shape[0]
-    cdt = torch.complex128 if dtype == torch.float64 else torch.complex64
-    ph = torch.empty(H, L, half, dtype=cdt, device=pos.device)
-    j0 = 0
     for a, width in enumerate(table.axes):
         j1 = j0 + width // 2
         p_a = pos[:, a]
@@ -186,9 +184,14 @@ def rope_phasors(pos: torch.Tensor, table: RopeTable, dtype: torch.dtype) -> tor
             u, inv = torch.unique(p_a, return_inverse=True)
         ang = torch.remainder(u.to(torch.float64)[None, :, None] * table.freqs[:, None, j0:j1],
                               2.0 * math.pi).to(dtype)  # [H, U_a, n_a]
-        ph[..., j0:j1] = torch.polar(torch.ones_like(ang), ang)[:, inv]
+        out.append((torch.polar(torch.ones_like(ang), ang), inv))
         j0 = j1
-    return ph
+    return out
+
+
+def phasors(tabs, rows: slice) -> torch.Tensor:
+    """``[H, n, D/2]`` phasors of the tokens ``rows`` from :func:`rope_phasor_tables`."""
+    return torch.cat([tab[:, inv[rows]] for tab, inv in tabs], dim=-1)
 
 
 def moc_attention_torch(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table,
@@ -237,7 +240,8 @@ def moc_attention_torch(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_ta
     has_hole = ~valid.all(dim=-1)  # [B, U]
     nonempty = valid.any(dim=-1)
     cos, sin = rope_cos_sin(q_pos, table, ct)
-    qr = rotate_pairs(q.to(ct), cos, sin).to(dt)
+    qr = rotate_pairs(q.to(ct), cos, sin)
+    qr = (qr * scale if dt == ct else qr).to(dt)  # fp32/fp64: the scale folded into q
     qr = torch.nn.functional.pad(qr, (0, 0, 0, 0, 0, T * tile_size - N))
     qr = qr.view(B, T, tile_size, Hq, D).permute(0, 3, 1, 2, 4).contiguous()  # [B,Hq,T,tile,D]
     out_r = torch.zeros(B, T * tile_size, Hq, D, dtype=ct, device=dev)
@@ -250,16 +254,17 @@ def moc_attention_torch(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_ta
         kpos = cache_pos[pid[b]].long().view(U, Lc, A)
         if chunk_shift is not None:
             kpos = kpos + chunk_shift[b, used].long().unsqueeze(1)
-        ph = rope_phasors(kpos.view(U * Lc, A), table, ct).view(Hkv, g, U, Lc, D // 2)
+        tabs = rope_phasor_tables(kpos.view(U * Lc, A), table, ct)
         rows = [_chunk_rows(cache_k, cache_v, pid[b, w], contig[b][w], Lc) for w in range(U)]
         krc = torch.empty(Hkv, g, U, Lc, D // 2, dtype=cdt, device=dev)
-        for w, (kw, _) in enumerate(rows):  # rotate keys, written head-major
+        for w, (kw, _) in enumerate(rows):  # rotate keys chunk by chunk, written head-major
             z = torch.view_as_complex(kw.to(ct).reshape(Lc, Hkv, D // 2, 2))
-            torch.mul(z.permute(1, 0, 2).unsqueeze(1), ph[:, :, w], out=krc[:, :, w])
+            ph = phasors(tabs, slice(w * Lc, (w + 1) * Lc)).view(Hkv, g, Lc, D // 2)
+            torch.mul(z.permute(1, 0, 2).unsqueeze(1), ph, out=krc[:, :, w])
         kr = torch.view_as_real(krc).view(Hq, U, Lc, D).to(dt)
         vrows = [v for _, v in rows]
-        with _one_thread() as workers, ThreadPoolExecutor(workers) as ex:
-            list(ex.map(lambda h, vr=vrows, kr=kr, b=b: _routed_head(
+        with _one_thread() as workers:
+            list(_head_pool(workers).map(lambda h, vr=vrows, kr=kr, b=b: _routed_head(
                 h, out_r, lse_r, b, qr, kr, vr, routed, lut, bias, has_hole, nonempty, scale, g,
                 dt, ct), range(Hq)))
     out, lse = merge_lse(out_m, lse_m, out_r[:, :N], lse_r[..., :N])
@@ -289,6 +294,18 @@ def _one_thread():
         torch.set_num_threads(n)
 
 
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _head_pool(workers: int) -> ThreadPoolExecutor:
+    """A persistent pool of ``workers`` threads whose OpenMP/BLAS calls are single-threaded
+    (OpenMP's thread count is per thread: a fresh thread would use every core per call)."""
+    if workers not in _POOLS:
+        _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="lk-moc",
+                                             initializer=torch.set_num_threads, initargs=(1,))
+    return _POOLS[workers]
+
+
 def _routed_head(h, out_r, lse_r, b, qr, kr, vu, routed, lut, bias, has_hole, nonempty, scale,
                  g, dt, ct):
     """Routed part of batch row ``b`` and head ``h`` (see :func:`moc_attention_torch`): writes
@@ -316,18 +333,20 @@ def _routed_head(h, out_r, lse_r, b, qr, kr, vu, routed, lut, bias, has_hole, no
             o_s[r0:start] = 0.0
             continue
         qs = qr[b, h][order[skip + r0:skip + start] // K].view(n * tile_size, D)
-        # scores in the input dtype, scaled in fp32 (as the reference), then fused kernels
-        if dt == ct and bool(has_hole[b, w]):
-            sc = torch.addmm(bias[b, w], qs, kr[h, w].t(), alpha=scale)
-        else:
+        if dt == ct:  # fp32/fp64: q is pre-scaled; in-place softmax, P V into the buffer
+            sc = torch.addmm(bias[b, w], qs, kr[h, w].t()) if bool(has_hole[b, w]) else \
+                torch.mm(qs, kr[h, w].t())
+            m = sc.amax(dim=-1, keepdim=True)
+            p = sc.sub_(m).exp_()
+            den = p.sum(dim=-1, keepdim=True)
+            o = torch.mm(p, vu[w][:, h // g], out=o_s[r0:start].view(n * tile_size, D))
+            o.div_(den)
+            l_s[r0:start] = (m + torch.log(den)).view(n, tile_size)
+        else:  # fp16/bf16: scores in the input dtype, scaled in fp32, as the reference
             sc = torch.mm(qs, kr[h, w].t()).to(ct).mul_(scale)
             if bool(has_hole[b, w]):
                 sc += bias[b, w]
-        l_s[r0:start] = torch.logsumexp(sc, dim=-1).view(n, tile_size)
-        if dt == ct:  # write P V straight into the partial buffer
-            torch.mm(torch.softmax(sc, dim=-1), vu[w][:, h // g],
-                     out=o_s[r0:start].view(n * tile_size, D))
-        else:
+            l_s[r0:start] = torch.logsumexp(sc, dim=-1).view(n, tile_size)
             o_s[r0:start] = (torch.softmax(sc, dim=-1).to(dt) @ vu[w][:, h // g]).to(
                 ct).view(n, tile_size, D)
     # merge the slots of each tile: lse over its slots, then one weighted index_add
