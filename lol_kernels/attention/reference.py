@@ -177,7 +177,7 @@ def _gather_heads(pool, idx, new, kpos, table, Hq, ct, rotate, name):
     if Nn:
         buf[:, :, L:] = new.repeat_interleave(g, dim=2).transpose(1, 2)
     if rotate:
-        rotate_(buf.transpose(1, 2), rope_factors(kpos, table, ct))
+        rotate_(buf, rope_factors(kpos, table, ct, head_major=True))
     return buf
 
 
@@ -207,7 +207,7 @@ def paged_attention_torch(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_
     vv = _gather_heads(cache_v, idx, v_new, kpos, table, Hq, dt, False, "v")
     qr = workspace("q", (B, Hq, Nq, D), ct, q.device)
     qr.copy_(q.transpose(1, 2))
-    qr = rotate_(qr.transpose(1, 2), rope_factors(q_pos, table, ct)).transpose(1, 2).to(dt)
+    qr = rotate_(qr, rope_factors(q_pos, table, ct, head_major=True)).to(dt)
     mask = None
     if valid is not None or causal:
         mask = torch.ones(B, Nq, Nk, dtype=torch.bool, device=q.device)

@@ -49,7 +49,8 @@ def rope_cos_sin(pos: torch.Tensor, table: RopeTable, dtype: torch.dtype):
     return torch.cos(ang), torch.sin(ang)
 
 
-def rope_factors(pos: torch.Tensor, table: RopeTable, dtype: torch.dtype):
+def rope_factors(pos: torch.Tensor, table: RopeTable, dtype: torch.dtype, *,
+                 head_major: bool = False):
     """Per-axis complex rotation factors ``exp(i * pos * omega)`` for the fast path.
 
     Angles are formed once per *distinct* position of each axis (a video block has few distinct
@@ -58,7 +59,9 @@ def rope_factors(pos: torch.Tensor, table: RopeTable, dtype: torch.dtype):
 
     Returns:
         list of ``(start, end, factor [..., N, H or 1, end - start])`` complex tensors, one per
-        axis, covering pairs ``start:end``.
+        axis, covering pairs ``start:end``; with ``head_major`` the factors are
+        ``[..., H or 1, N, end - start]``, to rotate a head-major ``[..., H, N, D]`` tensor with
+        both operands read in memory order.
     """
     t = table.to(pos.device)
     cdt = torch.complex128 if dtype == torch.float64 else torch.complex64
@@ -70,14 +73,18 @@ def rope_factors(pos: torch.Tensor, table: RopeTable, dtype: torch.dtype):
         if table.axis_shared(a):
             f = f[:1]
         ang = torch.remainder(u.to(torch.float64)[:, None, None] * f, TWO_PI).to(dtype)
-        fac = torch.complex(torch.cos(ang), torch.sin(ang)).to(cdt)
-        out.append((start, end, fac[inv]))
+        fac = torch.complex(torch.cos(ang), torch.sin(ang)).to(cdt)  # [U, H', n]
+        if head_major:  # [H', ..., N, n] gathered in memory order, then heads moved in place
+            out.append((start, end, fac.transpose(0, 1)[:, inv].movedim(0, -3)))
+        else:
+            out.append((start, end, fac[inv]))
         start = end
     return out
 
 
 def rotate_(x: torch.Tensor, factors) -> torch.Tensor:
-    """Rotate ``x [..., N, H, D]`` **in place** (it must own contiguous memory)."""
+    """Rotate ``x`` **in place** by :func:`rope_factors`: ``x [..., N, H, D]``, or
+    ``[..., H, N, D]`` with head-major factors. The last dim must be contiguous."""
     xc = torch.view_as_complex(x.unflatten(-1, (-1, 2)))
     for start, end, fac in factors:
         xc[..., start:end] *= fac
