@@ -11,7 +11,8 @@ Sparsity is the fraction of (query, history key) pairs not computed:
 ``1 - (3 + k) / 128`` for ``k`` routed chunks per tile and head (k = 61, 29, 16, 3 give
 50.0 / 75.0 / 85.2 / 95.3 %).
 
-Methods timed (median of ``--repeats``):
+Methods timed (median of ``--repeats``, round-robin so that load from other jobs falls on
+every method alike):
 
 * ``dense_sdpa``: ``scaled_dot_product_attention`` on keys already rotated and contiguous
   (the dense floor: no gather, no RoPE).
@@ -54,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import bench, markdown_table, write_results  # noqa: E402
+from harness import bench_interleaved, markdown_table, write_results  # noqa: E402
 
 import lol_kernels as lk  # noqa: E402
 from lol_kernels.cache import token_positions  # noqa: E402
@@ -135,14 +136,17 @@ def measure(x, table, tile, repeats, timed):
     qr = apply_rope_torch(x["q"], x["q_pos"], table).transpose(1, 2).contiguous()
     kr = apply_rope_torch(x["k"][None], x["pos"][None], table).transpose(1, 2).contiguous()
     vt = x["v"][None].transpose(1, 2).contiguous()
-    r = bench(lambda: F.scaled_dot_product_attention(qr, kr, vt), repeats=repeats)
-    rows.append({"method": "dense_sdpa", "sparsity_pct": 0.0, **r})
-    r = bench(dense_paged, repeats=repeats)
-    rows.append({"method": "dense_paged", "sparsity_pct": 0.0, **r})
+    fns = {"dense_sdpa": lambda: F.scaled_dot_product_attention(qr, kr, vt),
+           "dense_paged": dense_paged}
+    idx = {s: route(k) for s, k in K_FOR_SPARSITY.items()}
     for s, k in K_FOR_SPARSITY.items():
-        idx = route(k)
-        rr = bench(lambda k=k: route(k), repeats=repeats)
-        ra = bench(lambda idx=idx: moc(idx), repeats=repeats)
+        fns[f"route_s{s}"] = lambda k=k: route(k)
+        fns[f"moc_s{s}"] = lambda i=idx[s]: moc(i)
+    # round-robin timing: load from other jobs on the shared machine falls on every method
+    st = bench_interleaved(fns, repeats=repeats)
+    rows += [{"method": m, "sparsity_pct": 0.0, **st[m]} for m in ("dense_sdpa", "dense_paged")]
+    for s, k in K_FOR_SPARSITY.items():
+        ra, rr = st[f"moc_s{s}"], st[f"route_s{s}"]
         rows.append({"method": f"moc_s{s}", "sparsity_pct": 100 * (1 - (3 + k) / C), "k": k,
                      **ra, "route_s": rr["median_s"], "total_s": ra["median_s"] + rr["median_s"]})
     return errors, rows
