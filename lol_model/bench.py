@@ -20,7 +20,7 @@ from pathlib import Path
 BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "paged_attention_cpu": ("paged_attention_cpu.py", [], ["--repeats", "3"]),
     "kernel_report": ("kernel_report.py", [], []),
-    "moc_router": ("moc_router.py", [], ["--quick"]),
+    "moc_router": ("moc_router.py", [], ["--repeats", "3", "--ref-repeats", "1"]),
     "moc_attention": ("moc_attention.py", [], ["--quick"]),
     "streaming": ("streaming.py", [], ["--quick"]),
 }
