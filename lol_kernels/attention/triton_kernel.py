@@ -125,6 +125,52 @@ def _attend_tile(acc, m_i, l_i, b_qe, b_qo, b_k, b_v, b_pos, m_vis, b_thi, b_tlo
     return acc, m_new, l_i
 
 
+@triton.jit
+def _attend_new_keys(acc, m_i, l_i, b_qe, b_qo, KNew, VNew, NewPos, i_b, i_kvh, i_m, o_m, o_n,
+                     o_d, N_new, stride_knb, stride_knn, stride_knh, stride_vnb, stride_vnn,
+                     stride_vnh, stride_npb, stride_npn, b_axis, b_thi, b_tlo, qk_scale,
+                     NUM_AXES: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
+                     FAST_TRIG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The block's own keys (shared by the paged and MoC kernels): all visible, or
+    ``j <= i`` (top-left aligned) when causal."""
+    hi = N_new
+    if IS_CAUSAL:
+        hi = tl.minimum(N_new, (i_m + 1) * BLOCK_M)
+    for start in range(0, hi, BLOCK_N):
+        o_t = start + o_n
+        m_t = o_t < N_new
+        p_k = KNew + i_b * stride_knb + o_t[:, None].to(tl.int64) * stride_knn \
+            + i_kvh * stride_knh + o_d[None, :]
+        p_v = VNew + i_b * stride_vnb + o_t[:, None].to(tl.int64) * stride_vnn \
+            + i_kvh * stride_vnh + o_d[None, :]
+        b_k = tl.load(p_k, mask=m_t[:, None], other=0.0)
+        b_v = tl.load(p_v, mask=m_t[:, None], other=0.0)
+        b_kpos = load_pair_positions(NewPos + i_b * stride_npb + o_t * stride_npn, m_t,
+                                     b_axis, NUM_AXES)
+        if IS_CAUSAL:  # j <= i and j < N_new in one compare
+            m_vis = o_t[None, :] <= tl.minimum(o_m, N_new - 1)[:, None]
+        else:
+            m_vis = m_t[None, :]
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, b_qe, b_qo, b_k, b_v, b_kpos, m_vis,
+                                     b_thi, b_tlo, qk_scale, DOT_PREC, FAST_TRIG)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _store_out(Out, Lse, acc, m_i, l_i, i_b, i_h, o_m, o_d, m_m, stride_ob, stride_on,
+               stride_oh, stride_lb, stride_lh):
+    """Epilogue: normalize and store ``out`` and the natural-log ``lse``; rows that saw no key
+    have ``l_i = 0`` and ``acc = 0`` -> out 0, lse -inf."""
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    b_o = acc / l_safe[:, None]
+    b_lse = tl.where(seen, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    p_o = Out + i_b * stride_ob + o_m[:, None].to(tl.int64) * stride_on + i_h * stride_oh \
+        + o_d[None, :]
+    tl.store(p_o, b_o.to(Out.dtype.element_ty), mask=m_m[:, None])
+    tl.store(Lse + i_b * stride_lb + i_h * stride_lh + o_m, b_lse, mask=m_m)
+
+
 @triton.jit(do_not_specialize=["Nq", "N_new", "M", "stride_qpb", "stride_npb",
                                "stride_lb", "stride_lh", "stride_ptb", "stride_psb"])
 def _paged_rope_attn_fwd(
@@ -204,38 +250,14 @@ def _paged_rope_attn_fwd(
         acc, m_i, l_i = _attend_tile(acc, m_i, l_i, b_qe, b_qo, b_k, b_v, b_kpos,
                                      m_n[None, :], b_thi, b_tlo, qk_scale, DOT_PREC, FAST_TRIG)
 
-    # the block's own keys: all visible, or j <= i (top-left aligned) when causal
     if HAS_NEW:
-        hi = N_new
-        if IS_CAUSAL:
-            hi = tl.minimum(N_new, (i_m + 1) * BLOCK_M)
-        for start in range(0, hi, BLOCK_N):
-            o_t = start + o_n
-            m_t = o_t < N_new
-            p_k = KNew + i_b * stride_knb + o_t[:, None].to(tl.int64) * stride_knn \
-                + i_kvh * stride_knh + o_d[None, :]
-            p_v = VNew + i_b * stride_vnb + o_t[:, None].to(tl.int64) * stride_vnn \
-                + i_kvh * stride_vnh + o_d[None, :]
-            b_k = tl.load(p_k, mask=m_t[:, None], other=0.0)
-            b_v = tl.load(p_v, mask=m_t[:, None], other=0.0)
-            b_kpos = load_pair_positions(NewPos + i_b * stride_npb + o_t * stride_npn, m_t,
-                                         b_axis, NUM_AXES)
-            if IS_CAUSAL:  # j <= i and j < N_new in one compare
-                m_vis = o_t[None, :] <= tl.minimum(o_m, N_new - 1)[:, None]
-            else:
-                m_vis = m_t[None, :]
-            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, b_qe, b_qo, b_k, b_v, b_kpos, m_vis,
-                                         b_thi, b_tlo, qk_scale, DOT_PREC, FAST_TRIG)
-
-    # epilogue: rows that saw no key have l_i = 0 and acc = 0 -> out 0, lse -inf
-    seen = l_i > 0.0
-    l_safe = tl.where(seen, l_i, 1.0)
-    b_o = acc / l_safe[:, None]
-    b_lse = tl.where(seen, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    p_o = Out + i_b * stride_ob + o_m[:, None].to(tl.int64) * stride_on + i_h * stride_oh \
-        + o_d[None, :]
-    tl.store(p_o, b_o.to(Out.dtype.element_ty), mask=m_m[:, None])
-    tl.store(Lse + i_b * stride_lb + i_h * stride_lh + o_m, b_lse, mask=m_m)
+        acc, m_i, l_i = _attend_new_keys(
+            acc, m_i, l_i, b_qe, b_qo, KNew, VNew, NewPos, i_b, i_kvh, i_m, o_m, o_n, o_d, N_new,
+            stride_knb, stride_knn, stride_knh, stride_vnb, stride_vnn, stride_vnh, stride_npb,
+            stride_npn, b_axis, b_thi, b_tlo, qk_scale, NUM_AXES, IS_CAUSAL, DOT_PREC, FAST_TRIG,
+            BLOCK_M, BLOCK_N)
+    _store_out(Out, Lse, acc, m_i, l_i, i_b, i_h, o_m, o_d, m_m, stride_ob, stride_on, stride_oh,
+               stride_lb, stride_lh)
 
 
 _paged_rope_attn_fwd_tuned = triton.autotune(
