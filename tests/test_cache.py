@@ -3,6 +3,8 @@
 import pytest
 import torch
 from conftest import max_err
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 import lol_kernels as lk
 from lol_kernels.cache import PagedKVCache, bounded, cut, flush, read_cache, token_positions
@@ -218,3 +220,44 @@ def test_cache_rejects_appends_and_writes():
         read_cache(c, 1, "sliding")
     with pytest.raises(ValueError, match="keep_last"):
         flush(c, keep_last=-1)
+
+
+@settings(max_examples=20, deadline=None)
+@given(sink=st.integers(0, 2), window=st.integers(1, 4), block=st.integers(1, 3),
+       page=st.sampled_from([16, 32]), grid=st.sampled_from([(3, 5), (4, 9)]),
+       steps=st.integers(1, 6), policy=st.sampled_from(["absolute", "relativistic", "bounded"]),
+       seed=st.integers(0, 2**16))
+def test_property_policy_reads_match_dense_float64(sink, window, block, page, grid, steps,
+                                                   policy, seed):
+    """Any stream, any policy: attention through the read equals float64 dense attention over
+    the kept frames' keys rotated at the read's positions."""
+    torch.manual_seed(seed)
+    gh, gw = grid
+    Nf, H, D = gh * gw, 2, 16
+    c = PagedKVCache(num_layers=1, num_kv_heads=1, head_dim=D, frame_tokens=Nf,
+                     sink_frames=sink, window_frames=window, block_frames=block, page_size=page)
+    keys, vals, t = {}, {}, 0
+    for _ in range(steps):
+        blk = c.append_frames(token_positions(torch.arange(t, t + block), gh, gw))
+        k, v = torch.randn(1, block * Nf, 1, D), torch.randn(1, block * Nf, 1, D)
+        c.write(0, blk, k, v)
+        for f, fr in enumerate(blk.frames):
+            keys[fr.serial], vals[fr.serial] = k[:, f * Nf:(f + 1) * Nf], v[:, f * Nf:(f + 1) * Nf]
+        t += block
+    # a bounded read needs room for sink, block and one window frame (else it is rejected)
+    assume(policy != "bounded" or c.sink_frames + c.window_frames >= len(c.sink) + block + 1)
+    r = read_cache(c, block, policy)
+    table = lk.rope_frequencies(D, H, axes=(8, 4, 4), jitter_sigma=0.5, seed=seed)
+    q = torch.randn(1, block * Nf, H, D, dtype=torch.float64)
+    qp = token_positions(r.q_t, gh, gw)
+    out, _ = lk.paged_attention(q, qp, c.k[0].double(), c.v[0].double(), c.pos, c.page_len,
+                                r.page_table, table, page_shift=r.page_shift)
+    frames = c.frames()
+    assert [fr.fid for fr in frames] == r.frame_ids
+    K = torch.cat([keys[fr.serial] for fr in frames], 1).double().expand(-1, -1, H, -1)
+    V = torch.cat([vals[fr.serial] for fr in frames], 1).double().expand(-1, -1, H, -1)
+    kp = token_positions(r.frame_t, gh, gw)
+    s = torch.einsum("bqhd,bkhd->bhqk", apply_rope_reference(q, qp, table),
+                     apply_rope_reference(K, kp, table)) * D**-0.5
+    want = torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), V)
+    assert max_err(out, want) < 1e-10
