@@ -65,3 +65,18 @@ def check_positions_fit(name: str, pos: torch.Tensor, limit: int = 2**31 - 1):
     if value_checks_enabled() and pos.numel() and (pos.max().item() > limit or pos.min().item() < -limit):
         raise ValueError(f"{name} must hold positions in [-{limit}, {limit}] (int32), "
                          f"got range [{pos.min().item()}, {pos.max().item()}]")
+
+
+def lazy_backend(module: str, name: str, package: str):
+    """Import ``name`` from an optional backend module on first use.
+
+    Returns the callable, or raises ``RuntimeError("backend='triton' is unavailable: ...")``
+    saying why (Triton missing, no kernel for this platform).
+    """
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(module, package), name)
+    except ImportError as e:
+        raise RuntimeError(f"backend='triton' is unavailable: {e}") from e
+

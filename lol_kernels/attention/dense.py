@@ -20,7 +20,7 @@ from ..rope.op import check_table
 from ..rope.reference import compute_dtype, rope_cos_sin, rotate_pairs
 from ..rope.table import RopeTable
 from .op import POS_LIMIT, triton_available
-from .reference import _rotate_keys
+from .reference import _rotate_keys, attention_with_lse
 
 
 def rope_attention_torch(q, k, v, q_pos, k_pos, table: RopeTable, *, causal=False, scale=None):
@@ -43,15 +43,7 @@ def rope_attention_torch(q, k, v, q_pos, k_pos, table: RopeTable, *, causal=Fals
     if causal:  # query i sees keys j <= i (top-left, as SDPA's is_causal)
         vis = torch.ones(Nq, Nk, dtype=torch.bool, device=q.device).tril()
         bias = torch.zeros(Nq, Nk, dtype=dt, device=q.device).masked_fill_(~vis, float("-inf"))
-    if q.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            qr, kr, vv, attn_mask=bias, scale=scale)
-    else:
-        s = (qr @ kr.transpose(-1, -2)).float() * scale
-        if bias is not None:
-            s = s + bias.float()
-        lse = torch.logsumexp(s, dim=-1)
-        out = torch.softmax(s, dim=-1).to(dt) @ vv
+    out, lse = attention_with_lse(qr, kr, vv, bias, scale)
     return out.transpose(1, 2).to(dt), lse.float()
 
 

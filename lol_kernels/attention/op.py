@@ -10,6 +10,7 @@ from .._checks import (
     check_same_device,
     check_shape,
     check_tensor,
+    lazy_backend,
     value_checks_enabled,
 )
 from ..rope.op import check_table
@@ -20,11 +21,7 @@ POS_LIMIT = 2**30  # stored position + page_shift must still fit int32 in the ke
 
 
 def _triton_impl():
-    try:
-        from .triton_kernel import paged_attention_triton
-    except ImportError as e:
-        raise RuntimeError(f"backend='triton' is unavailable: {e}") from e
-    return paged_attention_triton
+    return lazy_backend(".triton_kernel", "paged_attention_triton", __package__)
 
 
 def triton_available() -> bool:

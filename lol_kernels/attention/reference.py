@@ -181,6 +181,23 @@ def _gather_heads(pool, idx, new, kpos, table, Hq, ct, rotate, name):
     return buf
 
 
+def attention_with_lse(qr, kr, vv, bias, scale):
+    """Softmax attention that also returns the log-sum-exp.
+
+    ``qr [B, H, Nq, D]``, ``kr, vv [B, H, Nk, D]`` (already rotated, same heads), ``bias``
+    additive ``[..., Nq, Nk]`` in q's dtype or ``None``. On the CPU one fused flash call; elsewhere
+    the plain formula with an fp32 softmax. Returns ``out [B, H, Nq, D]`` and ``lse [B, H, Nq]``.
+    """
+    if qr.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qr, kr, vv, attn_mask=bias, scale=scale)
+    s = (qr @ kr.transpose(-1, -2)).float() * scale
+    if bias is not None:
+        s = s + bias.float()
+    lse = torch.logsumexp(s, dim=-1)
+    return torch.softmax(s, dim=-1).to(qr.dtype) @ vv, lse
+
+
 def paged_attention_torch(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table,
                           table: RopeTable, *, k_new=None, v_new=None, causal=False,
                           page_shift=None, scale=None):
@@ -219,15 +236,7 @@ def paged_attention_torch(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_
     if mask is not None:
         bias = torch.zeros(mask.shape, dtype=dt, device=q.device)
         bias = bias.masked_fill_(~mask, float("-inf")).unsqueeze(1)
-    if q.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            qr, kr, vv, attn_mask=bias, scale=scale)
-    else:
-        s = (qr @ kr.transpose(-1, -2)).float() * scale
-        if bias is not None:
-            s = s + bias.float()
-        lse = torch.logsumexp(s, dim=-1)
-        out = (torch.softmax(s, dim=-1).to(dt) @ vv)
+    out, lse = attention_with_lse(qr, kr, vv, bias, scale)
     out = out.transpose(1, 2)
     lse = lse.float()
     if mask is not None:  # a row with no visible key: zeros and lse = -inf (the kernel gives 0)

@@ -16,7 +16,13 @@ import math
 
 import torch
 
-from .._checks import check_backend, check_positions_fit, check_shape, check_tensor
+from .._checks import (
+    check_backend,
+    check_positions_fit,
+    check_shape,
+    check_tensor,
+    lazy_backend,
+)
 from ..attention.op import POS_LIMIT, validate_paged_inputs
 from ..rope.table import RopeTable
 from .attention_reference import moc_attention_torch
@@ -25,11 +31,7 @@ TILE_MULTIPLE = 16  # smallest query block of the kernel (tl.dot needs >= 16 row
 
 
 def _triton_impl():
-    try:
-        from .attention_triton import moc_attention_triton
-    except ImportError as e:
-        raise RuntimeError(f"backend='triton' is unavailable: {e}") from e
-    return moc_attention_triton
+    return lazy_backend(".attention_triton", "moc_attention_triton", __package__)
 
 
 def triton_available() -> bool:

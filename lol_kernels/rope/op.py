@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_backend, check_positions_fit, check_same_device, check_tensor
+from .._checks import (
+    check_backend,
+    check_positions_fit,
+    check_same_device,
+    check_tensor,
+    lazy_backend,
+)
 from .reference import apply_rope_torch
 from .table import RopeTable
 
@@ -24,11 +30,7 @@ def check_table(table, num_heads: int | None, head_dim: int, num_axes: int | Non
 
 
 def _triton_apply_rope():
-    try:
-        from .triton_kernel import apply_rope_triton
-    except ImportError as e:  # triton missing or kernel not built on this platform
-        raise RuntimeError(f"backend='triton' is unavailable: {e}") from e
-    return apply_rope_triton
+    return lazy_backend(".triton_kernel", "apply_rope_triton", __package__)
 
 
 @torch.library.custom_op("lol::apply_rope", mutates_args=())
