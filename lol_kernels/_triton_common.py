@@ -13,6 +13,9 @@ rad: 0.01 rad at 172,800, up to 1 rad at 2^24), the kernels work in **turns** he
   the phase is the angle in units of ``2 pi / 2^32`` with an error below ``2^-32`` turn plus the
   float64 rounding of ``omega`` itself: the same accuracy as the float64 reference, for any
   ``|pos| < 2^31`` (stored position + page_shift must fit int32);
+* attention kernels form every phase *relative* (``RELATIVE=True``): positions biased by
+  ``2^31`` so that all of them are unsigned, which drops the per-pair sign fix-up; the bias
+  adds the same angle to a pair of a query and of a key, so ``q . k`` is unchanged;
 * :func:`sincos_phase` splits the phase into a quadrant (two exact integer bits) and a
   remainder ``|x| <= pi/4`` and evaluates short Taylor polynomials in float32 (error < 1e-7).
 
@@ -41,6 +44,8 @@ import triton
 import triton.language as tl
 
 TWO_PI = 2.0 * math.pi
+#: int32 sign bit: ``x ^ SIGN_BIT`` adds 2^31 modulo 2^32 (an int32 literal: no int64 promotion)
+SIGN_BIT = tl.constexpr(-2**31)
 
 
 def is_interpreted(kernel) -> bool:
@@ -98,13 +103,19 @@ def split_turns(turns):
 
 
 @triton.jit
-def rope_phase(pos, turns_hi, turns_lo):
+def rope_phase(pos, turns_hi, turns_lo, RELATIVE: tl.constexpr = False):
     """Angle ``pos * omega`` as a uint32 phase (units of ``2 pi / 2^32``), exact modulo 2^32.
 
     Bits 32..63 of the 64-bit product ``pos * F`` from 32-bit pieces, all wrapping uint32:
     ``pos * F_hi + umulhi(pos, F_lo)``, minus ``F_lo`` when ``pos < 0`` (the unsigned view of a
     negative ``pos`` is ``pos + 2^32``). 32-bit arithmetic keeps register pressure at half of
     the int64 product.
+
+    ``RELATIVE=True``: ``pos`` holds ``position + 2^31`` (wrapped, :func:`load_pair_positions`),
+    an unsigned value for every int32 position, so no sign fix-up per pair; the phase is then
+    the true phase plus ``phase(2^31)``, a constant of the pair that cancels in ``q . k`` when
+    queries and keys are both formed this way (within 2 units of ``2^-32`` turn). Attention
+    kernels only; ``apply_rope`` needs the absolute angle.
 
     Args:
         pos: int32 tensor, ``|pos| < 2^31``.
@@ -113,7 +124,9 @@ def rope_phase(pos, turns_hi, turns_lo):
     """
     p = pos.to(tl.uint32, bitcast=True)
     ph = p * turns_hi + tl.umulhi(p, turns_lo)
-    return ph - tl.where(pos < 0, turns_lo, 0)
+    if not RELATIVE:
+        ph = ph - tl.where(pos < 0, turns_lo, 0)
+    return ph
 
 
 @triton.jit
@@ -154,27 +167,54 @@ def sincos_phase(phase, FAST_TRIG: tl.constexpr = False):
 
 
 @triton.jit
-def rope_cos_sin(pos, turns_hi, turns_lo, FAST_TRIG: tl.constexpr = False):
+def rope_cos_sin(pos, turns_hi, turns_lo, FAST_TRIG: tl.constexpr = False,
+                 RELATIVE: tl.constexpr = False):
     """``cos, sin`` float32 of ``pos * omega``; ``pos`` int32 ``[R, D/2]``, turns uint32.
-    ``FAST_TRIG``: see :func:`sincos_phase` (pass :func:`fast_trig` of the kernel)."""
-    return sincos_phase(rope_phase(pos, turns_hi, turns_lo), FAST_TRIG)
+    ``FAST_TRIG``: see :func:`sincos_phase` (pass :func:`fast_trig` of the kernel);
+    ``RELATIVE``: see :func:`rope_phase`."""
+    return sincos_phase(rope_phase(pos, turns_hi, turns_lo, RELATIVE), FAST_TRIG)
 
 
 @triton.jit
-def load_pair_positions(ptrs, mask, pair_axis, NUM_AXES: tl.constexpr):
+def _row_positions(ptrs, mask, shift_ptrs, shift_mask, axis, HAS_SHIFT: tl.constexpr,
+                   RELATIVE: tl.constexpr):
+    """Positions ``[R]`` of one axis: stored + shift, ``+ 2^31`` (wrapping) when relative."""
+    p = tl.load(ptrs + axis, mask=mask, other=0).to(tl.int32)
+    if HAS_SHIFT:
+        if shift_mask is None:  # one shift for all rows: a scalar load
+            p += tl.load(shift_ptrs + axis).to(tl.int32)
+        else:
+            p += tl.load(shift_ptrs + axis, mask=shift_mask, other=0).to(tl.int32)
+    if RELATIVE:
+        p = p ^ SIGN_BIT
+    return p
+
+
+@triton.jit
+def load_pair_positions(ptrs, mask, pair_axis, NUM_AXES: tl.constexpr, shift_ptrs=None,
+                        shift_mask=None, HAS_SHIFT: tl.constexpr = False,
+                        RELATIVE: tl.constexpr = False):
     """Per-pair positions ``[R, D/2]`` int32 of ``R`` rows whose ``A`` positions start at ``ptrs``.
+
+    Shifts and the relative bias are added per row and axis before the rows are spread over
+    the pairs (one select per pair and extra axis is all the per-pair work).
 
     Args:
         ptrs: ``[R]`` pointers to the first axis of each row's positions (axes contiguous).
         mask: ``[R]`` rows to load (others read 0).
         pair_axis: ``[D/2]`` int, the axis that drives each channel pair.
         NUM_AXES: ``A``, axes stored per row.
+        shift_ptrs: ``[R]`` pointers to ``A`` shifts added to each row (``HAS_SHIFT``), or
+            one scalar pointer (shift_mask ``None``): the same shifts for every row.
+        shift_mask: ``[R]`` rows whose shifts are loaded (others add 0).
+        RELATIVE: bias by ``2^31`` for :func:`rope_phase` ``RELATIVE=True``.
     """
     # pair_axis < NUM_AXES (validated), so the last axis is the default: NUM_AXES - 1 selects
-    p_last = tl.load(ptrs + (NUM_AXES - 1), mask=mask, other=0).to(tl.int32)
+    p_last = _row_positions(ptrs, mask, shift_ptrs, shift_mask, NUM_AXES - 1, HAS_SHIFT,
+                            RELATIVE)
     pos = tl.broadcast_to(p_last[:, None], (ptrs.shape[0], pair_axis.shape[0]))
     for a in tl.static_range(NUM_AXES - 1):
-        p_a = tl.load(ptrs + a, mask=mask, other=0).to(tl.int32)
+        p_a = _row_positions(ptrs, mask, shift_ptrs, shift_mask, a, HAS_SHIFT, RELATIVE)
         pos = tl.where(pair_axis[None, :] == a, p_a[:, None], pos)
     return pos
 

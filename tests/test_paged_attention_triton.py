@@ -191,3 +191,20 @@ def test_config_pruning():
     assert fp32 and all(c.kwargs["BLOCK_N"] <= 32 for c in fp32)
     wide = tk._prune_configs(cfgs, {}, Q=torch.empty(1, dtype=torch.bfloat16), HEAD_DIM=256)
     assert wide and all(c.kwargs["BLOCK_N"] <= 32 for c in wide) and len(wide) < len(cfgs)
+
+
+@pytest.mark.parametrize("growth", [0.6, 4.0], ids=["stale-max", "max-moves"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_running_max_rises_across_tiles(dtype, growth):
+    """Key norms grow page by page, so each key tile raises the row max: by less than the lazy
+    rescale's slack (``stale-max``: the old max is kept, p > 1) or by far more (``max-moves``:
+    the accumulator is rescaled on most tiles). Pages visited in order, 16-key tiles."""
+    c, dt = make_case(B=1, Nq=20, Hq=2, Hkv=2, D=64, S=16, P=8, M=8, dtype=dtype, shift=False,
+                      empty=False, new=False, sigma=0.0)
+    c["page_table"] = torch.arange(8, dtype=torch.int32).view(1, 8)
+    c["page_len"][:] = 16
+    scale = (1.0 + growth * torch.arange(8.0)).view(8, 1, 1, 1)
+    c["cache_k"] = c["cache_k"] * scale
+    c["q"] = c["q"].abs()  # queries aligned with the growing keys: the growth shows in q.k
+    c["cache_k"] = c["cache_k"].abs()
+    run_and_check(c, dt, config={"BLOCK_M": 16, "BLOCK_N": 16})

@@ -127,18 +127,25 @@ def resource_usage(cubin: bytes) -> dict:
 
 def sass_summary(cubin: bytes) -> dict:
     """Counts of the SASS instructions that matter: tensor-core HGMMA, local loads/stores,
-    MUFU (special functions) and calls."""
+    MUFU (special functions) and calls, and the loop sizes of :func:`loop_sizes`."""
     text = cuobjdump(cubin, "--dump-sass")
+    loops = loop_sizes(text)
     return {"hgmma": len(re.findall(r"\bHGMMA\.", text)),
             "local_ldst": len(re.findall(r"\b(LDL|STL)\b", text)),
             "mufu": len(re.findall(r"\bMUFU\.", text)),
             "calls": len(re.findall(r"\bCALL\.", text)),
-            "loop_instructions": loop_sizes(text)}
+            "loop_instructions": [n for n, _ in loops],
+            "loop_hot_instructions": [h for _, h in loops]}
 
 
-def loop_sizes(sass: str) -> list[int]:
-    """SASS instructions in the body of each loop (a backward branch to a lower address), in
-    address order: per-thread instructions of one key-tile iteration."""
+def loop_sizes(sass: str) -> list[tuple[int, int]]:
+    """``(all, hot)`` SASS instructions in the body of each loop (a backward branch to a lower
+    address), in address order: per-thread instructions of one key-tile iteration.
+
+    ``hot`` leaves out the blocks that a forward conditional branch inside the body jumps
+    over: in these kernels the partial-tile mask and the lazy accumulator rescale, which run
+    on a few tiles of a long stream (a partial last page; a row max that jumped by more than
+    the rescale slack), so ``hot`` is the per-tile cost of the common path."""
     addr = {}
     order = []
     for line in sass.splitlines():
@@ -150,9 +157,15 @@ def loop_sizes(sass: str) -> list[int]:
     sizes = []
     for a in order:
         b = re.search(r"\bBRA\s+(?:`\()?0x([0-9a-f]+)", addr[a])
-        if b and int(b.group(1), 16) < a:
-            lo = int(b.group(1), 16)
-            sizes.append(sum(1 for x in order if lo <= x <= a))
+        if not (b and int(b.group(1), 16) < a):
+            continue
+        body = [x for x in order if int(b.group(1), 16) <= x <= a]
+        skipped = set()
+        for x in body:
+            f = re.search(r"@!?P\d\s+BRA\s+(?:`\()?0x([0-9a-f]+)", addr[x])
+            if f and x < int(f.group(1), 16) <= a:
+                skipped.update(y for y in body if x < y < int(f.group(1), 16))
+        sizes.append((len(body), len(body) - len(skipped)))
     return sizes
 
 

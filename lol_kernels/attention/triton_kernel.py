@@ -20,12 +20,23 @@ The same launcher serves the dense :func:`lol_kernels.rope_attention`: there the
 and the "new" keys are the dense K/V at ``k_pos`` (``N_new`` may differ from ``Nq``), zero-copy.
 
 Cost model (sm_90 compile, ``benchmarks/kernel_report.py``): rotating keys in registers means
-every query tile re-rotates every key tile it reads (``BLOCK_N * D / 2`` pairs: phase, MUFU
-sin/cos, four FMAs). At the Wan shape with ``BLOCK_M = 128, BLOCK_N = 64`` one key-tile
-iteration is ~1000 SASS instructions per thread, of which the rotation is ~20% and the online
-softmax ~30%; the loop is issue-bound rather than tensor-core-bound (prediction ~390 TFLOP/s
-against 560 for the 70% goal). Larger query tiles would amortize the rotation but do not fit
-in 255 registers next to the ``[BLOCK_M, D]`` accumulator.
+every query tile re-rotates every key tile it reads (``BLOCK_N * D / 2`` pairs: two selects
+for the pair's axis, a 32-bit phase product, I2F, MUFU sin/cos, four FMAs, unpack/pack), so
+the loop is bound by instruction issue, not by the tensor cores. What keeps the common path
+short (``BLOCK_M = 128, BLOCK_N = 64``, D = 128: 1004 -> 682 SASS instructions per thread and
+key tile; prediction 402 -> 592 TFLOP/s against 560 for the 70% goal):
+
+* relative phases (``RELATIVE`` in :func:`lol_kernels._triton_common.rope_phase`): positions
+  biased by 2^31 per row, no sign fix-up per pair; page shifts added per row, not per pair;
+* the rotated pairs re-interleaved in registers: one ``K = D`` product instead of two;
+* one-page tiles address K/V/positions from a scalar base plus loop-invariant offsets;
+* the partial-tile mask only on partial tiles (paged) or in a second loop (diagonal, last
+  tile of the block's own keys);
+* a lazy running max (``RESCALE_SLACK``): the accumulator is rescaled only when a row max
+  grows by more than 2^8, a few tiles of a long stream.
+
+Larger query tiles would amortize the rotation further but spill next to the
+``[BLOCK_M, D]`` fp32 accumulator (M256 with 8 or 16 warps: 264-304 bytes of stack).
 """
 
 from __future__ import annotations
@@ -37,6 +48,7 @@ import triton.language as tl
 from .._triton_common import (
     check_kernel_device,
     fast_trig,
+    interleave,
     is_interpreted,
     kernel_supports,
     load_pair_positions,
@@ -52,6 +64,8 @@ from .._triton_common import (
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+#: base-2 headroom of the lazy running max (:func:`_online_softmax`): p <= 2^8 between moves
+RESCALE_SLACK = tl.constexpr(8.0)
 
 #: (BLOCK_M, BLOCK_N, num_warps, num_stages) the autotuner may pick on a GPU. Two warpgroups
 #: everywhere: with 4 warps at D = 128 the fp32 rotation of a [BLOCK_N, D] key tile next to the
@@ -105,28 +119,131 @@ def autotune_configs() -> list[triton.Config]:
 
 
 @triton.jit
-def _attend_tile(acc, m_i, l_i, b_qe, b_qo, b_k, b_v, b_pos, m_vis, b_thi, b_tlo, qk_scale,
-                 DOT_PREC: tl.constexpr, FAST_TRIG: tl.constexpr = False):
-    """Rotate one un-rotated key tile ``[BLOCK_N, D]`` in registers and fold it into the online
-    softmax state (``m_i`` running max and ``l_i`` running sum in base 2, ``acc`` fp32)."""
-    b_c, b_s = rope_cos_sin(b_pos, b_thi[None, :], b_tlo[None, :], FAST_TRIG)
+def _rotated_scores(b_q, b_k, b_pos, b_thi, b_tlo, DOT_PREC: tl.constexpr,
+                    FAST_TRIG: tl.constexpr):
+    """Rotate one un-rotated key tile ``b_k [BLOCK_N, D]`` in registers at its per-pair
+    positions ``b_pos`` and return the raw scores ``q . k`` ``[BLOCK_M, BLOCK_N]`` fp32.
+    ``b_q``: the rotated query tile (input dtype, relative phases: :func:`rope_phase`)."""
+    b_c, b_s = rope_cos_sin(b_pos, b_thi[None, :], b_tlo[None, :], FAST_TRIG, True)
     b_ke, b_ko = rope_rotate(b_k, b_c, b_s)
-    # q.k over interleaved pairs = q_e.k_e + q_o.k_o: two K = D/2 products, no re-interleave
-    b_qk = tl.dot(b_qe, tl.trans(b_ke.to(b_qe.dtype)), input_precision=DOT_PREC)
-    b_qk = tl.dot(b_qo, tl.trans(b_ko.to(b_qo.dtype)), b_qk, input_precision=DOT_PREC)
-    b_qk = tl.where(m_vis, b_qk, float("-inf"))
-    # scale > 0 commutes with max, so the scale folds into the exponent's FMA
-    m_new = tl.maximum(m_i, tl.max(b_qk, 1) * qk_scale)
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key seen yet: avoid inf - inf
-    alpha = tl.exp2(m_i - m_use)
-    b_p = tl.exp2(b_qk * qk_scale - m_use[:, None])
-    l_i = l_i * alpha + tl.sum(b_p, 1)
-    acc = tl.dot(b_p.to(b_v.dtype), b_v, acc * alpha[:, None], input_precision=DOT_PREC)
-    return acc, m_new, l_i
+    # rotated pairs back in place (a register relabeling): one K = D product
+    b_kr = interleave(b_ke, b_ko).to(b_q.dtype)
+    return tl.dot(b_q, tl.trans(b_kr), input_precision=DOT_PREC)
 
 
 @triton.jit
-def _attend_new_keys(acc, m_i, l_i, b_qe, b_qo, KNew, VNew, NewPos, i_b, i_kvh, i_m, o_m, o_n,
+def _online_softmax(acc, m_i, l_i, b_qk, b_v, qk_scale, DOT_PREC: tl.constexpr):
+    """Fold masked scores ``b_qk`` (``-inf`` = invisible) and their values into the online
+    softmax state: ``m_i`` running max and ``l_i`` running sum in base 2, ``acc`` fp32.
+
+    The running max moves only when some row's tile max exceeds it by more than
+    ``RESCALE_SLACK``; in between ``p <= 2^RESCALE_SLACK`` and the ``[BLOCK_M, D]``
+    accumulator is not rescaled (most tiles). ``lse = m + log2(l)`` holds either way."""
+    # scale > 0 commutes with max, so the scale folds into the exponent's FMA
+    m_ij = tl.max(b_qk, 1) * qk_scale
+    if tl.max((m_ij > m_i + RESCALE_SLACK).to(tl.int32), 0) > 0:  # -inf > -inf is False
+        m_new = tl.maximum(m_i, m_ij)
+        alpha = tl.exp2(m_i - tl.where(m_new == float("-inf"), 0.0, m_new))
+        acc = acc * alpha[:, None]
+        l_i = l_i * alpha
+        m_i = m_new
+    m_use = tl.where(m_i == float("-inf"), 0.0, m_i)  # no key seen yet: avoid inf - inf
+    b_p = tl.exp2(b_qk * qk_scale - m_use[:, None])
+    l_i += tl.sum(b_p, 1)
+    acc = tl.dot(b_p.to(b_v.dtype), b_v, acc, input_precision=DOT_PREC)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _rotate_queries(Q, QPos, i_b, i_h, o_m, m_m, o_d, b_axis, b_thi, b_tlo, stride_qb,
+                    stride_qn, stride_qh, stride_qpb, stride_qpn, NUM_AXES: tl.constexpr,
+                    FAST_TRIG: tl.constexpr):
+    """The ``[BLOCK_M, D]`` query tile of head ``h``, rotated once (relative phases), in the
+    input dtype for the tensor cores."""
+    p_q = Q + i_b * stride_qb + o_m[:, None].to(tl.int64) * stride_qn + i_h * stride_qh \
+        + o_d[None, :]
+    b_q = tl.load(p_q, mask=m_m[:, None], other=0.0)
+    b_qpos = load_pair_positions(QPos + i_b * stride_qpb + o_m * stride_qpn, m_m, b_axis,
+                                 NUM_AXES, RELATIVE=True)
+    b_c, b_s = rope_cos_sin(b_qpos, b_thi[None, :], b_tlo[None, :], FAST_TRIG, True)
+    b_qe, b_qo = rope_rotate(b_q, b_c, b_s)
+    return interleave(b_qe, b_qo).to(Q.dtype.element_ty)
+
+
+@triton.jit
+def _load_page_tile(start, Entries, n_entries, Shifts, stride_se, K, V, KPos, PageLen,
+                    stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+                    stride_cpp, stride_cps, i_kvh, o_n, o_d, b_axis, NUM_AXES: tl.constexpr,
+                    HAS_SHIFT: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key tile ``start`` of the pages listed at ``Entries`` (``n_entries`` of them, laid end
+    to end, ``PAGE_SIZE`` slots each; shared by the paged and MoC kernels).
+
+    Row ``r`` is valid when its entry is not ``-1`` and its slot is below the page's length.
+    When ``PAGE_SIZE`` is a multiple of ``BLOCK_N`` the tile lies in one page (one scalar
+    lookup); otherwise each row gathers its own page.
+
+    Returns:
+        ``b_k, b_v [BLOCK_N, D]`` (invalid rows 0), per-pair key positions ``[BLOCK_N, D/2]``
+        (stored + the entry's shift, relative bias), the row mask ``m_n [BLOCK_N]`` and
+        ``partial``: whether any row is invalid.
+    """
+    if PAGE_SIZE % BLOCK_N == 0:  # one page: scalar bases, loop-invariant row offsets
+        i_e = start // PAGE_SIZE
+        i_page = tl.load(Entries + i_e)
+        i_len = tl.load(PageLen + tl.maximum(i_page, 0), mask=i_page >= 0, other=0)
+        i_s = start % PAGE_SIZE
+        m_n = i_s + o_n < i_len
+        partial = i_s + BLOCK_N > i_len
+        i_pg = tl.maximum(i_page, 0).to(tl.int64)
+        o_row = o_n[:, None] * stride_ks + o_d[None, :]  # K and V pools share strides
+        p_k = K + (i_pg * stride_kp + i_s * stride_ks + i_kvh * stride_kh) + o_row
+        p_v = V + (i_pg * stride_kp + i_s * stride_ks + i_kvh * stride_kh) + o_row
+        p_pos = KPos + (i_pg * stride_cpp + i_s * stride_cps) + o_n * stride_cps
+        p_sh = Shifts + i_e * stride_se  # the entry's shift: one scalar load per axis
+        m_sh = None
+    else:  # pages smaller than the tile: each row gathers its own page
+        o_v = start + o_n
+        o_e = o_v // PAGE_SIZE
+        o_s = o_v % PAGE_SIZE
+        b_page = tl.load(Entries + o_e, mask=o_e < n_entries, other=-1)
+        b_len = tl.load(PageLen + b_page, mask=b_page >= 0, other=0)
+        m_n = o_s < b_len
+        partial = tl.min(m_n.to(tl.int32), 0) == 0
+        o_pg = tl.where(m_n, b_page, 0).to(tl.int64)
+        p_k = K + o_pg[:, None] * stride_kp + o_s[:, None] * stride_ks + i_kvh * stride_kh \
+            + o_d[None, :]
+        p_v = V + o_pg[:, None] * stride_vp + o_s[:, None] * stride_vs + i_kvh * stride_vh \
+            + o_d[None, :]
+        p_pos = KPos + o_pg * stride_cpp + o_s * stride_cps
+        p_sh = Shifts + o_e * stride_se
+        m_sh = m_n
+    b_k = tl.load(p_k, mask=m_n[:, None], other=0.0)
+    b_v = tl.load(p_v, mask=m_n[:, None], other=0.0)
+    b_pos = load_pair_positions(p_pos, m_n, b_axis, NUM_AXES, p_sh, m_sh, HAS_SHIFT, True)
+    return b_k, b_v, b_pos, m_n, partial
+
+
+@triton.jit
+def _load_new_tile(KNew, VNew, NewPos, i_b, i_kvh, start, o_n, o_d, N_new, stride_knb,
+                   stride_knn, stride_knh, stride_vnb, stride_vnn, stride_vnh, stride_npb,
+                   stride_npn, b_axis, NUM_AXES: tl.constexpr):
+    """Key tile ``start`` of the block's own keys: ``b_k, b_v [BLOCK_N, D]`` (rows past
+    ``N_new`` read 0), per-pair positions (relative bias) and the row mask."""
+    o_t = start + o_n
+    m_t = o_t < N_new
+    p_k = KNew + i_b * stride_knb + o_t[:, None].to(tl.int64) * stride_knn + i_kvh * stride_knh \
+        + o_d[None, :]
+    p_v = VNew + i_b * stride_vnb + o_t[:, None].to(tl.int64) * stride_vnn + i_kvh * stride_vnh \
+        + o_d[None, :]
+    b_k = tl.load(p_k, mask=m_t[:, None], other=0.0)
+    b_v = tl.load(p_v, mask=m_t[:, None], other=0.0)
+    b_pos = load_pair_positions(NewPos + i_b * stride_npb + o_t * stride_npn, m_t, b_axis,
+                                NUM_AXES, RELATIVE=True)
+    return b_k, b_v, b_pos, m_t
+
+
+@triton.jit
+def _attend_new_keys(acc, m_i, l_i, b_q, KNew, VNew, NewPos, i_b, i_kvh, i_m, o_m, o_n,
                      o_d, N_new, stride_knb, stride_knn, stride_knh, stride_vnb, stride_vnn,
                      stride_vnh, stride_npb, stride_npn, b_axis, b_thi, b_tlo, qk_scale,
                      NUM_AXES: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -134,25 +251,31 @@ def _attend_new_keys(acc, m_i, l_i, b_qe, b_qo, KNew, VNew, NewPos, i_b, i_kvh, 
     """The block's own keys (shared by the paged and MoC kernels): all visible, or
     ``j <= i`` (top-left aligned) when causal."""
     hi = N_new
-    if IS_CAUSAL:
+    full_end = N_new  # tiles wholly below the diagonal and inside N_new need no mask
+    if IS_CAUSAL:  # key tiles past the last query of this tile are all masked
         hi = tl.minimum(N_new, (i_m + 1) * BLOCK_M)
-    for start in range(0, hi, BLOCK_N):
-        o_t = start + o_n
-        m_t = o_t < N_new
-        p_k = KNew + i_b * stride_knb + o_t[:, None].to(tl.int64) * stride_knn \
-            + i_kvh * stride_knh + o_d[None, :]
-        p_v = VNew + i_b * stride_vnb + o_t[:, None].to(tl.int64) * stride_vnn \
-            + i_kvh * stride_vnh + o_d[None, :]
-        b_k = tl.load(p_k, mask=m_t[:, None], other=0.0)
-        b_v = tl.load(p_v, mask=m_t[:, None], other=0.0)
-        b_kpos = load_pair_positions(NewPos + i_b * stride_npb + o_t * stride_npn, m_t,
-                                     b_axis, NUM_AXES)
+        full_end = tl.minimum(N_new, i_m * BLOCK_M + 1)
+    full_end = full_end // BLOCK_N * BLOCK_N
+    # two loops, the unmasked one first: no per-tile mask work on the common path
+    for start in range(0, full_end, BLOCK_N):
+        b_k, b_v, b_kpos, m_t = _load_new_tile(KNew, VNew, NewPos, i_b, i_kvh, start, o_n, o_d,
+                                               N_new, stride_knb, stride_knn, stride_knh,
+                                               stride_vnb, stride_vnn, stride_vnh, stride_npb,
+                                               stride_npn, b_axis, NUM_AXES)
+        b_qk = _rotated_scores(b_q, b_k, b_kpos, b_thi, b_tlo, DOT_PREC, FAST_TRIG)
+        acc, m_i, l_i = _online_softmax(acc, m_i, l_i, b_qk, b_v, qk_scale, DOT_PREC)
+    for start in range(full_end, hi, BLOCK_N):
+        b_k, b_v, b_kpos, m_t = _load_new_tile(KNew, VNew, NewPos, i_b, i_kvh, start, o_n, o_d,
+                                               N_new, stride_knb, stride_knn, stride_knh,
+                                               stride_vnb, stride_vnn, stride_vnh, stride_npb,
+                                               stride_npn, b_axis, NUM_AXES)
+        b_qk = _rotated_scores(b_q, b_k, b_kpos, b_thi, b_tlo, DOT_PREC, FAST_TRIG)
         if IS_CAUSAL:  # j <= i and j < N_new in one compare
-            m_vis = o_t[None, :] <= tl.minimum(o_m, N_new - 1)[:, None]
+            m_vis = (start + o_n)[None, :] <= tl.minimum(o_m, N_new - 1)[:, None]
         else:
             m_vis = m_t[None, :]
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, b_qe, b_qo, b_k, b_v, b_kpos, m_vis,
-                                     b_thi, b_tlo, qk_scale, DOT_PREC, FAST_TRIG)
+        b_qk = tl.where(m_vis, b_qk, float("-inf"))
+        acc, m_i, l_i = _online_softmax(acc, m_i, l_i, b_qk, b_v, qk_scale, DOT_PREC)
     return acc, m_i, l_i
 
 
@@ -203,56 +326,27 @@ def _paged_rope_attn_fwd(
     b_axis = tl.load(PairAxis + o_j)
     b_thi, b_tlo = split_turns(tl.load(Turns + i_h * HALF + o_j))
 
-    # queries of head h, rotated once; kept in the input dtype for the tensor cores
-    p_q = Q + i_b * stride_qb + o_m[:, None].to(tl.int64) * stride_qn + i_h * stride_qh \
-        + o_d[None, :]
-    b_q = tl.load(p_q, mask=m_m[:, None], other=0.0)
-    b_qpos = load_pair_positions(QPos + i_b * stride_qpb + o_m * stride_qpn, m_m, b_axis,
-                                 NUM_AXES)
-    b_c, b_s = rope_cos_sin(b_qpos, b_thi[None, :], b_tlo[None, :], FAST_TRIG)
-    b_qe, b_qo = rope_rotate(b_q, b_c, b_s)
-    b_qe = b_qe.to(Q.dtype.element_ty)
-    b_qo = b_qo.to(Q.dtype.element_ty)
-
+    b_q = _rotate_queries(Q, QPos, i_b, i_h, o_m, m_m, o_d, b_axis, b_thi, b_tlo, stride_qb,
+                          stride_qn, stride_qh, stride_qpb, stride_qpn, NUM_AXES, FAST_TRIG)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
     # cached keys: the entries' pages laid end to end, PAGE_SIZE slots each
     for start in range(0, M * PAGE_SIZE, BLOCK_N):
-        if PAGE_SIZE % BLOCK_N == 0:  # the tile lies in one page: one scalar lookup
-            i_e = start // PAGE_SIZE
-            i_page = tl.load(PageTable + i_b * stride_ptb + i_e)
-            i_len = tl.load(PageLen + tl.maximum(i_page, 0), mask=i_page >= 0, other=0)
-            o_e = tl.full([BLOCK_N], 0, tl.int32) + i_e
-            o_s = start % PAGE_SIZE + o_n
-            b_page = tl.full([BLOCK_N], 0, tl.int32) + i_page
-            m_n = o_s < i_len
-        else:  # pages smaller than the tile: each row gathers its own page
-            o_v = start + o_n
-            o_e = o_v // PAGE_SIZE
-            o_s = o_v % PAGE_SIZE
-            b_page = tl.load(PageTable + i_b * stride_ptb + o_e, mask=o_e < M, other=-1)
-            b_len = tl.load(PageLen + b_page, mask=b_page >= 0, other=0)
-            m_n = o_s < b_len
-        o_pg = tl.where(m_n, b_page, 0).to(tl.int64)
-        p_k = K + o_pg[:, None] * stride_kp + o_s[:, None] * stride_ks + i_kvh * stride_kh \
-            + o_d[None, :]
-        p_v = V + o_pg[:, None] * stride_vp + o_s[:, None] * stride_vs + i_kvh * stride_vh \
-            + o_d[None, :]
-        b_k = tl.load(p_k, mask=m_n[:, None], other=0.0)
-        b_v = tl.load(p_v, mask=m_n[:, None], other=0.0)
-        b_kpos = load_pair_positions(KPos + o_pg * stride_cpp + o_s * stride_cps, m_n, b_axis,
-                                     NUM_AXES)
-        if HAS_SHIFT:
-            b_kpos += load_pair_positions(PageShift + i_b * stride_psb + o_e * stride_psm, m_n,
-                                          b_axis, NUM_AXES)
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, b_qe, b_qo, b_k, b_v, b_kpos,
-                                     m_n[None, :], b_thi, b_tlo, qk_scale, DOT_PREC, FAST_TRIG)
+        b_k, b_v, b_kpos, m_n, partial = _load_page_tile(
+            start, PageTable + i_b * stride_ptb, M, PageShift + i_b * stride_psb, stride_psm,
+            K, V, KPos, PageLen, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs,
+            stride_vh, stride_cpp, stride_cps, i_kvh, o_n, o_d, b_axis, NUM_AXES, HAS_SHIFT,
+            PAGE_SIZE, BLOCK_N)
+        b_qk = _rotated_scores(b_q, b_k, b_kpos, b_thi, b_tlo, DOT_PREC, FAST_TRIG)
+        if partial:  # full tiles skip the select
+            b_qk = tl.where(m_n[None, :], b_qk, float("-inf"))
+        acc, m_i, l_i = _online_softmax(acc, m_i, l_i, b_qk, b_v, qk_scale, DOT_PREC)
 
     if HAS_NEW:
         acc, m_i, l_i = _attend_new_keys(
-            acc, m_i, l_i, b_qe, b_qo, KNew, VNew, NewPos, i_b, i_kvh, i_m, o_m, o_n, o_d, N_new,
+            acc, m_i, l_i, b_q, KNew, VNew, NewPos, i_b, i_kvh, i_m, o_m, o_n, o_d, N_new,
             stride_knb, stride_knn, stride_knh, stride_vnb, stride_vnn, stride_vnh, stride_npb,
             stride_npn, b_axis, b_thi, b_tlo, qk_scale, NUM_AXES, IS_CAUSAL, DOT_PREC, FAST_TRIG,
             BLOCK_M, BLOCK_N)
@@ -275,6 +369,16 @@ def _last_contig(x: torch.Tensor | None) -> torch.Tensor | None:
     if x is None or x.stride(-1) == 1:
         return x
     return x.contiguous()
+
+
+def _same_strides(k: torch.Tensor, v: torch.Tensor):
+    """The one-page key tiles address K and V with one set of row offsets (fewer registers
+    held across the loop): pools with different layouts are made contiguous (a copy; the
+    cache's pools are allocated alike, so this does not happen in the generator)."""
+    k, v = _last_contig(k), _last_contig(v)
+    if k.stride() != v.stride():
+        k, v = k.contiguous(), v.contiguous()
+    return k, v
 
 
 def launch_rope_attention(q, q_pos, table, *, cache=None, new=None, causal=False, scale=None,
@@ -315,7 +419,8 @@ def launch_rope_attention(q, q_pos, table, *, cache=None, new=None, causal=False
 
     if cache is not None:
         cache_k, cache_v, cache_pos, page_len, page_table, page_shift, page_size = cache
-        cache_k, cache_v, cache_pos = map(_last_contig, (cache_k, cache_v, cache_pos))
+        cache_k, cache_v = _same_strides(cache_k, cache_v)
+        cache_pos = _last_contig(cache_pos)
         page_len, page_table = page_len.contiguous(), _last_contig(page_table)
         page_shift = _last_contig(page_shift)
         M = page_table.shape[1]

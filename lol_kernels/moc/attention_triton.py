@@ -18,8 +18,8 @@ Resolving chunk -> page inside the loop instead (a three-level chain of dependen
 key row) spilled registers at sm_90 (104-1048 bytes of stack); with the lists it compiles with
 no spills, like the paged kernel (``tests/test_moc_attention.py::test_sm90_compile...``).
 
-Every key tile goes through the shared online-softmax step (``_attend_tile`` of the paged
-kernel: fp32 state in base 2, exact fixed-point RoPE angles from
+Every key tile goes through the shared steps of the paged kernel (``_load_page_tile``,
+``_rotated_scores``, ``_online_softmax``: fp32 state in base 2, exact fixed-point RoPE angles from
 :mod:`lol_kernels._triton_common`), so a routing that selects every chunk computes exactly what
 ``paged_attention`` computes over the concatenated page table. Work per program is
 ``(M + k * Pc) * S + N`` keys instead of ``(M + C * Pc) * S + N``: the sparsity is the
@@ -37,9 +37,6 @@ from .._triton_common import (
     fast_trig,
     is_interpreted,
     kernel_supports,
-    load_pair_positions,
-    rope_cos_sin,
-    rope_rotate,
     rope_turns,
     split_turns,
 )
@@ -47,10 +44,14 @@ from ..attention.triton_kernel import (
     CONFIGS,
     LOG2E,
     _attend_new_keys,
-    _attend_tile,
     _into,
     _last_contig,
+    _load_page_tile,
+    _online_softmax,
     _prune_configs,
+    _rotate_queries,
+    _rotated_scores,
+    _same_strides,
     _store_out,
 )
 
@@ -114,16 +115,8 @@ def _moc_attn_fwd(
     b_axis = tl.load(PairAxis + o_j)
     b_thi, b_tlo = split_turns(tl.load(Turns + i_h * HALF + o_j))
 
-    p_q = Q + i_b * stride_qb + o_m[:, None].to(tl.int64) * stride_qn + i_h * stride_qh \
-        + o_d[None, :]
-    b_q = tl.load(p_q, mask=m_m[:, None], other=0.0)
-    b_qpos = load_pair_positions(QPos + i_b * stride_qpb + o_m * stride_qpn, m_m, b_axis,
-                                 NUM_AXES)
-    b_c, b_s = rope_cos_sin(b_qpos, b_thi[None, :], b_tlo[None, :], FAST_TRIG)
-    b_qe, b_qo = rope_rotate(b_q, b_c, b_s)
-    b_qe = b_qe.to(Q.dtype.element_ty)
-    b_qo = b_qo.to(Q.dtype.element_ty)
-
+    b_q = _rotate_queries(Q, QPos, i_b, i_h, o_m, m_m, o_d, b_axis, b_thi, b_tlo, stride_qb,
+                          stride_qn, stride_qh, stride_qpb, stride_qpn, NUM_AXES, FAST_TRIG)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -135,38 +128,18 @@ def _moc_attn_fwd(
     p_s = EntryShift + i_b * stride_sb + i_t * stride_st + i_h * stride_sh
     n_e = tl.load(EntryLen + (i_b * T + i_t) * Hq + i_h)  # [B, T, Hq] contiguous
     for start in range(0, n_e * PAGE_SIZE, BLOCK_N):
-        if PAGE_SIZE % BLOCK_N == 0:  # the tile lies in one page: one scalar lookup
-            i_e = start // PAGE_SIZE
-            i_page = tl.load(p_e + i_e)
-            i_len = tl.load(PageLen + tl.maximum(i_page, 0), mask=i_page >= 0, other=0)
-            o_e = tl.full([BLOCK_N], 0, tl.int32) + i_e
-            o_s = start % PAGE_SIZE + o_n
-            b_page = tl.full([BLOCK_N], 0, tl.int32) + i_page
-            m_n = o_s < i_len
-        else:  # pages smaller than the tile: each row gathers its own page
-            o_v = start + o_n
-            o_e = o_v // PAGE_SIZE
-            o_s = o_v % PAGE_SIZE
-            b_page = tl.load(p_e + o_e, mask=o_e < n_e, other=-1)
-            b_len = tl.load(PageLen + b_page, mask=b_page >= 0, other=0)
-            m_n = o_s < b_len
-        o_pg = tl.where(m_n, b_page, 0).to(tl.int64)
-        p_k = K + o_pg[:, None] * stride_kp + o_s[:, None] * stride_ks + i_kvh * stride_kh \
-            + o_d[None, :]
-        p_v = V + o_pg[:, None] * stride_vp + o_s[:, None] * stride_vs + i_kvh * stride_vh \
-            + o_d[None, :]
-        b_k = tl.load(p_k, mask=m_n[:, None], other=0.0)
-        b_v = tl.load(p_v, mask=m_n[:, None], other=0.0)
-        b_kpos = load_pair_positions(KPos + o_pg * stride_cpp + o_s * stride_cps, m_n, b_axis,
-                                     NUM_AXES)
-        if HAS_SHIFT:
-            b_kpos += load_pair_positions(p_s + o_e * stride_se, m_n, b_axis, NUM_AXES)
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, b_qe, b_qo, b_k, b_v, b_kpos,
-                                     m_n[None, :], b_thi, b_tlo, qk_scale, DOT_PREC, FAST_TRIG)
+        b_k, b_v, b_kpos, m_n, partial = _load_page_tile(
+            start, p_e, n_e, p_s, stride_se, K, V, KPos, PageLen, stride_kp, stride_ks,
+            stride_kh, stride_vp, stride_vs, stride_vh, stride_cpp, stride_cps, i_kvh, o_n, o_d,
+            b_axis, NUM_AXES, HAS_SHIFT, PAGE_SIZE, BLOCK_N)
+        b_qk = _rotated_scores(b_q, b_k, b_kpos, b_thi, b_tlo, DOT_PREC, FAST_TRIG)
+        if partial:  # full tiles skip the select
+            b_qk = tl.where(m_n[None, :], b_qk, float("-inf"))
+        acc, m_i, l_i = _online_softmax(acc, m_i, l_i, b_qk, b_v, qk_scale, DOT_PREC)
 
     if HAS_NEW:  # the block's own keys sit at the query positions
         acc, m_i, l_i = _attend_new_keys(
-            acc, m_i, l_i, b_qe, b_qo, KNew, VNew, QPos, i_b, i_kvh, i_m, o_m, o_n, o_d, N,
+            acc, m_i, l_i, b_q, KNew, VNew, QPos, i_b, i_kvh, i_m, o_m, o_n, o_d, N,
             stride_knb, stride_knn, stride_knh, stride_vnb, stride_vnn, stride_vnh, stride_qpb,
             stride_qpn, b_axis, b_thi, b_tlo, qk_scale, NUM_AXES, IS_CAUSAL, DOT_PREC, FAST_TRIG,
             BLOCK_M, BLOCK_N)
@@ -247,8 +220,8 @@ def launch_moc_attention(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_t
     t = table.to(dev)
     turns = rope_turns(t.freqs)
     pair_axis = t.pair_axis.to(torch.int32)
-    q, q_pos, cache_k, cache_v, cache_pos, k_new, v_new = map(
-        _last_contig, (q, q_pos, cache_k, cache_v, cache_pos, k_new, v_new))
+    q, q_pos, cache_pos, k_new, v_new = map(_last_contig, (q, q_pos, cache_pos, k_new, v_new))
+    cache_k, cache_v = _same_strides(cache_k, cache_v)
     page_len = page_len.contiguous()
     pages, count, shift = entry_tables(page_table, page_shift, chunk_pages, chunk_shift, routed)
     Hkv, S, T = cache_k.shape[2], cache_k.shape[1], routed.shape[1]
