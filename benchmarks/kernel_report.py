@@ -10,17 +10,20 @@ For every autotune config it reports, without a GPU:
 * ``min_bytes``: compulsory HBM traffic: Q, K, V, positions read once, out and lse written once;
 * static resources from the sm_90 ahead-of-time compile (``cuobjdump``): registers per thread,
   shared memory per CTA, stack/local bytes, HGMMA count; CTAs per SM from registers and shared
-  memory, and the wave efficiency of the grid ``cdiv(Nq, BLOCK_M) * Hq`` on 132 SMs;
+  memory; ``splits``: the split-KV parts the launcher picks (``triton_split.num_splits_for``)
+  and ``wave_eff``: the fraction of the grid's ``waves * slots`` filled with key tiles (the
+  ``cdiv(Nq, BLOCK_M) * Hq * splits`` programs on 132 SMs, each part also paying its fixed
+  work); ``merge_ms``: the fp32 parts written and read back at 3.0 TB/s;
 * ``roofline_ms``: ``max(flops / 800 TFLOP/s, min_bytes / 3.0 TB/s)`` (H100 dense bf16 and copy
-  bandwidth) and ``predicted_ms = roofline_ms / wave_efficiency``, an upper bound on speed, not
-  a measurement. The 70% goal is ``flops / 560 TFLOP/s``;
+  bandwidth); ``predicted_ms`` (below) is an upper bound on speed, not a measurement. The 70%
+  goal is ``flops / 560 TFLOP/s``;
 * ``issue_ms``: the instruction-issue bound the roofline ignores (every program rotates every
   key tile it reads, then runs the softmax on it): the SASS instructions of one key-tile
   iteration of the compiled loop on its common path (``loop_hot``, per thread: without the
   partial-page mask and the lazy rescale, which a long stream runs on a few tiles;
   ``loop_instr`` counts them too), times warps and tiles, at 4 warp instructions per SM per
-  clock (1.755 GHz). ``predicted_ms`` is the larger bound over the wave
-  efficiency. ``exp_ms``: ``Hq * Nq * Nk`` ``exp2`` on the MUFU at 16 per SM per clock (the
+  clock (1.755 GHz). ``predicted_ms`` is the largest bound over the wave efficiency, plus
+  ``merge_ms``. It assumes issue, tensor cores and MUFU overlap perfectly. ``exp_ms``: ``Hq * Nq * Nk`` ``exp2`` on the MUFU at 16 per SM per clock (the
   RoPE sin/cos add ``ctas * Nk * D`` more MUFU ops, ``mufu_ms`` counts both).
 
 On a machine with a CUDA GPU it also measures (``triton.testing.do_bench``) the Triton kernel
@@ -43,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import markdown_table, write_results  # noqa: E402
 
 from lol_kernels.attention import triton_aot  # noqa: E402
+from lol_kernels.attention.triton_split import PART_FIXED_TILES, num_splits_for  # noqa: E402
 
 PEAK_FLOPS = 800e12  # H100 measured dense bf16
 PEAK_BYTES = 3.0e12  # H100 copy bandwidth
@@ -67,16 +71,13 @@ def min_bytes(s, elem: int = 2, pos_bytes: int = 4) -> float:
     return float(q + kv + pos + out)
 
 
-def occupancy(row) -> tuple[int, float]:
-    """CTAs per SM (registers, shared memory) and wave efficiency of the Wan grid."""
+def occupancy(row) -> int:
+    """CTAs per SM allowed by registers and shared memory."""
     threads = 32 * row["num_warps"]
     regs = math.ceil(row["registers"] * threads / 256) * 256  # allocation granularity
     by_regs = REGS_PER_SM // regs
     by_smem = SMEM_PER_SM // max(row["shared"], 1)
-    per_sm = max(1, min(by_regs, by_smem, 2048 // threads))
-    ctas = math.ceil(SHAPE["Nq"] / row["BLOCK_M"]) * SHAPE["Hq"] * SHAPE["B"]
-    waves = math.ceil(ctas / (NUM_SMS * per_sm))
-    return per_sm, ctas / (waves * NUM_SMS * per_sm)
+    return max(1, min(by_regs, by_smem, 2048 // threads))
 
 
 def static_rows(dtypes) -> list[dict]:
@@ -86,25 +87,34 @@ def static_rows(dtypes) -> list[dict]:
     report = triton_aot.sm90_report(dtypes, (SHAPE["D"],), rope=False, causal=False, group=1,
                                     has_new=False, has_shift=True, page_size=SHAPE["S"])
     for r in report:
-        per_sm, eff = occupancy(r)
+        per_sm = occupancy(r)
         ctas = math.ceil(SHAPE["Nq"] / r["BLOCK_M"]) * SHAPE["Hq"] * SHAPE["B"]
         # the cached-key loop (has_new=False: the only loop); mask/rescale blocks run rarely
         body = max(r["loop_hot_instructions"] or [0])
-        tiles = SHAPE["Nk"] / r["BLOCK_N"]
+        tiles = math.ceil(SHAPE["Nk"] / r["BLOCK_N"])
         issue_s = ctas * tiles * body * r["num_warps"] / (ISSUE_PER_SM * NUM_SMS * CLOCK)
         exp_s = SHAPE["Hq"] * SHAPE["Nq"] * SHAPE["Nk"] * SHAPE["B"] / (16 * NUM_SMS * CLOCK)
         mufu_s = exp_s + ctas * SHAPE["Nk"] * SHAPE["D"] / (16 * NUM_SMS * CLOCK)
         bound = max(roof, issue_s, mufu_s)
+        # split-KV as the launcher picks it; waves of ctas * splits programs, each with the
+        # part's tiles plus the fixed per-part work; the merge moves fp32 parts through HBM
+        splits = num_splits_for(ctas, tiles, NUM_SMS, per_sm)
+        slots = NUM_SMS * per_sm
+        waves = math.ceil(ctas * splits / slots)
+        eff = ctas * tiles / (waves * slots * (tiles / splits + PART_FIXED_TILES))
+        merge_s = 0.0 if splits == 1 else (
+            splits * SHAPE["B"] * SHAPE["Hq"] * SHAPE["Nq"] * (SHAPE["D"] + 1) * 8 / PEAK_BYTES)
+        pred = bound / eff + merge_s
         rows.append({"config": f"M{r['BLOCK_M']}-N{r['BLOCK_N']}-w{r['num_warps']}"
                                f"-s{r['num_stages']}", "dtype": r["dtype"],
                      "registers": r["registers"], "shared_B": r["shared"], "stack_B": r["stack"],
                      "local_B": r["local"], "hgmma": r["hgmma"], "ctas_per_sm": per_sm,
-                     "wave_eff": eff, "gflop": fl / 1e9, "min_MB": by / 1e6,
+                     "splits": splits, "wave_eff": eff, "gflop": fl / 1e9, "min_MB": by / 1e6,
                      "roofline_ms": roof * 1e3, "loop_instr": max(r["loop_instructions"] or [0]),
                      "loop_hot": body, "issue_ms": issue_s * 1e3,
-                     "exp_ms": exp_s * 1e3, "mufu_ms": mufu_s * 1e3,
-                     "predicted_ms": bound / eff * 1e3,
-                     "predicted_tflops": fl / (bound / eff) / 1e12,
+                     "exp_ms": exp_s * 1e3, "mufu_ms": mufu_s * 1e3, "merge_ms": merge_s * 1e3,
+                     "predicted_ms": pred * 1e3,
+                     "predicted_tflops": fl / pred / 1e12,
                      "goal_ms": fl / (GOAL * PEAK_FLOPS) * 1e3})
     return rows
 
@@ -196,9 +206,9 @@ def main(argv=None):
                "goal_tflops": GOAL * PEAK_FLOPS / 1e12, "configs": static, "measured": measured,
                "measured_note": None if measured else "no CUDA device: static report only"}
     table = markdown_table(static, ["config", "dtype", "registers", "shared_B", "stack_B",
-                                    "local_B", "hgmma", "ctas_per_sm", "wave_eff", "gflop",
-                                    "min_MB", "roofline_ms", "loop_instr", "loop_hot", "issue_ms",
-                                    "mufu_ms", "predicted_ms", "predicted_tflops",
+                                    "local_B", "hgmma", "ctas_per_sm", "splits", "wave_eff",
+                                    "gflop", "min_MB", "roofline_ms", "loop_instr", "loop_hot",
+                                    "issue_ms", "mufu_ms", "merge_ms", "predicted_ms", "predicted_tflops",
                                     "goal_ms"])
     if measured:
         table += "\n" + markdown_table(measured, ["method", "ms", "tflops", "pct_of_800",

@@ -208,3 +208,35 @@ def test_running_max_rises_across_tiles(dtype, growth):
     c["q"] = c["q"].abs()  # queries aligned with the growing keys: the growth shows in q.k
     c["cache_k"] = c["cache_k"].abs()
     run_and_check(c, dt, config={"BLOCK_M": 16, "BLOCK_N": 16})
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["block", "causal"])
+@pytest.mark.parametrize("splits", [2, 3, 7])
+def test_split_kv_parts_merge_to_the_same_result(splits, causal):
+    """Split-KV: each program's key tiles (cached, then the block's own) cut in ``splits``
+    parts, merged by the combine kernel. 7 parts leave some parts with no tile at all (their
+    lse is -inf and weighs nothing); causal tiles have different tile counts per query tile."""
+    c, dt = make_case(B=2, Nq=45, D=64, S=16, M=5, dtype=torch.float32)
+    o1, l1 = run_and_check(c, dt, causal=causal, config={"num_splits": splits})
+    o0, l0 = _call(tk.paged_attention_triton, _cast(c, dt), causal=causal)
+    assert max_err(o1, o0.cpu()) < 1e-5 and max_err(l1, l0.cpu()) < 1e-5
+
+
+def test_split_kv_rows_without_keys():
+    """A batch row whose entries are all empty and no new keys: every part is empty."""
+    c, dt = make_case(B=2, Nq=20, new=False, dtype=torch.float32)
+    c["page_table"][1] = -1
+    o, l = run_and_check(c, dt, config={"num_splits": 3})
+    assert (o[1] == 0).all() and torch.isneginf(l[1]).all()
+
+
+def test_num_splits_heuristic():
+    """Wave-filling split counts: the Wan block (444 programs of M = 128 on 132 SMs, 3.36
+    waves) -> 2 parts (0.84 -> 0.96); one latent frame (156 programs, 1.18 waves) -> 5;
+    a grid of whole waves or a short key range -> 1; no GPU -> 1."""
+    from lol_kernels.attention.triton_split import num_splits_for
+    assert num_splits_for(444, 293 + 74, 132) == 2
+    assert num_splits_for(156, 293 + 25, 132) == 5
+    assert num_splits_for(264, 300, 132) == 1
+    assert num_splits_for(156, 12, 132) == 1
+    assert num_splits_for(444, 300, 0) == 1

@@ -21,10 +21,10 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-_KERNEL_MODULES = ("lol_kernels._triton_common", "lol_kernels.attention.triton_kernel",
-                   "lol_kernels.rope.triton_kernel")
+_KERNEL_MODULES = ("lol_kernels._triton_common", "lol_kernels.attention.triton_split",
+                   "lol_kernels.attention.triton_kernel", "lol_kernels.rope.triton_kernel")
 _DTYPES = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
-_SCALARS = {"Nq", "N_new", "M", "Hq", "qk_scale"}
+_SCALARS = {"Nq", "N_new", "M", "Hq", "qk_scale", "num_splits"}
 
 
 @contextmanager
@@ -66,7 +66,8 @@ def attention_signature(kernel, dtype: str, *, head_dim: int, group: int = 1, nu
     contiguous fp16/bf16 tensors, int32 positions/page ids, int64 turns."""
     t = _DTYPES[dtype]
     ptr = {"Q": f"*{t}", "K": f"*{t}", "V": f"*{t}", "KNew": f"*{t}", "VNew": f"*{t}",
-           "Out": f"*{t}", "Lse": "*fp32", "Turns": "*i64"}
+           "Out": f"*{t}", "Lse": "*fp32", "OutPart": "*fp32", "LsePart": "*fp32",
+           "Turns": "*i64"}
     const = {"HEAD_DIM": head_dim, "PAGE_SIZE": page_size, "GROUP": group, "NUM_AXES": num_axes, "HAS_SHIFT": has_shift,
              "HAS_NEW": has_new, "IS_CAUSAL": causal,
              "DOT_PREC": "tf32x3" if dtype == "fp32" else "tf32", "FAST_TRIG": True,

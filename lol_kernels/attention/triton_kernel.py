@@ -57,6 +57,7 @@ from .._triton_common import (
     rope_turns,
     split_turns,
 )
+from .triton_split import combine_splits, device_sms, num_splits_for, split_buffers, store_part
 
 # ---------------------------------------------------------------------------------------------
 # configs
@@ -66,6 +67,9 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 #: base-2 headroom of the lazy running max (:func:`_online_softmax`): p <= 2^8 between moves
 RESCALE_SLACK = tl.constexpr(8.0)
+#: start of the running max: finite, so no -inf - -inf to guard; below any real score, and
+#: exp2(M_INIT - m) underflows to 0 when the first visible key moves it
+M_INIT = tl.constexpr(-1.0e30)
 
 #: (BLOCK_M, BLOCK_N, num_warps, num_stages) the autotuner may pick on a GPU. Two warpgroups
 #: everywhere: with 4 warps at D = 128 the fp32 rotation of a [BLOCK_N, D] key tile next to the
@@ -139,16 +143,16 @@ def _online_softmax(acc, m_i, l_i, b_qk, b_v, qk_scale, DOT_PREC: tl.constexpr):
     The running max moves only when some row's tile max exceeds it by more than
     ``RESCALE_SLACK``; in between ``p <= 2^RESCALE_SLACK`` and the ``[BLOCK_M, D]``
     accumulator is not rescaled (most tiles). ``lse = m + log2(l)`` holds either way."""
-    # scale > 0 commutes with max, so the scale folds into the exponent's FMA
+    # scale > 0 commutes with max, so the scale folds into the exponent's FMA; m_i starts at
+    # M_INIT (finite): a row's first visible key always moves it, invisible keys never do
     m_ij = tl.max(b_qk, 1) * qk_scale
-    if tl.max((m_ij > m_i + RESCALE_SLACK).to(tl.int32), 0) > 0:  # -inf > -inf is False
+    if tl.max((m_ij > m_i + RESCALE_SLACK).to(tl.int32), 0) > 0:
         m_new = tl.maximum(m_i, m_ij)
-        alpha = tl.exp2(m_i - tl.where(m_new == float("-inf"), 0.0, m_new))
+        alpha = tl.exp2(m_i - m_new)
         acc = acc * alpha[:, None]
         l_i = l_i * alpha
         m_i = m_new
-    m_use = tl.where(m_i == float("-inf"), 0.0, m_i)  # no key seen yet: avoid inf - inf
-    b_p = tl.exp2(b_qk * qk_scale - m_use[:, None])
+    b_p = tl.exp2(b_qk * qk_scale - m_i[:, None])
     l_i += tl.sum(b_p, 1)
     acc = tl.dot(b_p.to(b_v.dtype), b_v, acc, input_precision=DOT_PREC)
     return acc, m_i, l_i
@@ -243,28 +247,44 @@ def _load_new_tile(KNew, VNew, NewPos, i_b, i_kvh, start, o_n, o_d, N_new, strid
 
 
 @triton.jit
-def _attend_new_keys(acc, m_i, l_i, b_q, KNew, VNew, NewPos, i_b, i_kvh, i_m, o_m, o_n,
-                     o_d, N_new, stride_knb, stride_knn, stride_knh, stride_vnb, stride_vnn,
-                     stride_vnh, stride_npb, stride_npn, b_axis, b_thi, b_tlo, qk_scale,
-                     NUM_AXES: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
-                     FAST_TRIG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The block's own keys (shared by the paged and MoC kernels): all visible, or
-    ``j <= i`` (top-left aligned) when causal."""
+def _new_key_end(N_new, i_m, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """``(hi, full_end)``: the block's own keys a query tile reads (``[0, hi)``) and the end of
+    those it sees whole (all its rows see them: no mask)."""
     hi = N_new
-    full_end = N_new  # tiles wholly below the diagonal and inside N_new need no mask
-    if IS_CAUSAL:  # key tiles past the last query of this tile are all masked
+    full_end = N_new
+    if IS_CAUSAL:  # keys past the tile's last query are masked for all of its rows
         hi = tl.minimum(N_new, (i_m + 1) * BLOCK_M)
         full_end = tl.minimum(N_new, i_m * BLOCK_M + 1)
-    full_end = full_end // BLOCK_N * BLOCK_N
+    return hi, full_end
+
+
+@triton.jit
+def _attend_new_keys(acc, m_i, l_i, b_q, KNew, VNew, NewPos, i_b, i_kvh, i_m, o_m, o_n,
+                     o_d, N_new, stride_knb, stride_knn, stride_knh, stride_vnb, stride_vnn,
+                     stride_vnh, stride_npb, stride_npn, b_axis, b_thi, b_tlo, qk_scale, t_lo,
+                     t_hi, NUM_AXES: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                     DOT_PREC: tl.constexpr, FAST_TRIG: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, UNMASKED_LOOP: tl.constexpr = True):
+    """The block's own keys (shared by the paged and MoC kernels): all visible, or
+    ``j <= i`` (top-left aligned) when causal; key tiles ``[t_lo, t_hi)`` of them only (a
+    split-KV part; clipped to the tiles there are). ``UNMASKED_LOOP``: the tiles every row
+    sees whole go through a loop of their own, without mask work (the MoC kernel, three
+    loops long, spills at sm_90 with it and masks every tile instead)."""
+    hi, full_end = _new_key_end(N_new, i_m, IS_CAUSAL, BLOCK_M)
+    n_full = full_end // BLOCK_N
+    if not UNMASKED_LOOP:  # one loop, masked throughout (fewer registers live)
+        n_full = 0
     # two loops, the unmasked one first: no per-tile mask work on the common path
-    for start in range(0, full_end, BLOCK_N):
+    for start in range(tl.maximum(t_lo, 0) * BLOCK_N, tl.minimum(t_hi, n_full) * BLOCK_N,
+                       BLOCK_N):
         b_k, b_v, b_kpos, m_t = _load_new_tile(KNew, VNew, NewPos, i_b, i_kvh, start, o_n, o_d,
                                                N_new, stride_knb, stride_knn, stride_knh,
                                                stride_vnb, stride_vnn, stride_vnh, stride_npb,
                                                stride_npn, b_axis, NUM_AXES)
         b_qk = _rotated_scores(b_q, b_k, b_kpos, b_thi, b_tlo, DOT_PREC, FAST_TRIG)
         acc, m_i, l_i = _online_softmax(acc, m_i, l_i, b_qk, b_v, qk_scale, DOT_PREC)
-    for start in range(full_end, hi, BLOCK_N):
+    for start in range(tl.maximum(t_lo, n_full) * BLOCK_N,
+                       tl.minimum(t_hi * BLOCK_N, hi), BLOCK_N):
         b_k, b_v, b_kpos, m_t = _load_new_tile(KNew, VNew, NewPos, i_b, i_kvh, start, o_n, o_d,
                                                N_new, stride_knb, stride_knn, stride_knh,
                                                stride_vnb, stride_vnn, stride_vnh, stride_npb,
@@ -295,17 +315,18 @@ def _store_out(Out, Lse, acc, m_i, l_i, i_b, i_h, o_m, o_d, m_m, stride_ob, stri
 
 
 @triton.jit(do_not_specialize=["Nq", "N_new", "M", "stride_qpb", "stride_npb",
-                               "stride_lb", "stride_lh", "stride_ptb", "stride_psb"])
+                               "stride_lb", "stride_lh", "stride_ptb", "stride_psb",
+                               "num_splits"])
 def _paged_rope_attn_fwd(
     Q, QPos, K, V, KPos, PageLen, PageTable, PageShift, KNew, VNew, NewPos, Turns, PairAxis,
-    Out, Lse,
+    Out, Lse, OutPart, LsePart,
     stride_qb, stride_qn, stride_qh, stride_qpb, stride_qpn,
     stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh, stride_cpp, stride_cps,
     stride_ptb, stride_psb, stride_psm,
     stride_knb, stride_knn, stride_knh, stride_vnb, stride_vnn, stride_vnh, stride_npb,
     stride_npn,
     stride_ob, stride_on, stride_oh, stride_lb, stride_lh,
-    Nq, N_new, M, Hq, qk_scale,
+    Nq, N_new, M, Hq, qk_scale, num_splits,
     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr, NUM_AXES: tl.constexpr,
     HAS_SHIFT: tl.constexpr, HAS_NEW: tl.constexpr, IS_CAUSAL: tl.constexpr,
     DOT_PREC: tl.constexpr, FAST_TRIG: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -314,6 +335,7 @@ def _paged_rope_attn_fwd(
     HALF: tl.constexpr = HEAD_DIM // 2
     i_m = tl.program_id(0)
     i_bh = tl.program_id(1)
+    i_sp = tl.program_id(2)
     i_b = (i_bh // Hq).to(tl.int64)
     i_h = i_bh % Hq
     i_kvh = i_h // GROUP
@@ -328,12 +350,23 @@ def _paged_rope_attn_fwd(
 
     b_q = _rotate_queries(Q, QPos, i_b, i_h, o_m, m_m, o_d, b_axis, b_thi, b_tlo, stride_qb,
                           stride_qn, stride_qh, stride_qpb, stride_qpn, NUM_AXES, FAST_TRIG)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], M_INIT, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
+    # this part's key tiles [t_lo, t_hi): cached tiles first, then the block's own keys
+    n_cached = tl.cdiv(M * PAGE_SIZE, BLOCK_N)
+    n_tiles = n_cached
+    if HAS_NEW:
+        hi_new, _ = _new_key_end(N_new, i_m, IS_CAUSAL, BLOCK_M)
+        n_tiles += tl.cdiv(hi_new, BLOCK_N)
+    per = tl.cdiv(n_tiles, num_splits)
+    t_lo = i_sp * per
+    t_hi = tl.minimum(t_lo + per, n_tiles)
+
     # cached keys: the entries' pages laid end to end, PAGE_SIZE slots each
-    for start in range(0, M * PAGE_SIZE, BLOCK_N):
+    for start in range(tl.minimum(t_lo, n_cached) * BLOCK_N, tl.minimum(t_hi, n_cached) * BLOCK_N,
+                       BLOCK_N):
         b_k, b_v, b_kpos, m_n, partial = _load_page_tile(
             start, PageTable + i_b * stride_ptb, M, PageShift + i_b * stride_psb, stride_psm,
             K, V, KPos, PageLen, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs,
@@ -348,10 +381,13 @@ def _paged_rope_attn_fwd(
         acc, m_i, l_i = _attend_new_keys(
             acc, m_i, l_i, b_q, KNew, VNew, NewPos, i_b, i_kvh, i_m, o_m, o_n, o_d, N_new,
             stride_knb, stride_knn, stride_knh, stride_vnb, stride_vnn, stride_vnh, stride_npb,
-            stride_npn, b_axis, b_thi, b_tlo, qk_scale, NUM_AXES, IS_CAUSAL, DOT_PREC, FAST_TRIG,
-            BLOCK_M, BLOCK_N)
-    _store_out(Out, Lse, acc, m_i, l_i, i_b, i_h, o_m, o_d, m_m, stride_ob, stride_on, stride_oh,
-               stride_lb, stride_lh)
+            stride_npn, b_axis, b_thi, b_tlo, qk_scale, t_lo - n_cached, t_hi - n_cached,
+            NUM_AXES, IS_CAUSAL, DOT_PREC, FAST_TRIG, BLOCK_M, BLOCK_N)
+    if num_splits == 1:
+        _store_out(Out, Lse, acc, m_i, l_i, i_b, i_h, o_m, o_d, m_m, stride_ob, stride_on,
+                   stride_oh, stride_lb, stride_lh)
+    else:
+        store_part(OutPart, LsePart, acc, m_i, l_i, i_sp, i_bh, o_m, o_d, m_m, Nq, HEAD_DIM)
 
 
 _paged_rope_attn_fwd_tuned = triton.autotune(
@@ -394,7 +430,9 @@ def launch_rope_attention(q, q_pos, table, *, cache=None, new=None, causal=False
         new: ``None`` or ``(k_new, v_new, new_pos)``: ``[B, N_new, Hkv, D]`` and ``[B, N_new, A]``.
         out, lse: optional preallocated outputs ``[B, Nq, Hq, D]`` q.dtype / ``[B, Hq, Nq]`` fp32
             (tests pass NaN-filled buffers). config: ``{"BLOCK_M", "BLOCK_N"[, "num_warps",
-            "num_stages"]}`` skips autotuning.
+            "num_stages"]}`` skips autotuning; ``{"num_splits": s}`` (alone or with tiles) sets
+            the split-KV parts (:mod:`.triton_split`; default: :func:`num_splits_for` on a GPU,
+            1 elsewhere).
 
     Returns:
         ``(out, lse)``.
@@ -473,16 +511,25 @@ def launch_rope_attention(q, q_pos, table, *, cache=None, new=None, causal=False
         DOT_PREC="tf32x3" if q.dtype == torch.float32 else "tf32",
         FAST_TRIG=fast_trig(_paged_rope_attn_fwd),
     )
-    if config is None and is_interpreted(_paged_rope_attn_fwd):
-        config = INTERPRET_CONFIG
-    if config is not None:
-        cfg = dict(config)
-        grid = (triton.cdiv(Nq, cfg["BLOCK_M"]), B * Hq)
+    cfg = dict(config) if config is not None else {}
+    splits = cfg.pop("num_splits", None)
+    if not cfg and is_interpreted(_paged_rope_attn_fwd):
+        cfg = dict(INTERPRET_CONFIG)
+    if splits is None:  # sized for the largest tiles; smaller ones only add programs
+        key_tiles = triton.cdiv(M * page_size, 64) + triton.cdiv(N_new, 64)
+        splits = num_splits_for(triton.cdiv(Nq, 128) * B * Hq, key_tiles, device_sms(dev))
+    part = split_buffers(splits, B, Hq, Nq, D, dev) if splits > 1 else (lse, lse)
+    args.update(OutPart=part[0], LsePart=part[1])
+    meta["num_splits"] = splits
+    if cfg:
+        grid = (triton.cdiv(Nq, cfg["BLOCK_M"]), B * Hq, splits)
         _paged_rope_attn_fwd[grid](**args, **strides, **meta, **cfg)
     else:
         def grid(meta_):
-            return (triton.cdiv(Nq, meta_["BLOCK_M"]), B * Hq)
+            return (triton.cdiv(Nq, meta_["BLOCK_M"]), B * Hq, splits)
         _paged_rope_attn_fwd_tuned[grid](**args, **strides, **meta)
+    if splits > 1:
+        combine_splits(part[0], part[1], out, lse)
     return out, lse
 
 

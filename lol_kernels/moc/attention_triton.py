@@ -43,6 +43,7 @@ from .._triton_common import (
 from ..attention.triton_kernel import (
     CONFIGS,
     LOG2E,
+    M_INIT,
     _attend_new_keys,
     _into,
     _last_contig,
@@ -117,7 +118,7 @@ def _moc_attn_fwd(
 
     b_q = _rotate_queries(Q, QPos, i_b, i_h, o_m, m_m, o_d, b_axis, b_thi, b_tlo, stride_qb,
                           stride_qn, stride_qh, stride_qpb, stride_qpn, NUM_AXES, FAST_TRIG)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], M_INIT, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
@@ -141,8 +142,8 @@ def _moc_attn_fwd(
         acc, m_i, l_i = _attend_new_keys(
             acc, m_i, l_i, b_q, KNew, VNew, QPos, i_b, i_kvh, i_m, o_m, o_n, o_d, N,
             stride_knb, stride_knn, stride_knh, stride_vnb, stride_vnn, stride_vnh, stride_qpb,
-            stride_qpn, b_axis, b_thi, b_tlo, qk_scale, NUM_AXES, IS_CAUSAL, DOT_PREC, FAST_TRIG,
-            BLOCK_M, BLOCK_N)
+            stride_qpn, b_axis, b_thi, b_tlo, qk_scale, 0, tl.cdiv(N, BLOCK_N), NUM_AXES,
+            IS_CAUSAL, DOT_PREC, FAST_TRIG, BLOCK_M, BLOCK_N, False)
     _store_out(Out, Lse, acc, m_i, l_i, i_b, i_h, o_m, o_d, m_m, stride_ob, stride_on, stride_oh,
                stride_lb, stride_lh)
 
