@@ -211,12 +211,12 @@ def test_running_max_rises_across_tiles(dtype, growth):
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["block", "causal"])
-@pytest.mark.parametrize("splits", [2, 3, 7])
+@pytest.mark.parametrize("splits", [2, 7])
 def test_split_kv_parts_merge_to_the_same_result(splits, causal):
     """Split-KV: each program's key tiles (cached, then the block's own) cut in ``splits``
     parts, merged by the combine kernel. 7 parts leave some parts with no tile at all (their
     lse is -inf and weighs nothing); causal tiles have different tile counts per query tile."""
-    c, dt = make_case(B=2, Nq=45, D=64, S=16, M=5, dtype=torch.float32)
+    c, dt = make_case(B=2, Nq=45, Hq=2, Hkv=1, D=32, S=16, M=5, dtype=torch.float32)
     o1, l1 = run_and_check(c, dt, causal=causal, config={"num_splits": splits})
     o0, l0 = _call(tk.paged_attention_triton, _cast(c, dt), causal=causal)
     assert max_err(o1, o0.cpu()) < 1e-5 and max_err(l1, l0.cpu()) < 1e-5

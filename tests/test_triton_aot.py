@@ -1,7 +1,8 @@
 """Ahead-of-time sm_90 compile of the Triton kernels (DESIGN.md §5 "GPU"), no GPU needed.
 
 Every config the paged-attention autotuner may pick, in fp16 and bf16 at D = 64 and 128 (and
-the narrow ones it keeps for fp32 inputs at D = 64), and the apply_rope kernel, go through ``triton.compile(..., target=GPUTarget("cuda", 90, 32))``; the
+the narrow ones it keeps for fp32 inputs at D = 64), the apply_rope kernel and the split-KV
+merge kernel go through ``triton.compile(..., target=GPUTarget("cuda", 90, 32))``; the
 cubin is read with the ``cuobjdump`` shipped in the triton wheel: no stack or local memory
 (no spills, no local arrays from libdevice trig) and tensor-core ``HGMMA`` for the attention
 products. The kernel module is imported afresh with ``TRITON_INTERPRET=0``, so this works in a
@@ -34,7 +35,8 @@ def test_every_config_compiles_for_sm90(report):
     attn = [r for r in report if r["kernel"] == "paged_rope_attn_fwd" and r["dtype"] != "fp32"]
     assert len(attn) == 2 * 2 * len(mod.CONFIGS)
     assert any(r["dtype"] == "fp32" for r in report)  # the 3xTF32 configs kept for fp32 at D=64
-    assert {r["kernel"] for r in report} == {"paged_rope_attn_fwd", "apply_rope_fwd"}
+    assert {r["kernel"] for r in report} == {"paged_rope_attn_fwd", "apply_rope_fwd",
+                                             "combine_splits"}
 
 
 def test_no_spills_no_local_memory(report):

@@ -215,16 +215,41 @@ def compile_rope_kernel(dtype: str, head_dim: int, module=None) -> dict:
             **sass_summary(ck.asm["cubin"])}
 
 
+def compile_combine_kernel(dtype: str, head_dim: int, module=None) -> dict:
+    """Compile the split-KV merge kernel for sm_90; same report as above."""
+    mod = module or compiled_module("lol_kernels.attention.triton_split")
+    fn = mod._combine_splits
+    const = {"HEAD_DIM": head_dim, "BLOCK_R": mod.BLOCK_R}
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in const:
+            sig[name] = "constexpr"
+        elif name in ("OutPart", "LsePart", "Out", "Lse"):
+            sig[name] = f"*{_DTYPES[dtype]}" if name == "Out" else "*fp32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[name] = "i32"
+    ck = compile_sm90(fn, sig, const, attrs, num_warps=mod.NUM_WARPS, num_stages=1)
+    res = resource_usage(ck.asm["cubin"])
+    res["shared"] += int(ck.metadata.shared)
+    return {"kernel": "combine_splits", "dtype": dtype, "head_dim": head_dim,
+            "BLOCK_R": mod.BLOCK_R, "num_warps": mod.NUM_WARPS, **res,
+            **sass_summary(ck.asm["cubin"])}
+
+
 def _job(job):
     kind, dtype, head_dim, config, kw = job
     if kind == "rope":
         return compile_rope_kernel(dtype, head_dim)
+    if kind == "combine":
+        return compile_combine_kernel(dtype, head_dim)
     return compile_attention_config(dtype, head_dim, config, **kw)
 
 
 def sm90_report(dtypes=("fp16", "bf16"), head_dims=(64, 128), *, rope: bool = True,
                 fp32_d64: bool = False, workers: int | None = None, **variant) -> list[dict]:
-    """Compile every autotune config of the attention kernel (and the apply_rope kernel) for
+    """Compile every autotune config of the attention kernel (and the apply_rope and split-KV
+    merge kernels, ``rope=True``) for
     each dtype and head dim; ``fp32_d64`` adds the configs kept for fp32 inputs at D = 64.
     ``variant``: keyword arguments of :func:`compile_attention_config` (``causal``, ``group``,
     ``has_new``, ``has_shift``, ``page_size``); default: causal with new keys, shifts, GQA 3.
@@ -241,8 +266,9 @@ def sm90_report(dtypes=("fp16", "bf16"), head_dims=(64, 128), *, rope: bool = Tr
     jobs = [("attn", dt, d, c, variant) for dt in dtypes for d in head_dims for c in configs]
     if fp32_d64:
         jobs += [("attn", "fp32", 64, c, variant) for c in configs if c[1] <= 32]
-    if rope:
-        jobs += [("rope", dt, d, None, {}) for dt in dtypes for d in head_dims]
+    if rope:  # and the split-KV merge
+        jobs += [(k, dt, d, None, {}) for k in ("rope", "combine") for dt in dtypes
+                 for d in head_dims]
     workers = workers or max(1, min(len(jobs), os.cpu_count() or 1))
     with _interpret("0"), ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
         return list(ex.map(_job, jobs))
