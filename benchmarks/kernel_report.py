@@ -23,7 +23,10 @@ For every autotune config it reports, without a GPU:
   partial-page mask and the lazy rescale, which a long stream runs on a few tiles;
   ``loop_instr`` counts them too), times warps and tiles, at 4 warp instructions per SM per
   clock (1.755 GHz). ``predicted_ms`` is the largest bound over the wave efficiency, plus
-  ``merge_ms``. It assumes issue, tensor cores and MUFU overlap perfectly. ``exp_ms``: ``Hq * Nq * Nk`` ``exp2`` on the MUFU at 16 per SM per clock (the
+  ``merge_ms``. It assumes issue, tensor cores and MUFU overlap perfectly; ``serial_ms`` is
+  the pessimistic side: a warp idles while its scores product runs and issues the softmax
+  while no product is in flight (only the key loads and rotation overlap the previous
+  ``P V``), CTAs resident on one SM interleaving. A GPU run lands between the two. ``exp_ms``: ``Hq * Nq * Nk`` ``exp2`` on the MUFU at 16 per SM per clock (the
   RoPE sin/cos add ``ctas * Nk * D`` more MUFU ops, ``mufu_ms`` counts both).
 
 On a machine with a CUDA GPU it also measures (``triton.testing.do_bench``) the Triton kernel
@@ -96,6 +99,16 @@ def static_rows(dtypes) -> list[dict]:
         exp_s = SHAPE["Hq"] * SHAPE["Nq"] * SHAPE["Nk"] * SHAPE["B"] / (16 * NUM_SMS * CLOCK)
         mufu_s = exp_s + ctas * SHAPE["Nk"] * SHAPE["D"] / (16 * NUM_SMS * CLOCK)
         bound = max(roof, issue_s, mufu_s)
+        # pessimistic: a warp waits for its scores product, then issues the softmax while no
+        # product is in flight; only the key loads and rotation overlap the previous P V.
+        # One CTA's tile then takes s1 cycles; per_sm CTAs interleave, so a tile costs
+        # s1 / per_sm unless issue or the tensor cores bind first
+        t_mma = 4.0 * r["BLOCK_M"] * r["BLOCK_N"] * SHAPE["D"] / (PEAK_FLOPS / NUM_SMS) * CLOCK
+        warp_cycles = r["num_warps"] / ISSUE_PER_SM  # issue cycles per instruction per SM
+        soft = (r["loop_softmax_instructions"] or [0])[0] * warp_cycles
+        s1 = max(body * warp_cycles - soft, t_mma / 2) + t_mma / 2 + soft
+        tile = max(body * warp_cycles, t_mma, s1 / per_sm)
+        serial_s = ctas * tiles * tile / (NUM_SMS * CLOCK)
         # split-KV as the launcher picks it; waves of ctas * splits programs, each with the
         # part's tiles plus the fixed per-part work; the merge moves fp32 parts through HBM
         splits = num_splits_for(ctas, tiles, NUM_SMS, per_sm)
@@ -105,6 +118,7 @@ def static_rows(dtypes) -> list[dict]:
         merge_s = 0.0 if splits == 1 else (
             splits * SHAPE["B"] * SHAPE["Hq"] * SHAPE["Nq"] * (SHAPE["D"] + 1) * 8 / PEAK_BYTES)
         pred = bound / eff + merge_s
+        serial = max(serial_s, bound) / eff + merge_s
         rows.append({"config": f"M{r['BLOCK_M']}-N{r['BLOCK_N']}-w{r['num_warps']}"
                                f"-s{r['num_stages']}", "dtype": r["dtype"],
                      "registers": r["registers"], "shared_B": r["shared"], "stack_B": r["stack"],
@@ -114,7 +128,8 @@ def static_rows(dtypes) -> list[dict]:
                      "loop_hot": body, "issue_ms": issue_s * 1e3,
                      "exp_ms": exp_s * 1e3, "mufu_ms": mufu_s * 1e3, "merge_ms": merge_s * 1e3,
                      "predicted_ms": pred * 1e3,
-                     "predicted_tflops": fl / pred / 1e12,
+                     "predicted_tflops": fl / pred / 1e12, "serial_ms": serial * 1e3,
+                     "serial_tflops": fl / serial / 1e12,
                      "goal_ms": fl / (GOAL * PEAK_FLOPS) * 1e3})
     return rows
 
@@ -209,6 +224,7 @@ def main(argv=None):
                                     "local_B", "hgmma", "ctas_per_sm", "splits", "wave_eff",
                                     "gflop", "min_MB", "roofline_ms", "loop_instr", "loop_hot",
                                     "issue_ms", "mufu_ms", "merge_ms", "predicted_ms", "predicted_tflops",
+                                    "serial_ms", "serial_tflops",
                                     "goal_ms"])
     if measured:
         table += "\n" + markdown_table(measured, ["method", "ms", "tflops", "pct_of_800",

@@ -82,6 +82,15 @@ def test_triton_parity(dtype, shape):
     _check(tk.rope_attention_triton, case, dtype, causal, out=out, lse=lse)
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_triton_parity_split_kv(causal):
+    """Dense keys cut in 3 split-KV parts (only the block's-own-keys loops run here)."""
+    case = make_dense(B=1, Nq=45, Nk=45, Hq=2, Hkv=1, D=32)
+    out = torch.full((1, 45, 2, 32), float("nan"), dtype=torch.float32, device=DEV)
+    _check(tk.rope_attention_triton, case, torch.float32, causal, out=out,
+           config={"num_splits": 3})
+
+
 def test_triton_parity_d128_no_jitter():
     _check(tk.rope_attention_triton, make_dense(B=1, Nq=33, Nk=48, D=128, sigma=0.0),
            torch.float16, False)

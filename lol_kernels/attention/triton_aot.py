@@ -135,18 +135,22 @@ def sass_summary(cubin: bytes) -> dict:
             "local_ldst": len(re.findall(r"\b(LDL|STL)\b", text)),
             "mufu": len(re.findall(r"\bMUFU\.", text)),
             "calls": len(re.findall(r"\bCALL\.", text)),
-            "loop_instructions": [n for n, _ in loops],
-            "loop_hot_instructions": [h for _, h in loops]}
+            "loop_instructions": [n[0] for n in loops],
+            "loop_hot_instructions": [n[1] for n in loops],
+            "loop_softmax_instructions": [n[2] for n in loops]}
 
 
-def loop_sizes(sass: str) -> list[tuple[int, int]]:
-    """``(all, hot)`` SASS instructions in the body of each loop (a backward branch to a lower
-    address), in address order: per-thread instructions of one key-tile iteration.
+def loop_sizes(sass: str) -> list[tuple[int, int, int]]:
+    """``(all, hot, softmax)`` SASS instructions in the body of each loop (a backward branch
+    to a lower address), in address order: per-thread instructions of one key-tile iteration.
 
     ``hot`` leaves out the blocks that a forward conditional branch inside the body jumps
     over: in these kernels the partial-tile mask and the lazy accumulator rescale, which run
     on a few tiles of a long stream (a partial last page; a row max that jumped by more than
-    the rescale slack), so ``hot`` is the per-tile cost of the common path."""
+    the rescale slack), so ``hot`` is the per-tile cost of the common path. ``softmax``: the
+    hot instructions from the first tensor-core wait (``WARPGROUP.DEPBAR``: the scores are
+    ready) to the last ``WARPGROUP.ARRIVE`` (the ``P V`` product is issued), which run while
+    no product is in flight; the rest (key loads and rotation) overlaps the ``P V`` product."""
     addr = {}
     order = []
     for line in sass.splitlines():
@@ -166,7 +170,10 @@ def loop_sizes(sass: str) -> list[tuple[int, int]]:
             f = re.search(r"@!?P\d\s+BRA\s+(?:`\()?0x([0-9a-f]+)", addr[x])
             if f and x < int(f.group(1), 16) <= a:
                 skipped.update(y for y in body if x < y < int(f.group(1), 16))
-        sizes.append((len(body), len(body) - len(skipped)))
+        hot = [x for x in body if x not in skipped]
+        wait = next((i for i, x in enumerate(hot) if "WARPGROUP.DEPBAR" in addr[x]), 0)
+        issue = max((i for i, x in enumerate(hot) if "WARPGROUP.ARRIVE" in addr[x]), default=0)
+        sizes.append((len(body), len(hot), max(issue - wait, 0)))
     return sizes
 
 

@@ -71,17 +71,17 @@ RESCALE_SLACK = tl.constexpr(8.0)
 #: exp2(M_INIT - m) underflows to 0 when the first visible key moves it
 M_INIT = tl.constexpr(-1.0e30)
 
-#: (BLOCK_M, BLOCK_N, num_warps, num_stages) the autotuner may pick on a GPU. Two warpgroups
-#: everywhere: with 4 warps at D = 128 the fp32 rotation of a [BLOCK_N, D] key tile next to the
-#: [BLOCK_M, D] accumulator exceeds 255 registers and spills; BLOCK_N = 128 or 3 stages at
-#: BLOCK_M = 128 spill too (sm_90 compile, tests/test_triton_aot.py). fp32 inputs (3xTF32
-#: products) keep the BLOCK_N = 32 configs: spill-free at D = 64, small spills at D = 128
-#: (fp32 is the accuracy path, not the performance one).
+#: (BLOCK_M, BLOCK_N, num_warps, num_stages) the autotuner may pick on a GPU (sm_90 compile,
+#: tests/test_triton_aot.py: none spills). M128 with two warpgroups rotates each key tile once
+#: for 128 queries (the fewest instructions per FLOP); M64 with one warpgroup fits two CTAs per
+#: SM, whose softmax and tensor-core phases can interleave (more instructions per FLOP, less
+#: idle issue: only a GPU run can rank them). BLOCK_N = 128 or 3 stages at BLOCK_M = 128 spill.
+#: fp32 inputs (3xTF32 products) keep the BLOCK_N = 32 configs (the accuracy path).
 CONFIGS = [
     (128, 64, 8, 2),
     (128, 32, 8, 2),
     (64, 64, 8, 2),
-    (64, 32, 8, 3),
+    (64, 64, 4, 2),
 ]
 #: tiles used under TRITON_INTERPRET=1 (no autotuning there: it would time every config)
 INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32}
