@@ -1,14 +1,15 @@
 """Fused Triton kernel: per-head jittered RoPE in registers + paged sink/window attention.
 
-One program owns ``BLOCK_M`` queries of one query head ``h`` (grid ``[cdiv(Nq, BLOCK_M), B*Hq]``):
+One program owns ``BLOCK_M`` queries of one query head ``h`` and one split-KV part of their keys
+(grid ``[cdiv(Nq, BLOCK_M), B*Hq, splits]``, :mod:`.triton_split`; one part by default off-GPU):
 
 1. load the query tile, rotate it in registers with head ``h``'s frequencies at ``q_pos``;
 2. stream the cached keys: the page-table entries are laid end to end, ``S`` slots each. When
    ``S`` is a multiple of ``BLOCK_N`` a tile lies in one page (one scalar page-table lookup);
-   otherwise each row of the tile gathers its own page (pages smaller than the tile). Row ``r``
-   is valid when its entry is not ``-1`` and its slot is ``< page_len``. The un-rotated K tile is rotated in registers
-   with head ``h``'s frequencies at ``stored position + page_shift[entry]``, then an online
-   softmax (base 2, fp32 state) accumulates ``P V``;
+   otherwise each row of the tile gathers its own page (pages smaller than the tile). Row
+   ``r`` is valid when its entry is not ``-1`` and its slot is ``< page_len``. The un-rotated
+   K tile is rotated in registers with head ``h``'s frequencies at ``stored position +
+   page_shift[entry]``, then an online softmax (base 2, fp32 state) accumulates ``P V``;
 3. stream the block's own keys ``k_new`` at their positions, all visible or ``j <= i``.
 
 GQA: query head ``h`` reads KV head ``h // GROUP``. The key tile is rotated with the *query*
@@ -23,8 +24,9 @@ Cost model (sm_90 compile, ``benchmarks/kernel_report.py``): rotating keys in re
 every query tile re-rotates every key tile it reads (``BLOCK_N * D / 2`` pairs: two selects
 for the pair's axis, a 32-bit phase product, I2F, MUFU sin/cos, four FMAs, unpack/pack), so
 the loop is bound by instruction issue, not by the tensor cores. What keeps the common path
-short (``BLOCK_M = 128, BLOCK_N = 64``, D = 128: 1004 -> 682 SASS instructions per thread and
-key tile; prediction 402 -> 592 TFLOP/s against 560 for the 70% goal):
+short (``BLOCK_M = 128, BLOCK_N = 64``, D = 128: 1004 -> 685 SASS instructions per thread and
+key tile; with two split-KV parts the prediction went 402 -> 633 TFLOP/s with perfect overlap,
+445 if the softmax never overlaps a product, against 560 for the 70% goal):
 
 * relative phases (``RELATIVE`` in :func:`lol_kernels._triton_common.rope_phase`): positions
   biased by 2^31 per row, no sign fix-up per pair; page shifts added per row, not per pair;
