@@ -198,50 +198,45 @@ def compile_attention_config(dtype: str, head_dim: int, config, *, causal: bool 
             **sass_summary(cubin)}
 
 
+def _compile_small_kernel(fn, name: str, pointers: dict, const: dict, num_warps: int,
+                          **report) -> dict:
+    """Compile a kernel whose scalars are all i32 for sm_90 (``pointers``: argument name ->
+    pointer type, all 16-byte aligned) and report it like the attention configs."""
+    sig, attrs = {}, {}
+    for i, arg in enumerate(fn.arg_names):
+        if arg in const:
+            sig[arg] = "constexpr"
+        elif arg in pointers:
+            sig[arg] = pointers[arg]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[arg] = "i32"
+    ck = compile_sm90(fn, sig, const, attrs, num_warps=num_warps, num_stages=1)
+    res = resource_usage(ck.asm["cubin"])
+    res["shared"] += int(ck.metadata.shared)
+    return {"kernel": name, **report, "num_warps": num_warps, **res,
+            **sass_summary(ck.asm["cubin"])}
+
+
 def compile_rope_kernel(dtype: str, head_dim: int, module=None) -> dict:
     """Compile the ``apply_rope`` kernel for sm_90; same report as above."""
     mod = module or compiled_module("lol_kernels.rope.triton_kernel")
-    fn = mod._apply_rope_fwd
     t = _DTYPES[dtype]
-    ptr = {"X": f"*{t}", "Y": f"*{t}", "Turns": "*i64"}
-    const = {"HEAD_DIM": head_dim, "NUM_AXES": 3, "FAST_TRIG": True, "BLOCK_R": mod.BLOCK_R}
-    sig, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in const:
-            sig[name] = "constexpr"
-        elif name == "R" or name.startswith("stride"):
-            sig[name] = "i32"
-        else:
-            sig[name] = ptr.get(name, "*i32")
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    ck = compile_sm90(fn, sig, const, attrs, num_warps=mod.NUM_WARPS, num_stages=1)
-    res = resource_usage(ck.asm["cubin"])
-    res["shared"] += int(ck.metadata.shared)
-    return {"kernel": "apply_rope_fwd", "dtype": dtype, "head_dim": head_dim,
-            "BLOCK_R": mod.BLOCK_R, "num_warps": mod.NUM_WARPS, **res,
-            **sass_summary(ck.asm["cubin"])}
+    return _compile_small_kernel(
+        mod._apply_rope_fwd, "apply_rope_fwd",
+        {"X": f"*{t}", "Y": f"*{t}", "Turns": "*i64", "Pos": "*i32", "PairAxis": "*i32"},
+        {"HEAD_DIM": head_dim, "NUM_AXES": 3, "FAST_TRIG": True, "BLOCK_R": mod.BLOCK_R},
+        mod.NUM_WARPS, dtype=dtype, head_dim=head_dim, BLOCK_R=mod.BLOCK_R)
 
 
 def compile_combine_kernel(dtype: str, head_dim: int, module=None) -> dict:
     """Compile the split-KV merge kernel for sm_90; same report as above."""
     mod = module or compiled_module("lol_kernels.attention.triton_split")
-    fn = mod._combine_splits
-    const = {"HEAD_DIM": head_dim, "BLOCK_R": mod.BLOCK_R}
-    sig, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in const:
-            sig[name] = "constexpr"
-        elif name in ("OutPart", "LsePart", "Out", "Lse"):
-            sig[name] = f"*{_DTYPES[dtype]}" if name == "Out" else "*fp32"
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            sig[name] = "i32"
-    ck = compile_sm90(fn, sig, const, attrs, num_warps=mod.NUM_WARPS, num_stages=1)
-    res = resource_usage(ck.asm["cubin"])
-    res["shared"] += int(ck.metadata.shared)
-    return {"kernel": "combine_splits", "dtype": dtype, "head_dim": head_dim,
-            "BLOCK_R": mod.BLOCK_R, "num_warps": mod.NUM_WARPS, **res,
-            **sass_summary(ck.asm["cubin"])}
+    return _compile_small_kernel(
+        mod._combine_splits, "combine_splits",
+        {"OutPart": "*fp32", "LsePart": "*fp32", "Out": f"*{_DTYPES[dtype]}", "Lse": "*fp32"},
+        {"HEAD_DIM": head_dim, "BLOCK_R": mod.BLOCK_R}, mod.NUM_WARPS, dtype=dtype,
+        head_dim=head_dim, BLOCK_R=mod.BLOCK_R)
 
 
 def _job(job):

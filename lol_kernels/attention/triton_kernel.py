@@ -59,7 +59,14 @@ from .._triton_common import (
     rope_turns,
     split_turns,
 )
-from .triton_split import combine_splits, device_sms, num_splits_for, split_buffers, store_part
+from .triton_split import (
+    combine_splits,
+    device_sms,
+    normalize_rows,
+    num_splits_for,
+    split_buffers,
+    store_part,
+)
 
 # ---------------------------------------------------------------------------------------------
 # configs
@@ -161,11 +168,16 @@ def _online_softmax(acc, m_i, l_i, b_qk, b_v, qk_scale, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
-def _rotate_queries(Q, QPos, i_b, i_h, o_m, m_m, o_d, b_axis, b_thi, b_tlo, stride_qb,
-                    stride_qn, stride_qh, stride_qpb, stride_qpn, NUM_AXES: tl.constexpr,
-                    FAST_TRIG: tl.constexpr):
-    """The ``[BLOCK_M, D]`` query tile of head ``h``, rotated once (relative phases), in the
-    input dtype for the tensor cores."""
+def _start_program(Q, QPos, Turns, PairAxis, i_b, i_h, o_m, m_m, o_d, stride_qb, stride_qn,
+                   stride_qh, stride_qpb, stride_qpn, NUM_AXES: tl.constexpr,
+                   FAST_TRIG: tl.constexpr):
+    """Prologue shared by the paged and MoC kernels: head ``h``'s pair axes ``[D/2]`` and
+    frequency words, its ``[BLOCK_M, D]`` query tile rotated once (relative phases, input
+    dtype for the tensor cores), and the empty online-softmax state ``m_i, l_i, acc``."""
+    HALF: tl.constexpr = o_d.shape[0] // 2
+    o_j = tl.arange(0, HALF)
+    b_axis = tl.load(PairAxis + o_j)
+    b_thi, b_tlo = split_turns(tl.load(Turns + i_h * HALF + o_j))
     p_q = Q + i_b * stride_qb + o_m[:, None].to(tl.int64) * stride_qn + i_h * stride_qh \
         + o_d[None, :]
     b_q = tl.load(p_q, mask=m_m[:, None], other=0.0)
@@ -173,7 +185,11 @@ def _rotate_queries(Q, QPos, i_b, i_h, o_m, m_m, o_d, b_axis, b_thi, b_tlo, stri
                                  NUM_AXES, RELATIVE=True)
     b_c, b_s = rope_cos_sin(b_qpos, b_thi[None, :], b_tlo[None, :], FAST_TRIG, True)
     b_qe, b_qo = rope_rotate(b_q, b_c, b_s)
-    return interleave(b_qe, b_qo).to(Q.dtype.element_ty)
+    b_q = interleave(b_qe, b_qo).to(Q.dtype.element_ty)
+    m_i = tl.full([o_m.shape[0]], M_INIT, dtype=tl.float32)
+    l_i = tl.zeros([o_m.shape[0]], dtype=tl.float32)
+    acc = tl.zeros([o_m.shape[0], o_d.shape[0]], dtype=tl.float32)
+    return b_axis, b_thi, b_tlo, b_q, m_i, l_i, acc
 
 
 @triton.jit
@@ -230,11 +246,12 @@ def _load_page_tile(start, Entries, n_entries, Shifts, stride_se, K, V, KPos, Pa
 
 
 @triton.jit
-def _load_new_tile(KNew, VNew, NewPos, i_b, i_kvh, start, o_n, o_d, N_new, stride_knb,
-                   stride_knn, stride_knh, stride_vnb, stride_vnn, stride_vnh, stride_npb,
-                   stride_npn, b_axis, NUM_AXES: tl.constexpr):
-    """Key tile ``start`` of the block's own keys: ``b_k, b_v [BLOCK_N, D]`` (rows past
-    ``N_new`` read 0), per-pair positions (relative bias) and the row mask."""
+def _new_tile_scores(b_q, KNew, VNew, NewPos, i_b, i_kvh, start, o_n, o_d, N_new, stride_knb,
+                     stride_knn, stride_knh, stride_vnb, stride_vnn, stride_vnh, stride_npb,
+                     stride_npn, b_axis, b_thi, b_tlo, NUM_AXES: tl.constexpr,
+                     DOT_PREC: tl.constexpr, FAST_TRIG: tl.constexpr):
+    """Key tile ``start`` of the block's own keys: raw scores ``[BLOCK_M, BLOCK_N]`` against
+    the rotated keys, ``b_v [BLOCK_N, D]`` (rows past ``N_new`` read 0) and the row mask."""
     o_t = start + o_n
     m_t = o_t < N_new
     p_k = KNew + i_b * stride_knb + o_t[:, None].to(tl.int64) * stride_knn + i_kvh * stride_knh \
@@ -245,7 +262,7 @@ def _load_new_tile(KNew, VNew, NewPos, i_b, i_kvh, start, o_n, o_d, N_new, strid
     b_v = tl.load(p_v, mask=m_t[:, None], other=0.0)
     b_pos = load_pair_positions(NewPos + i_b * stride_npb + o_t * stride_npn, m_t, b_axis,
                                 NUM_AXES, RELATIVE=True)
-    return b_k, b_v, b_pos, m_t
+    return _rotated_scores(b_q, b_k, b_pos, b_thi, b_tlo, DOT_PREC, FAST_TRIG), b_v, m_t
 
 
 @triton.jit
@@ -279,19 +296,17 @@ def _attend_new_keys(acc, m_i, l_i, b_q, KNew, VNew, NewPos, i_b, i_kvh, i_m, o_
     # two loops, the unmasked one first: no per-tile mask work on the common path
     for start in range(tl.maximum(t_lo, 0) * BLOCK_N, tl.minimum(t_hi, n_full) * BLOCK_N,
                        BLOCK_N):
-        b_k, b_v, b_kpos, m_t = _load_new_tile(KNew, VNew, NewPos, i_b, i_kvh, start, o_n, o_d,
-                                               N_new, stride_knb, stride_knn, stride_knh,
-                                               stride_vnb, stride_vnn, stride_vnh, stride_npb,
-                                               stride_npn, b_axis, NUM_AXES)
-        b_qk = _rotated_scores(b_q, b_k, b_kpos, b_thi, b_tlo, DOT_PREC, FAST_TRIG)
+        b_qk, b_v, m_t = _new_tile_scores(
+            b_q, KNew, VNew, NewPos, i_b, i_kvh, start, o_n, o_d, N_new, stride_knb, stride_knn,
+            stride_knh, stride_vnb, stride_vnn, stride_vnh, stride_npb, stride_npn, b_axis, b_thi,
+            b_tlo, NUM_AXES, DOT_PREC, FAST_TRIG)
         acc, m_i, l_i = _online_softmax(acc, m_i, l_i, b_qk, b_v, qk_scale, DOT_PREC)
     for start in range(tl.maximum(t_lo, n_full) * BLOCK_N,
                        tl.minimum(t_hi * BLOCK_N, hi), BLOCK_N):
-        b_k, b_v, b_kpos, m_t = _load_new_tile(KNew, VNew, NewPos, i_b, i_kvh, start, o_n, o_d,
-                                               N_new, stride_knb, stride_knn, stride_knh,
-                                               stride_vnb, stride_vnn, stride_vnh, stride_npb,
-                                               stride_npn, b_axis, NUM_AXES)
-        b_qk = _rotated_scores(b_q, b_k, b_kpos, b_thi, b_tlo, DOT_PREC, FAST_TRIG)
+        b_qk, b_v, m_t = _new_tile_scores(
+            b_q, KNew, VNew, NewPos, i_b, i_kvh, start, o_n, o_d, N_new, stride_knb, stride_knn,
+            stride_knh, stride_vnb, stride_vnn, stride_vnh, stride_npb, stride_npn, b_axis, b_thi,
+            b_tlo, NUM_AXES, DOT_PREC, FAST_TRIG)
         if IS_CAUSAL:  # j <= i and j < N_new in one compare
             m_vis = (start + o_n)[None, :] <= tl.minimum(o_m, N_new - 1)[:, None]
         else:
@@ -306,10 +321,7 @@ def _store_out(Out, Lse, acc, m_i, l_i, i_b, i_h, o_m, o_d, m_m, stride_ob, stri
                stride_oh, stride_lb, stride_lh):
     """Epilogue: normalize and store ``out`` and the natural-log ``lse``; rows that saw no key
     have ``l_i = 0`` and ``acc = 0`` -> out 0, lse -inf."""
-    seen = l_i > 0.0
-    l_safe = tl.where(seen, l_i, 1.0)
-    b_o = acc / l_safe[:, None]
-    b_lse = tl.where(seen, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    b_o, b_lse = normalize_rows(acc, m_i, l_i)
     p_o = Out + i_b * stride_ob + o_m[:, None].to(tl.int64) * stride_on + i_h * stride_oh \
         + o_d[None, :]
     tl.store(p_o, b_o.to(Out.dtype.element_ty), mask=m_m[:, None])
@@ -334,7 +346,6 @@ def _paged_rope_attn_fwd(
     DOT_PREC: tl.constexpr, FAST_TRIG: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    HALF: tl.constexpr = HEAD_DIM // 2
     i_m = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_sp = tl.program_id(2)
@@ -345,16 +356,10 @@ def _paged_rope_attn_fwd(
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_n = tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, HEAD_DIM)
-    o_j = tl.arange(0, HALF)
     m_m = o_m < Nq
-    b_axis = tl.load(PairAxis + o_j)
-    b_thi, b_tlo = split_turns(tl.load(Turns + i_h * HALF + o_j))
-
-    b_q = _rotate_queries(Q, QPos, i_b, i_h, o_m, m_m, o_d, b_axis, b_thi, b_tlo, stride_qb,
-                          stride_qn, stride_qh, stride_qpb, stride_qpn, NUM_AXES, FAST_TRIG)
-    m_i = tl.full([BLOCK_M], M_INIT, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    b_axis, b_thi, b_tlo, b_q, m_i, l_i, acc = _start_program(
+        Q, QPos, Turns, PairAxis, i_b, i_h, o_m, m_m, o_d, stride_qb, stride_qn, stride_qh,
+        stride_qpb, stride_qpn, NUM_AXES, FAST_TRIG)
 
     # this part's key tiles [t_lo, t_hi): cached tiles first, then the block's own keys
     n_cached = tl.cdiv(M * PAGE_SIZE, BLOCK_N)

@@ -74,18 +74,25 @@ def num_splits_for(programs: int, key_tiles: int, sms: int, per_sm: int = 1) -> 
 
 
 @triton.jit
+def normalize_rows(acc, m_i, l_i):
+    """``out = acc / l`` (fp32) and the natural-log ``lse = (m + log2 l) ln 2`` of the online
+    softmax state (base-2 ``m_i``); rows that saw no key (``l = 0``, ``acc = 0``) give 0 and
+    ``-inf``. Shared by the kernels' epilogues and :func:`store_part`."""
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    return (acc / l_safe[:, None],
+            tl.where(seen, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf")))
+
+
+@triton.jit
 def store_part(OutPart, LsePart, acc, m_i, l_i, i_sp, i_bh, o_m, o_d, m_m, Nq,
                HEAD_DIM: tl.constexpr):
     """Epilogue of one part: ``out_s [BLOCK_M, D]`` fp32 and ``lse_s`` (natural log) into the
     ``[s, B*Hq, Nq, (D)]`` part buffers; rows that saw no key: 0 and ``-inf``."""
-    seen = l_i > 0.0
-    l_safe = tl.where(seen, l_i, 1.0)
+    b_o, b_lse = normalize_rows(acc, m_i, l_i)
     row = (i_sp * tl.num_programs(1) + i_bh).to(tl.int64) * Nq + o_m
-    tl.store(OutPart + row[:, None] * HEAD_DIM + o_d[None, :], acc / l_safe[:, None],
-             mask=m_m[:, None])
-    tl.store(LsePart + row,
-             tl.where(seen, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf")),
-             mask=m_m)
+    tl.store(OutPart + row[:, None] * HEAD_DIM + o_d[None, :], b_o, mask=m_m[:, None])
+    tl.store(LsePart + row, b_lse, mask=m_m)
 
 
 @triton.jit(do_not_specialize=["Nq", "num_splits"])
@@ -155,4 +162,5 @@ def device_sms(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-__all__ = ["combine_splits", "device_sms", "num_splits_for", "split_buffers", "store_part"]
+__all__ = ["combine_splits", "device_sms", "normalize_rows", "num_splits_for",
+           "split_buffers", "store_part"]

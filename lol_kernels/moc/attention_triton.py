@@ -38,21 +38,19 @@ from .._triton_common import (
     is_interpreted,
     kernel_supports,
     rope_turns,
-    split_turns,
 )
 from ..attention.triton_kernel import (
     CONFIGS,
     LOG2E,
-    M_INIT,
     _attend_new_keys,
     _into,
     _last_contig,
     _load_page_tile,
     _online_softmax,
     _prune_configs,
-    _rotate_queries,
     _rotated_scores,
     _same_strides,
+    _start_program,
     _store_out,
 )
 
@@ -100,7 +98,6 @@ def _moc_attn_fwd(
     IS_CAUSAL: tl.constexpr, TILE: tl.constexpr, DOT_PREC: tl.constexpr,
     FAST_TRIG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    HALF: tl.constexpr = HEAD_DIM // 2
     i_m = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = (i_bh // Hq).to(tl.int64)
@@ -111,16 +108,10 @@ def _moc_attn_fwd(
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_n = tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, HEAD_DIM)
-    o_j = tl.arange(0, HALF)
     m_m = o_m < N
-    b_axis = tl.load(PairAxis + o_j)
-    b_thi, b_tlo = split_turns(tl.load(Turns + i_h * HALF + o_j))
-
-    b_q = _rotate_queries(Q, QPos, i_b, i_h, o_m, m_m, o_d, b_axis, b_thi, b_tlo, stride_qb,
-                          stride_qn, stride_qh, stride_qpb, stride_qpn, NUM_AXES, FAST_TRIG)
-    m_i = tl.full([BLOCK_M], M_INIT, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    b_axis, b_thi, b_tlo, b_q, m_i, l_i, acc = _start_program(
+        Q, QPos, Turns, PairAxis, i_b, i_h, o_m, m_m, o_d, stride_qb, stride_qn, stride_qh,
+        stride_qpb, stride_qpn, NUM_AXES, FAST_TRIG)
 
     # this (tile, head)'s page list: mandatory pages then the pages of its routed chunks,
     # -1 entries compacted away by the launcher; laid end to end, S slots each, every key
