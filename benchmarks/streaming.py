@@ -5,7 +5,7 @@ write pass = 5 forwards a block) for ``--blocks`` blocks with each cache configu
 configuration in its own process (so resident memory is not shared between them). The VAE
 decode is **disabled** (latents only): the figures measure the transformer and the KV cache.
 
-Target (DESIGN.md §5): with ``sink-window`` block 1000 is within 10% of block 10 in time and
+Target (docs/design.md §5): with ``sink-window`` block 1000 is within 10% of block 10 in time and
 memory; the ``growing`` baseline (no eviction) grows. Block figures are medians over a window
 of ``--window`` blocks centered on the block (the machine is shared; single blocks are noisy).
 Both wall time and this process's CPU time per block are recorded: on a shared machine the

@@ -15,12 +15,13 @@ At a hard cut (``#`` in the prompt schedule) every configuration does a KV Flush
 newest ``flush_keep`` window frames stay; slow memory stays too); the RoPE Cut (a forward jump
 of the next block's temporal position) applies to the policies whose positions are not bounded.
 
-Every configuration composes with the model's RoPE jitter (``--jitter``, LoL's multi-head
-jitter lives in the model's RoPE table, not in the cache). A new configuration is one entry::
+Every configuration composes with the model's RoPE jitter (``--jitter-sigma``, LoL's
+multi-head jitter lives in the model's RoPE table, not in the cache). A new configuration is one
+entry; the cache class decides its reads (``cache.read(num_new, policy=..., **policy_kwargs)``)::
 
     register_cache("slow-fast", lambda **kw: CacheConfig(
         "slow-fast", sink_frames=3, window_frames=6, policy="bounded",
-        cache_cls=SlowFastKVCache, cache_kwargs={"slow_frames": 12, "tau": 0.95}, **kw))
+        cache_cls=SlowFastCache, cache_kwargs={"slow_frames": 12, "tau": 0.95}, **kw))
 
 ``growing`` is a :class:`GrowingKVCache`: pools that grow by one block of pages at every append
 (what a naive ``torch.cat`` cache does), so its time and memory grow with the stream.
@@ -37,13 +38,11 @@ import torch
 
 from lol_kernels.cache import (
     CacheRead,
-    FrameBlock,
     PagedKVCache,
     SlowFastCache,
     build_read,
     cut,
     flush,
-    read_cache,
 )
 
 
@@ -52,8 +51,6 @@ class GrowingKVCache(PagedKVCache):
 
     Only for baselines: memory and per-block time grow linearly with the stream length.
     """
-
-    growable = True
 
     def __init__(self, **kw):
         kw["window_frames"] = 1
@@ -88,6 +85,16 @@ class GrowingKVCache(PagedKVCache):
             self._grow(need)
         return super().append_frames(pos)
 
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """As :meth:`PagedKVCache.load_state_dict`, after growing the pools to the saved size
+        (a failed load may leave them grown)."""
+        saved = state.get("page_len")
+        if isinstance(saved, torch.Tensor) and saved.dim() == 1:
+            more = (saved.shape[0] - self.num_pages) // (self.batch_size * self.pages_per_frame)
+            if more > 0:
+                self._grow(more)
+        super().load_state_dict(state)
+
 
 @dataclass(frozen=True)
 class CacheConfig:
@@ -96,9 +103,10 @@ class CacheConfig:
     Attributes:
         name: registry name.
         sink_frames, window_frames: frame budget of the cache (see PagedKVCache).
-        policy: position policy of :func:`lol_kernels.cache.read_cache`, or ``"cache"`` to call
-            the cache's own ``read(num_new, **policy_kwargs)`` (slow-fast caches).
-        policy_kwargs: extra arguments of the policy (e.g. ``max_frames``).
+        policy: position policy, passed to the cache's ``read(num_new, policy=...)``
+            (``absolute``, ``relativistic``, ``bounded``; a ``SlowFastCache`` reads ``bounded``
+            or ``absolute`` with its own slow-memory layout).
+        policy_kwargs: extra arguments of the read (e.g. ``max_frames``, ``limit``).
         cache_cls, cache_kwargs: cache class and its extra constructor arguments.
         flush_keep: window frames kept by a KV Flush at a hard cut (Infinity-RoPE: 2).
         cut_start: temporal position of the first frame after a RoPE Cut; ``None``: the next
@@ -118,41 +126,31 @@ class CacheConfig:
     rope_cut: bool = True
 
     def new_cache(self, model, *, frame_tokens: int, block_frames: int, batch_size: int = 1,
-                  page_size: int | None = None, dtype=torch.float32, device="cpu"):
-        """Allocate this configuration's cache for ``model`` (through ``model.new_cache``)."""
-        if page_size is None:
-            page_size = default_page_size(frame_tokens)
-        return model.new_cache(frame_tokens=frame_tokens, sink_frames=self.sink_frames,
-                               window_frames=self.window_frames, block_frames=block_frames,
-                               batch_size=batch_size, page_size=page_size, dtype=dtype,
-                               device=device, cache_cls=self.cache_cls, **self.cache_kwargs)
+                  page_size: int | None = None, dtype=None, device=None):
+        """Allocate this configuration's cache for ``model``: the model supplies layers, heads,
+        head_dim (and by default dtype and device), this configuration the rest."""
+        return model.new_cache(cache_cls=self.cache_cls, frame_tokens=frame_tokens,
+                               sink_frames=self.sink_frames, window_frames=self.window_frames,
+                               block_frames=block_frames, batch_size=batch_size,
+                               page_size=page_size, dtype=dtype, device=device,
+                               **self.cache_kwargs)
 
     def read(self, cache: PagedKVCache, num_new: int) -> CacheRead:
         """The read a new block of ``num_new`` frames denoises against."""
-        if self.policy == "cache":
-            return cache.read(num_new, **self.policy_kwargs)
-        return read_cache(cache, num_new, self.policy, **self.policy_kwargs)
+        return cache.read(num_new, policy=self.policy, **self.policy_kwargs)
 
     def frame_positions(self, cache: PagedKVCache, num_new: int) -> torch.Tensor:
         """``[n]`` temporal position each cached frame (read order) is read at by the next
         block of ``num_new`` frames."""
-        if self.policy == "cache":
-            kw = {k: v for k, v in self.policy_kwargs.items() if k in ("policy", "limit")}
-            sink_t, slow_t, fast_t, _ = cache.read_positions(num_new, **kw)
-            return torch.cat([sink_t, slow_t, fast_t])
-        return self.read(cache, num_new).frame_t
+        return cache.frame_positions(num_new, policy=self.policy, **self.policy_kwargs)
 
     def replay(self, cache: PagedKVCache, start: int, num: int, frame_t: torch.Tensor):
-        """Read and in-place :class:`FrameBlock` to recompute the K/V of cached frames
-        ``[start, start + num)`` (read order) against the frames before them, every frame at
-        its current read position ``frame_t`` (LongLive recache)."""
+        """Read and in-place :class:`~lol_kernels.cache.FrameBlock` to recompute the K/V of
+        cached frames ``[start, start + num)`` (read order) against the frames before them,
+        every frame at its current read position ``frame_t`` (LongLive recache)."""
         frames = cache.frames()
-        chunk = frames[start : start + num]
         read = build_read(cache, frames[:start], frame_t[:start], frame_t[start : start + num])
-        n = torch.arange(cache.frame_tokens, device=cache.device)
-        S = cache.page_size
-        slots = torch.cat([fr.pages[:, n // S] * S + n % S for fr in chunk], dim=1)
-        return read, FrameBlock(chunk, slots)
+        return read, cache.rewrite_block(frames[start : start + num])
 
     def flush(self, cache: PagedKVCache) -> None:
         """KV Flush: keep the sink and the newest ``flush_keep`` window frames."""
@@ -190,11 +188,11 @@ register_cache("relativistic", lambda **kw: CacheConfig(
     "relativistic", **{"sink_frames": 1, "window_frames": 6, "policy": "relativistic",
                        "cut_start": 45, **kw}))
 register_cache("slow-fast", lambda **kw: CacheConfig(
-    "slow-fast", **{"sink_frames": 3, "window_frames": 6, "policy": "cache",
+    "slow-fast", **{"sink_frames": 3, "window_frames": 6, "policy": "bounded",
                     "cache_cls": SlowFastCache, "rope_cut": False,
                     "cache_kwargs": {"slow_frames": 12, "tau": 0.95, "routed": False}, **kw}))
 register_cache("moc", lambda **kw: CacheConfig(
-    "moc", **{"sink_frames": 3, "window_frames": 6, "policy": "cache",
+    "moc", **{"sink_frames": 3, "window_frames": 6, "policy": "bounded",
               "cache_cls": SlowFastCache, "rope_cut": False,
               "cache_kwargs": {"slow_frames": 64, "tau": 0.95, "routed": True}, **kw}))
 register_cache("growing", lambda **kw: CacheConfig(

@@ -1,9 +1,9 @@
-"""``lol`` command line: ``lol generate``, ``lol diagnose`` (and ``lol bench`` when present).
+"""``lol`` command line: ``lol generate``, ``lol diagnose``, ``lol bench``.
 
 Examples::
 
     lol generate                                   # tiny random model, ~1 min on a CPU
-    lol generate --prompt "a cat[10s] | a dog[20s#]" --cache relativistic --jitter 0.8
+    lol generate --prompt "a cat[10s] | a dog[20s#]" --cache relativistic --jitter-sigma 0.8
     lol generate --checkpoint wan.safetensors --preset wan-1.3b --size 832x480 \\
         --device cuda --dtype bf16 --text-encoder umt5/ --vae Wan2.1-T2V-1.3B-Diffusers/ \\
         --seconds 3600 --checkpoint-every 50 --out hour.mp4
@@ -74,9 +74,9 @@ def add_generate_parser(sub) -> argparse.ArgumentParser:
                    help="cache configuration: sink-window, relativistic, growing, ...")
     p.add_argument("--sink-frames", type=int, help="override the cache's sink frames")
     p.add_argument("--window-frames", type=int, help="override the cache's window frames")
-    p.add_argument("--jitter", type=float, default=0.0,
+    p.add_argument("--jitter-sigma", type=float, default=0.0,
                    help="LoL multi-head RoPE jitter sigma in [0, 1) (paper: 0.8)")
-    p.add_argument("--jitter-seed", type=int, default=0)
+    p.add_argument("--jitter-seed", type=int, default=0, help="seed of the per-head jitter draw")
     p.add_argument("--size", type=_size, default=(128, 128),
                    help="video WIDTHxHEIGHT (default 128x128; Wan: 832x480)")
     p.add_argument("--steps", type=int, default=4, help="denoising steps per block")
@@ -124,11 +124,11 @@ def settings_from_args(args):
     return StreamSettings(
         prompt=args.prompt, blocks=blocks, preset=preset, checkpoint=args.checkpoint,
         lora=args.lora, cache=args.cache, sink_frames=args.sink_frames,
-        window_frames=args.window_frames, jitter=args.jitter, jitter_seed=args.jitter_seed,
-        latent_height=h // 8, latent_width=w // 8, block_frames=block_frames, steps=args.steps,
-        shift=args.shift, timesteps=args.timesteps, seed=args.seed, dtype=args.dtype,
-        device=args.device, text_encoder=args.text_encoder, vae=args.vae,
-        decode=not args.no_decode)
+        window_frames=args.window_frames, jitter_sigma=args.jitter_sigma,
+        jitter_seed=args.jitter_seed, latent_height=h // 8, latent_width=w // 8,
+        block_frames=block_frames, steps=args.steps, shift=args.shift, timesteps=args.timesteps,
+        seed=args.seed, dtype=args.dtype, device=args.device, text_encoder=args.text_encoder,
+        vae=args.vae, decode=not args.no_decode)
 
 
 def run_generate(args) -> dict:
@@ -176,8 +176,6 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             getattr(importlib.import_module(module), fn)(sub)
         except (ImportError, AttributeError) as e:
-            if name == "bench" and isinstance(e, ModuleNotFoundError) and e.name == module:
-                continue  # optional subcommand not written yet
             # a stub that accepts any arguments ("-" is no option prefix here) and explains
             p = sub.add_parser(name, help=f"(unavailable: {e})", add_help=False,
                                prefix_chars="+")

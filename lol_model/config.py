@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields, replace
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shape of a Wan2.1 text-to-video transformer (DESIGN.md §2).
+    """Shape of a Wan2.1 text-to-video transformer.
 
     Attributes:
         num_layers, dim, num_heads, ffn_dim: transformer size; ``head_dim = dim // num_heads``

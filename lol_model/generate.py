@@ -46,28 +46,32 @@ class StreamSettings:
     ``latent_height/width`` are latent sizes (video = 8x); ``blocks`` may grow on resume.
     """
 
+    # what to generate, with which weights
     prompt: str = "a red fox running through fresh snow, cinematic"
     blocks: int = 8
     preset: str = "tiny"
     checkpoint: str | None = None
     lora: str | None = None
+    # cache configuration (lol_model.caches) and LoL multi-head RoPE jitter
     cache: str = "sink-window"
     sink_frames: int | None = None
     window_frames: int | None = None
-    jitter: float = 0.0
+    jitter_sigma: float = 0.0
     jitter_seed: int = 0
+    # latent grid and sampling (explicit ``timesteps`` override ``steps`` and ``shift``)
     latent_height: int = 8
     latent_width: int = 8
     block_frames: int = 3
+    timesteps: tuple[float, ...] | None = None
     steps: int = 4
     shift: float = SHIFT
-    timesteps: tuple[float, ...] | None = None
     seed: int = 0
     batch_size: int = 1
-    dtype: str = "float32"
-    device: str = "cpu"
+    # encoders, numerics and output
     text_encoder: str | None = None
     vae: str | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
     decode: bool = True
     fps: float = 16.0
 
@@ -123,7 +127,7 @@ def build_model(s: StreamSettings, dtype, device) -> CausalWanModel:
             torch.manual_seed(s.seed)
             model = CausalWanModel(ModelConfig.preset(s.preset))
         model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    model.configure_rope(jitter_sigma=s.jitter, seed=s.jitter_seed)
+    model.configure_rope(jitter_sigma=s.jitter_sigma, seed=s.jitter_seed)
     return model
 
 

@@ -28,10 +28,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lol_kernels as lk
-from lol_kernels.cache import FrameBlock, PagedKVCache
-from lol_kernels.cache.slowfast import SlowFastCache
-from lol_kernels.moc.attention import moc_attention, moc_route_tiles
+from lol_kernels.cache import CacheRead, FrameBlock, PagedKVCache
 
+from .caches import default_page_size
 from .config import ModelConfig
 
 
@@ -174,7 +173,7 @@ class CausalWanModel(nn.Module):
     Life of a block (the generator's loop)::
 
         text_kv = model.encode_text(context)                  # once per prompt
-        read = lk.cache.read_cache(cache, F, "absolute")       # any policy
+        read = cache.read(F)                                   # any policy: read(F, policy=...)
         pred = model(x_t, t, text_kv, cache, read)             # each denoising step
         blk = cache.append_frames(lk.token_positions(read.q_t, gh, gw, B))
         model(x0, torch.zeros(B, F), text_kv, cache, read, write=blk)   # write the clean K/V
@@ -219,24 +218,18 @@ class CausalWanModel(nn.Module):
                              f"patch {ph}x{pw}")
         return height // ph, width // pw
 
-    def new_cache(self, *, frame_tokens: int, sink_frames: int, window_frames: int,
-                  block_frames: int, batch_size: int = 1, page_size: int | None = None,
-                  dtype=None, device=None, cache_cls=PagedKVCache, **kw) -> PagedKVCache:
-        """A cache with this model's layers, heads and head_dim (dtype/device of the model by
-        default). ``page_size`` defaults to the power of two covering a frame, in [16, 256].
-        For a :class:`SlowFastCache` ``window_frames`` is its fast memory (``fast_frames``);
-        ``slow_frames``, ``tau``, ``routed`` go through ``**kw``."""
-        if page_size is None:
-            page_size = min(256, max(16, 1 << (int(frame_tokens) - 1).bit_length()))
-        if isinstance(cache_cls, type) and issubclass(cache_cls, SlowFastCache):
-            kw["fast_frames"] = window_frames
-        else:
-            kw["window_frames"] = window_frames
+    def new_cache(self, *, frame_tokens: int, page_size: int | None = None, dtype=None,
+                  device=None, cache_cls=PagedKVCache, **cache_kwargs) -> PagedKVCache:
+        """A ``cache_cls`` with this model's layers, heads and head_dim (the model's dtype and
+        device by default); ``cache_kwargs`` (``sink_frames``, ``window_frames``,
+        ``block_frames``, ``batch_size``, ``slow_frames``, ...) go to the cache unchanged.
+        ``page_size`` defaults to the power of two covering a frame, in [16, 256]."""
         return cache_cls(num_layers=self.cfg.num_layers, num_kv_heads=self.cfg.num_heads,
-                         head_dim=self.cfg.head_dim, frame_tokens=frame_tokens,
-                         sink_frames=sink_frames, block_frames=block_frames,
-                         page_size=page_size, batch_size=batch_size, num_axes=3, dtype=dtype or self.dtype, device=device or self.device,
-                         **kw)
+                         head_dim=self.cfg.head_dim, num_axes=3, frame_tokens=frame_tokens,
+                         page_size=default_page_size(frame_tokens) if page_size is None
+                         else page_size,
+                         dtype=dtype or self.dtype, device=device or self.device,
+                         **cache_kwargs)
 
     def encode_text(self, context: torch.Tensor) -> TextKV:
         """Text embedding and every layer's cross-attention K/V of ``context [B, L, text_dim]``
@@ -252,7 +245,7 @@ class CausalWanModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, text_kv: TextKV,
-                cache: PagedKVCache, read, *, write: FrameBlock | None = None,
+                cache: PagedKVCache, read: CacheRead, *, write: FrameBlock | None = None,
                 causal_within_block: bool = False, backend: str = "auto",
                 moc_topk: int = 4, moc_tile_size: int = 128) -> torch.Tensor:
         """Flow prediction (``noise - x0``) of a block of latent frames.
@@ -261,12 +254,12 @@ class CausalWanModel(nn.Module):
             x: ``[B, C, F, H, W]`` latents of the block (any float dtype).
             timestep: ``[B, F]`` (or ``[B]`` / scalar, broadcast) float in ``[0, 1000]``.
             text_kv: from :meth:`encode_text`.
-            cache, read: the paged cache and a read of it from any position policy (a
-                ``CacheRead``, or a ``SlowFastRead``); the block's queries sit at
-                ``lk.token_positions(read.q_t, H // ph, W // pw, B)``. A routed slow-fast read
-                (``chunk_pages`` set) attends sink + fast plus, per tile of ``moc_tile_size``
-                queries and per head, the ``moc_topk`` slow frames chosen by the MoC router
-                (:func:`lol_kernels.moc.attention.moc_attention`).
+            cache, read: the paged cache and a :class:`~lol_kernels.cache.CacheRead` of it
+                (``cache.read(F, ...)``, any position policy); the block's queries sit at
+                ``lk.token_positions(read.q_t, H // ph, W // pw, B)``. A routed read
+                (``read.routed``: slow-fast memory with MoC) attends its page table plus, per
+                tile of ``moc_tile_size`` queries and per head, the ``moc_topk`` chunks chosen
+                by the MoC router (:func:`lol_kernels.moc_attention`).
             write: when given (the clean write pass at ``t = 0``), each layer writes its
                 un-rotated normed ``k`` and ``v`` into ``cache`` at these frames.
             causal_within_block: token-causal attention among the block's own tokens (default:
@@ -277,8 +270,9 @@ class CausalWanModel(nn.Module):
             ``[B, C_out, F, H, W]`` in ``x.dtype``.
         """
         B, Fr, gh, gw = self._check_input(x, text_kv)
-        if not hasattr(read, "page_table") or read.q_t.numel() != Fr:
-            raise ValueError(f"read must be a cache read with one q_t per frame of x ({Fr})")
+        if read.q_t.numel() != Fr:
+            raise ValueError(f"read must have one q_t per frame of x ({Fr}), got "
+                             f"{read.q_t.numel()}")
         if cache.frame_tokens != gh * gw or cache.batch_size != B:
             raise ValueError(f"cache holds frames of {cache.frame_tokens} tokens for batch "
                              f"{cache.batch_size}; x has {gh * gw} tokens per frame, batch {B}")
@@ -287,19 +281,17 @@ class CausalWanModel(nn.Module):
                             f"(new_cache(dtype=None) picks it)")
         pos = lk.token_positions(read.q_t, gh, gw, B).to(self.device)
 
-        routed = getattr(read, "chunk_pages", None) is not None
-
         def attend(layer, q, k, v):
             args = (q, pos, cache.k[layer], cache.v[layer], cache.pos, cache.page_len,
                     read.page_table, self.rope_table)
             kw = dict(k_new=k, v_new=v, causal=causal_within_block, page_shift=read.page_shift,
                       backend=backend)
-            if routed:
-                idx = moc_route_tiles(q, read.chunk_mean(layer), moc_topk,
-                                      tile_size=moc_tile_size, chunk_valid=read.chunk_valid)
-                out, _ = moc_attention(*args, chunk_pages=read.chunk_pages, routed=idx,
-                                       chunk_shift=read.chunk_shift, tile_size=moc_tile_size,
-                                       **kw)
+            if read.routed:
+                idx = lk.moc_route_tiles(q, read.chunk_mean(cache, layer), moc_topk,
+                                         tile_size=moc_tile_size, chunk_valid=read.chunk_valid)
+                out, _ = lk.moc_attention(*args, chunk_pages=read.chunk_pages, routed=idx,
+                                          chunk_shift=read.chunk_shift, tile_size=moc_tile_size,
+                                          **kw)
             else:
                 out, _ = lk.paged_attention(*args, **kw)
             if write is not None:

@@ -11,7 +11,7 @@ With ``shift = 5``::
 
 and the model is conditioned on ``t = 1000 * s'``.
 
-One block (DESIGN.md §2)::
+One block::
 
     x = noise                                    # sigma_0 = 1
     for each step i:

@@ -57,17 +57,6 @@ class PromptSchedule:
                 return i
         return len(self.segments) - 1
 
-    def switch_at(self, block: int) -> Segment | None:
-        """The segment that starts at block ``block`` (> 0), or ``None`` if no switch there."""
-        if block <= 0:
-            return None
-        i = self.segment_index(block)
-        return self.segments[i] if self.segment_index(block - 1) != i else None
-
-    @property
-    def prompts(self) -> list[str]:
-        return [s.prompt for s in self.segments]
-
 
 def parse_schedule(text: str, *, block_frames: int = 3) -> PromptSchedule:
     """Parse a prompt schedule (see the module docstring). Raises ``ValueError`` on bad input."""

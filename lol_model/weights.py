@@ -1,6 +1,6 @@
 """Load Wan2.1 weights into :class:`CausalWanModel` from either key layout, with LoRA merging.
 
-Layouts (auto-detected, DESIGN.md §2):
+Layouts (auto-detected):
 
 * **original** Wan / Self-Forcing / CausVid / LongLive (the model's own parameter names):
   ``blocks.i.self_attn.q``, ``blocks.i.norm3``, ``blocks.i.ffn.0``, ``head.head``, ... Trainer
@@ -30,7 +30,7 @@ import torch
 from .config import ModelConfig
 from .model import CausalWanModel
 
-# diffusers -> original, applied in order to each key (DESIGN.md §2 table)
+# diffusers -> original, applied in order to each key
 _DIFFUSERS_TO_ORIGINAL = [
     (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
     (r"^condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2."),

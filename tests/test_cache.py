@@ -1,4 +1,6 @@
-"""Paged sink + window cache: fixed memory, eviction order, policies' exact positions."""
+"""Paged sink + window cache: fixed memory, eviction order, policies' exact positions, state."""
+
+import dataclasses
 
 import pytest
 import torch
@@ -159,6 +161,66 @@ def test_cut_positions():
     assert r.q_t.tolist() == [45, 46, 47]
     with pytest.raises(ValueError, match="start"):
         cut(read_cache(c, 3, "absolute"), start=3)
+
+
+def assert_same_state(a, b):
+    """Two caches hold bit-identical state (every state_dict entry equal)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    assert not [k for k in sa if not torch.equal(sa[k], sb[k])], "state differs"
+
+
+def assert_same_read(ra, rb):
+    for f in dataclasses.fields(ra):
+        x, y = getattr(ra, f.name), getattr(rb, f.name)
+        assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y, f.name
+
+
+@pytest.mark.parametrize("policy", ["absolute", "relativistic", "bounded"])
+def test_state_dict_round_trip_mid_stream(policy):
+    """A copy restored mid-stream (in place: same storage) streams on bit-identically."""
+    a, b = small_cache(batch_size=2, window_frames=3), small_cache(batch_size=2, window_frames=3)
+    for i in range(5):
+        torch.manual_seed(i)
+        push(a, 2 * i, 2)
+    pools = [(x.data_ptr(), x.shape) for x in b.k + b.v + b.summary + [b.pos, b.page_len]]
+    b.load_state_dict(a.state_dict())
+    assert [(x.data_ptr(), x.shape) for x in b.k + b.v + b.summary + [b.pos, b.page_len]] == pools
+    assert_same_state(a, b)
+    assert [fr.serial for fr in b.frames()] == [0, 1, 7, 8, 9]
+    for i in range(5, 9):
+        ra, rb = a.read(2, policy=policy), b.read(2, policy=policy)
+        assert_same_read(ra, rb)
+        assert torch.equal(a.frame_positions(2, policy=policy), ra.frame_t)
+        for c in (a, b):
+            torch.manual_seed(i)
+            push(c, 2 * i, 2)
+    assert_same_state(a, b)
+
+
+def test_load_state_dict_rejects_what_does_not_fit():
+    a = small_cache()
+    push(a, 0, 2)
+    state = a.state_dict()
+    b = small_cache()
+    with pytest.raises(ValueError, match=r"state_dict\['k\.0'\] is torch.float32 \[\d+, 16, 2, "
+                                         r"16\]; this PagedKVCache needs torch.float32 \[\d+, 16, "
+                                         r"2, 8\]"):
+        small_cache(head_dim=8).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"'k\.0'\] is torch.float32 .*needs torch.float64"):
+        small_cache(dtype=torch.float64).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"'sink\.pages'\] is torch.int64 \[2, 1, 2\]; this "
+                                         r"PagedKVCache needs torch.int64 \['n', 1, 3\]"):
+        b.load_state_dict({**state, "sink.pages": state["sink.pages"][..., :2]})
+    with pytest.raises(ValueError, match=r"missing keys \['next_t'\], unexpected keys \['x'\]"):
+        b.load_state_dict({**{k: v for k, v in state.items() if k != "next_t"}, "x": state["pos"]})
+    with pytest.raises(ValueError, match="share out the cache's 24 pages exactly once"):
+        b.load_state_dict({**state, "free_pages": state["free_pages"][1:]})
+    with pytest.raises(TypeError, match=r"state_dict\['next_t'\] must be a tensor"):
+        b.load_state_dict({**state, "next_t": 2})
+    assert b.num_frames == 0 and not b.k[0].any()  # failed loads change nothing
+    b.load_state_dict(state)
+    assert_same_state(a, b)
 
 
 def test_cache_read_attention_equals_dense():

@@ -4,7 +4,7 @@ switches (recache, KV flush + RoPE cut), errors."""
 import pytest
 import torch
 
-from lol_kernels.cache import PagedKVCache, read_cache
+from lol_kernels.cache import PagedKVCache, read_cache, token_positions
 from lol_model.caches import CACHES, GrowingKVCache, get_cache_config
 from lol_model.generate import StreamSettings, new_stream, run, sample_block, step
 from lol_model.sampling import (
@@ -113,6 +113,31 @@ def test_growing_baseline_grows_and_never_evicts():
     assert mems == sorted(mems) and mems[-1] > mems[0]
 
 
+def test_growing_state_dict_round_trip_grows_the_copy():
+    from test_cache import assert_same_state
+
+    def make():
+        return GrowingKVCache(num_layers=2, num_kv_heads=2, head_dim=8, frame_tokens=4,
+                              sink_frames=1, block_frames=2, page_size=16)
+
+    def push(cache, t):
+        blk = cache.append_frames(token_positions(torch.arange(t, t + 2), 2, 2))
+        for layer in range(2):
+            cache.write(layer, blk, torch.randn(1, 8, 2, 8), torch.randn(1, 8, 2, 8))
+
+    a, b = make(), make()
+    for t in range(0, 10, 2):
+        push(a, t)
+    b.load_state_dict(a.state_dict())
+    assert b.num_pages == a.num_pages > make().num_pages
+    for t in range(10, 14, 2):
+        for c in (a, b):
+            torch.manual_seed(t)
+            push(c, t)
+    assert_same_state(a, b)
+    assert [fr.t for fr in b.frames()] == list(range(14))
+
+
 def test_sink_window_keeps_sink_and_newest_frames():
     st = new_stream(StreamSettings(blocks=5, cache="sink-window", window_frames=3))
     run(st, progress=False)
@@ -121,7 +146,7 @@ def test_sink_window_keeps_sink_and_newest_frames():
 
 def test_jitter_composes_with_caches():
     a = sample_block(new_stream(StreamSettings(blocks=1, cache="relativistic")))
-    b = sample_block(new_stream(StreamSettings(blocks=1, cache="relativistic", jitter=0.8)))
+    b = sample_block(new_stream(StreamSettings(blocks=1, cache="relativistic", jitter_sigma=0.8)))
     c = sample_block(new_stream(StreamSettings(blocks=1, cache="relativistic")))
     assert torch.equal(a, c) and not torch.equal(a, b)
 

@@ -18,6 +18,7 @@ from lol_model.generate import (
     save_stream,
     step,
 )
+from lol_model.state import load_cache_state
 from lol_model.video import load_latents
 
 SCHEDULE = "a cat[3] | a dog[2] | a bird[#]"  # recache at block 3, flush + cut at block 5
@@ -32,9 +33,9 @@ def one_thread():
 
 
 def _stream(tmp, name, blocks, cache, decode=True):
-    jitter = 0.8 if cache == "relativistic" else 0.0  # LoL jitter composes with any cache
+    sigma = 0.8 if cache == "relativistic" else 0.0  # LoL jitter composes with any cache
     st = new_stream(StreamSettings(blocks=blocks, cache=cache, prompt=SCHEDULE,
-                                   window_frames=3, decode=decode, jitter=jitter))
+                                   window_frames=3, decode=decode, jitter_sigma=sigma))
     attach_outputs(st, str(tmp / f"{name}.mp4"), save_latents=True)  # no mp4 unless decode
     return st
 
@@ -76,15 +77,16 @@ def test_bad_checkpoints(tmp_path):
     ck = tmp_path / "ck"
     save_stream(st, str(ck))
     meta = json.loads((ck / "stream.json").read_text())
-    assert meta["block"] == 1 and meta["format"] == "lol-stream/1"
+    assert meta["block"] == 1 and meta["format"] == "lol-stream/2"
 
     def fresh(**kw):
         return new_stream(StreamSettings(blocks=2, decode=False, **kw))
 
     with pytest.raises(ValueError, match="no stream checkpoint"):
         resume_stream(fresh(), str(tmp_path / "nothing"))
-    with pytest.raises(ValueError, match="(?s)settings differ.*jitter: checkpoint 0.0, now 0.5"):
-        resume_stream(fresh(jitter=0.5), str(ck))
+    with pytest.raises(ValueError,
+                       match="(?s)settings differ.*jitter_sigma: checkpoint 0.0, now 0.5"):
+        resume_stream(fresh(jitter_sigma=0.5), str(ck))
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "stream.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
@@ -101,12 +103,24 @@ def test_bad_checkpoints(tmp_path):
         header = f.metadata()
     tensors["cache.k.0"] = tensors["cache.k.0"][:, :8].contiguous()
     save_file(tensors, str(bad / "stream.safetensors"), metadata=header)
-    with pytest.raises(ValueError, match=r"cache.k.0 is .*this run's cache has"):
+    with pytest.raises(ValueError, match=r"does not fit this run's cache.*\['k\.0'\] is "
+                                         r"torch.float32 \[\d+, 8, 4, 16\]; this PagedKVCache "
+                                         r"needs torch.float32 \[\d+, 16, 4, 16\]"):
         resume_stream(fresh(), str(bad))
     del tensors["cache.k.0"]
     save_file(tensors, str(bad / "stream.safetensors"), metadata=header)
-    with pytest.raises(ValueError, match="missing tensor 'cache.k.0'"):
+    with pytest.raises(ValueError, match=r"missing keys \['k\.0'\]"):
         resume_stream(fresh(), str(bad))
+    # a checkpoint of the format before caches had state_dict() is refused by its version
+    save_file(load_file(str(ck / "stream.safetensors")), str(bad / "stream.safetensors"),
+              metadata={"lol": json.dumps({**meta, "format": "lol-stream/1"})})
+    with pytest.raises(ValueError, match=r"format 'lol-stream/1' is not readable by this "
+                                         r"version \(readable: lol-stream/2\)"):
+        resume_stream(fresh(), str(bad))
+    other = new_stream(StreamSettings(blocks=2, decode=False, cache="slow-fast")).cache
+    with pytest.raises(ValueError, match="holds a PagedKVCache cache; this run's cache is a "
+                                         "SlowFastCache"):
+        load_cache_state(other, meta["cache"], load_file(str(ck / "stream.safetensors")))
     with pytest.raises(ValueError, match="decode: checkpoint False, now True"):
         with_video = fresh()
         with_video.settings.decode = True

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from conftest import max_err
+from test_cache import assert_same_read, assert_same_state
 
 import lol_kernels as lk
 from lol_kernels.cache import SlowFastCache, token_positions
@@ -16,7 +17,7 @@ NF = GH * GW
 
 def make_cache(**kw):
     opts = dict(num_layers=2, num_kv_heads=2, head_dim=8, frame_tokens=NF, page_size=16,
-                sink_frames=2, slow_frames=3, fast_frames=2, block_frames=3)
+                sink_frames=2, slow_frames=3, window_frames=2, block_frames=3)
     opts.update(kw)
     return SlowFastCache(**opts)
 
@@ -70,7 +71,7 @@ def simulate(descs, sink, tau, budget):
 
 
 def test_promotion_only_of_novel_frames():
-    cache = make_cache(num_layers=1, slow_frames=10, fast_frames=2)
+    cache = make_cache(num_layers=1, slow_frames=10, window_frames=2)
     a, b, c = (unit((2, 8)) for _ in range(3))
     b = with_cos(a.flatten(), 0.94).view(2, 8)  # novel w.r.t. a (0.94 < 0.95)
     c = with_cos(b.flatten(), 0.96).view(2, 8)  # redundant w.r.t. b
@@ -92,7 +93,7 @@ def test_descriptor_layers():
     per-layer cosines (1 and 0 -> 0.5 < tau: novel)."""
     a0, a1, b0 = unit((2, 8)), unit((2, 8)), unit((2, 8))
     for layers, promoted in ((None, 1), ([1], 0)):
-        cache = make_cache(novelty_layers=layers, sink_frames=1, fast_frames=1)
+        cache = make_cache(novelty_layers=layers, sink_frames=1, window_frames=1)
         push(cache, [a0, a1])
         push(cache, [b0, a1])
         push(cache, [b0, a1])  # pushes the second frame out of fast memory
@@ -106,7 +107,7 @@ def test_descriptor_layers():
 def test_eviction_drops_most_redundant(seed):
     g = torch.Generator().manual_seed(seed)
     budget, sink = 4, 2
-    cache = make_cache(num_layers=1, sink_frames=sink, slow_frames=budget, fast_frames=2)
+    cache = make_cache(num_layers=1, sink_frames=sink, slow_frames=budget, window_frames=2)
     # a stream of always-novel frames (cos to the previous frame < tau) with graded redundancy
     # to older content: some frames revisit a few base directions
     base = [unit((2, 8)).flatten() for _ in range(4)]
@@ -133,7 +134,7 @@ def test_eviction_drops_most_redundant(seed):
 
 
 def test_eviction_tie_drops_older():
-    cache = make_cache(num_layers=1, sink_frames=1, slow_frames=2, fast_frames=1)
+    cache = make_cache(num_layers=1, sink_frames=1, slow_frames=2, window_frames=1)
     a, b = torch.zeros(2, 8), torch.zeros(2, 8)
     a[0, 0], b[0, 0], b[0, 1] = 1.0, 0.6, 0.8  # exact cosines 0.6 (no noise: exact ties)
     for d in [a, b, a, b, a]:  # slow gets b(1), a(2), b(3): redundancies 0.6, 0.6, 0.6
@@ -143,7 +144,7 @@ def test_eviction_tie_drops_older():
 
 
 def test_drop_window_does_not_promote():
-    cache = make_cache(num_layers=1, sink_frames=1, fast_frames=3)
+    cache = make_cache(num_layers=1, sink_frames=1, window_frames=3)
     for _ in range(4):
         push(cache, [unit((2, 8))])
     gone = cache.drop_window(1)
@@ -152,7 +153,7 @@ def test_drop_window_does_not_promote():
 
 
 def test_memory_constant_over_10000_frames():
-    cache = make_cache(num_layers=2, sink_frames=3, slow_frames=12, fast_frames=6,
+    cache = make_cache(num_layers=2, sink_frames=3, slow_frames=12, window_frames=6,
                        tau=0.5)
     mem0 = cache.memory_bytes()
     ptrs = [t.data_ptr() for t in cache.k + cache.v + cache.summary]
@@ -190,7 +191,7 @@ def fill(cache, n):
 
 
 def test_bounded_positions():
-    cache = make_cache(sink_frames=3, slow_frames=12, fast_frames=6)
+    cache = make_cache(sink_frames=3, slow_frames=12, window_frames=6)
     fill(cache, 40)
     assert len(cache.slow) == 12
     sink_t, slow_t, fast_t, q_t = cache.read_positions(3)
@@ -200,7 +201,7 @@ def test_bounded_positions():
     assert slow_t.min() >= 3 and slow_t.max() < 12 and (slow_t.diff() >= 0).all()
     assert len(set(slow_t.tolist())) == 9  # 12 frames spread over the 9 free positions
     # few slow frames: consecutive and right-aligned before the fast frames
-    small = make_cache(sink_frames=1, slow_frames=12, fast_frames=2)
+    small = make_cache(sink_frames=1, slow_frames=12, window_frames=2)
     fill(small, 5)
     s, sl, f, q = small.read_positions(1)
     assert sl.tolist() == [10, 11] and f.tolist() == [12, 13] and q.tolist() == [14]
@@ -211,7 +212,7 @@ def test_bounded_positions():
 
 
 def test_routed_read_layout():
-    cache = make_cache(sink_frames=2, slow_frames=4, fast_frames=2)
+    cache = make_cache(sink_frames=2, slow_frames=4, window_frames=2)
     fill(cache, 6)
     n = len(cache.slow)
     assert n == 2
@@ -222,15 +223,18 @@ def test_routed_read_layout():
     assert torch.equal(rd.page_table[:, : mand.shape[1]].long(), mand)
     assert rd.chunk_valid.tolist() == [[True] * n + [False] * (4 - n)]
     assert (rd.chunk_pages[:, n:] == -1).all()
-    assert rd.chunk_fids == [fr.fid for fr in cache.slow]
-    cm = rd.chunk_mean(1)
+    assert rd.routed and not cache.read(2).routed
+    assert rd.chunk_ids == [fr.fid for fr in cache.slow]
+    assert rd.chunk_t.tolist() == cache.read_positions(2)[1].tolist()
+    assert rd.frame_ids == [fr.fid for fr in cache.sink + list(cache.window)]
+    cm = rd.chunk_mean(cache, 1)
     assert torch.equal(cm[0, :n], torch.stack([cache.summary[1][fr.fid][0] for fr in cache.slow]))
     assert (cm[0, n:] == 0).all()
     dense = cache.read(2)
     assert dense.page_table.shape == (1, cache.max_read_pages)
     assert dense.frame_ids == [fr.fid for fr in cache.frames()]
     with pytest.raises(ValueError, match="routed"):
-        dense.chunk_mean(0)
+        dense.chunk_mean(cache, 0)
 
 
 @pytest.mark.parametrize("policy", ["bounded", "absolute"])
@@ -239,7 +243,7 @@ def test_routing_everything_equals_dense_read(policy):
     paged_attention over the dense read (same positions)."""
     torch.manual_seed(0)
     cache = make_cache(num_layers=1, num_kv_heads=1, head_dim=16, sink_frames=1, slow_frames=5,
-                       fast_frames=2, tau=0.95)
+                       window_frames=2, tau=0.95)
     fill(cache, 9)
     n = len(cache.slow)
     assert n >= 2
@@ -251,7 +255,7 @@ def test_routing_everything_equals_dense_read(policy):
     q = torch.randn(1, N, Hq, 16)
     q_pos = token_positions(rd.q_t, GH, GW)
     kn, vn = torch.randn(1, N, 1, 16), torch.randn(1, N, 1, 16)
-    idx = lk.moc_route_tiles(q, rd.chunk_mean(0), cache.slow_frames, tile_size=16,
+    idx = lk.moc_route_tiles(q, rd.chunk_mean(cache, 0), cache.slow_frames, tile_size=16,
                              chunk_valid=rd.chunk_valid, backend="torch")
     assert (idx >= 0).sum() == n * Hq
     out, lse = lk.moc_attention(q, q_pos, cache.k[0], cache.v[0], cache.pos, cache.page_len,
@@ -264,9 +268,43 @@ def test_routing_everything_equals_dense_read(policy):
     assert max_err(out, ref) < 1e-5 and max_err(lse, ref_lse) < 1e-5
 
 
+@pytest.mark.parametrize("routed", [False, True], ids=["dense", "routed"])
+def test_state_dict_round_trip_mid_stream(routed):
+    """Slow memory, descriptors, the previous frame's descriptor and the counters come back:
+    a copy restored mid-stream promotes, evicts and reads exactly as the original."""
+    def make():
+        return make_cache(sink_frames=1, slow_frames=3, window_frames=2, tau=0.9)
+
+    fresh = make()
+    fresh.load_state_dict(make().state_dict())  # empty slow memory, no previous descriptor
+    torch.manual_seed(0)
+    dirs = [[unit((2, 8)) for _ in range(2)] for _ in range(16)]
+    a, b = make(), make()
+    for d in dirs[:9]:
+        push(a, d)
+    assert len(a.slow) == 3 and a.evicted > 0
+    b.load_state_dict(a.state_dict())
+    assert_same_state(a, b)
+    for i, d in enumerate(dirs[9:]):
+        assert_same_read(a.read(1, routed=routed), b.read(1, routed=routed))
+        assert torch.equal(a.frame_positions(1, routed=routed), b.read(1).frame_t)
+        for c in (a, b):
+            torch.manual_seed(i)
+            push(c, d)
+    assert (a.promoted, a.rejected, a.evicted) == (b.promoted, b.rejected, b.evicted)
+    assert_same_state(a, b)
+    with pytest.raises(ValueError, match=r"'slow_desc'\] must hold one descriptor per slow "
+                                         r"frame \(3\), got 2"):
+        b.load_state_dict({**a.state_dict(), "slow_desc": a.state_dict()["slow_desc"][:2]})
+    with pytest.raises(ValueError, match=r"'slow_desc'\] is torch.float32 \[3, 1, 2, 16\]; this "
+                                         r"SlowFastCache needs torch.float32 \['n', 1, 1, 16\]"):
+        make_cache(sink_frames=1, slow_frames=3, window_frames=2,
+                   novelty_layers=[0]).load_state_dict(a.state_dict())
+
+
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="window_frames"):
-        make_cache(window_frames=3)
+    with pytest.raises(ValueError, match="extra_frames"):
+        make_cache(extra_frames=3)
     with pytest.raises(ValueError, match="tau"):
         make_cache(tau=1.5)
     with pytest.raises(ValueError, match="slow_frames"):

@@ -14,7 +14,7 @@ from lol_model.config import ModelConfig
 from lol_model.model import CausalWanModel
 from lol_model.weights import load_model, load_weights
 
-# DESIGN.md §2 rename table, written out independently of lol_model.weights
+# the Wan <-> diffusers rename table, written out independently of lol_model.weights
 DESIGN_TABLE = [
     ("condition_embedder.time_embedder.linear_1.", "time_embedding.0."),
     ("condition_embedder.time_embedder.linear_2.", "time_embedding.2."),

@@ -1,20 +1,19 @@
-"""Paged sink + window KV cache and its position policies."""
+"""Paged sink + window KV cache, its position policies, and the one read type they return."""
 
 from .paged import Frame, FrameBlock, PagedKVCache
 from .policies import (
     POLICIES,
-    CacheRead,
     absolute,
     bounded,
-    build_read,
     cut,
     flush,
     read_cache,
     relativistic,
     token_positions,
 )
-from .slowfast import SlowFastCache, SlowFastRead
+from .read import CacheRead, build_read
+from .slowfast import SlowFastCache
 
-__all__ = ["POLICIES", "CacheRead", "Frame", "FrameBlock", "PagedKVCache", "absolute", "bounded",
-           "build_read", "cut", "flush", "read_cache", "relativistic", "token_positions"]
-__all__ += ["SlowFastCache", "SlowFastRead"]
+__all__ = ["POLICIES", "CacheRead", "Frame", "FrameBlock", "PagedKVCache", "SlowFastCache",
+           "absolute", "bounded", "build_read", "cut", "flush", "read_cache", "relativistic",
+           "token_positions"]

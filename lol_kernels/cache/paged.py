@@ -13,15 +13,18 @@ starts on a new page; only its last page may be partial). ``P = F_max * B * ceil
 ``F_max = sink + window + block`` frame slots: the block of headroom is what lets a new block be
 written while the window it was denoised against is still intact.
 
-Life of a block (see :mod:`lol_kernels.cache.policies` for reads)::
+Life of a block (see :mod:`lol_kernels.cache.policies` for the position policies)::
 
-    read = policies.absolute(cache, F)          # page table of the frames before the block
+    read = cache.read(F)                        # a CacheRead of the frames before the block
     ... denoise with paged_attention(..., read.page_table, k_new=..., v_new=...)
     blk = cache.append_frames(pos)              # allocate F frames, evict the oldest window frames
     for layer: cache.write(layer, blk, k, v)    # write the clean block's un-rotated K/V
 
 Pages freed by an eviction go to the back of the free list and are only reused by the *next*
 ``append_frames``, so a read built before ``append_frames`` stays valid through the write pass.
+
+State. :meth:`PagedKVCache.state_dict` holds exactly what defines the cache (pools, frame lists,
+free lists, counters) as tensors; :meth:`~PagedKVCache.load_state_dict` copies it back in place.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from dataclasses import dataclass
 import torch
 
 from .._checks import check_shape, check_tensor
+from .policies import read_cache
+from .read import CacheRead
 
 
 @dataclass
@@ -133,8 +138,117 @@ class PagedKVCache:
 
     def memory_bytes(self) -> int:
         """Bytes held by the cache's tensors (constant for the cache's lifetime)."""
-        ts = self.k + self.v + self.summary + [self.pos, self.page_len]
-        return sum(t.numel() * t.element_size() for t in ts)
+        return sum(t.numel() * t.element_size() for t in self._pools().values())
+
+    def _pools(self) -> dict[str, torch.Tensor]:
+        """The fixed-size tensors, by state key."""
+        out = {"pos": self.pos, "page_len": self.page_len}
+        for layer in range(self.num_layers):
+            out |= {f"k.{layer}": self.k[layer], f"v.{layer}": self.v[layer],
+                    f"summary.{layer}": self.summary[layer]}
+        return out
+
+    # ----------------------------------------------------------------- reads
+    def read(self, num_new: int, *, policy: str = "absolute", **policy_kwargs) -> CacheRead:
+        """The :class:`CacheRead` the next block of ``num_new`` frames attends, under position
+        ``policy`` (one of :data:`~lol_kernels.cache.POLICIES`; ``policy_kwargs`` such as
+        ``max_frames`` or ``limit`` go to it). Valid until the next :meth:`append_frames`."""
+        return read_cache(self, num_new, policy, **policy_kwargs)
+
+    def frame_positions(self, num_new: int, **read_kwargs) -> torch.Tensor:
+        """``[n]`` int64 temporal position each frame of :meth:`frames` is read at by the next
+        block of ``num_new`` frames (``read_kwargs`` as for :meth:`read`)."""
+        return self.read(num_new, **read_kwargs).frame_t
+
+    def rewrite_block(self, frames) -> FrameBlock:
+        """A :class:`FrameBlock` over cached ``frames``: :meth:`write` with it recomputes their
+        K/V in place (LongLive recache); their pages and positions are kept."""
+        frames = list(frames)
+        return FrameBlock(frames, torch.cat([self._token_slots(fr.pages) for fr in frames], 1))
+
+    def _token_slots(self, pages: torch.Tensor) -> torch.Tensor:
+        """``[B, Nf]`` flat slot (``page * S + slot``) of every token of a frame on ``pages``."""
+        return pages[:, self._tok_page] * self.page_size + self._tok_slot
+
+    # ----------------------------------------------------------------- state dict
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything that defines the cache's state, as tensors (pools by reference):
+
+        * ``k.{l}``, ``v.{l}`` ``[P, S, Hkv, D]``, ``summary.{l}`` ``[F_max, B, Hkv, D]`` fp32,
+          ``pos`` ``[P, S, A]`` int32, ``page_len`` ``[P]`` int32: the pools;
+        * ``{group}.frames`` ``[n, 4]`` int64 rows ``(fid, t, serial, sink)`` and
+          ``{group}.pages`` ``[n, B, ppf]`` int64, for the frame groups ``sink`` and ``window``
+          (read order);
+        * ``free_pages``, ``free_fids`` ``[n]`` int64 in allocation order; ``frames_written``,
+          ``next_t`` 0-d int64.
+
+        Sizes, dtype and device are the constructor's, not state.
+        """
+        state = dict(self._pools())
+        state |= self._pack_frames("sink", self.sink) | self._pack_frames("window", self.window)
+        state["free_pages"] = torch.tensor(list(self.free_pages), dtype=torch.int64)
+        state["free_fids"] = torch.tensor(list(self.free_fids), dtype=torch.int64)
+        state["frames_written"] = torch.tensor(self.frames_written, dtype=torch.int64)
+        state["next_t"] = torch.tensor(self.next_t, dtype=torch.int64)
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`state_dict` output: pools are copied in place (same storage, constant
+        memory). ``ValueError`` naming the key when a key is missing or unexpected or a tensor's
+        dtype or shape does not fit this cache (the cache is then left unchanged)."""
+        self._check_state(state)
+        for key, pool in self._pools().items():
+            pool.copy_(state[key])
+        self.sink = self._unpack_frames(state, "sink")
+        self.window = deque(self._unpack_frames(state, "window"))
+        self.free_pages = deque(state["free_pages"].tolist())
+        self.free_fids = deque(state["free_fids"].tolist())
+        self.frames_written, self.next_t = int(state["frames_written"]), int(state["next_t"])
+
+    def _pack_frames(self, group: str, frames) -> dict[str, torch.Tensor]:
+        rows = [[fr.fid, fr.t, fr.serial, int(fr.sink)] for fr in frames]
+        pages = [fr.pages.cpu() for fr in frames]
+        empty = torch.zeros(0, self.batch_size, self.pages_per_frame, dtype=torch.int64)
+        return {f"{group}.frames": torch.tensor(rows, dtype=torch.int64).reshape(-1, 4),
+                f"{group}.pages": torch.stack(pages) if pages else empty}
+
+    def _unpack_frames(self, state, group: str) -> list[Frame]:
+        pages = state[f"{group}.pages"].to(self.device)
+        return [Frame(fid, t, pages[i].clone(), serial, bool(sink))
+                for i, (fid, t, serial, sink) in enumerate(state[f"{group}.frames"].tolist())]
+
+    def _check_state(self, state) -> None:
+        """Raise before anything changes if ``state`` does not fit this cache."""
+        own, name = self.state_dict(), type(self).__name__
+        missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or extra:
+            raise ValueError(f"state_dict does not fit a {name}: missing keys {missing}, "
+                             f"unexpected keys {extra}")
+        fixed = set(self._pools())
+        for key, want in own.items():
+            got = state[key]
+            if not isinstance(got, torch.Tensor):
+                raise TypeError(f"state_dict[{key!r}] must be a tensor, got {type(got).__name__}")
+            fits = got.shape == want.shape if key in fixed or not want.dim() else \
+                got.dim() == want.dim() and got.shape[1:] == want.shape[1:]
+            if got.dtype != want.dtype or not fits:
+                shape = list(want.shape) if key in fixed or not want.dim() else \
+                    ["n", *want.shape[1:]]
+                raise ValueError(f"state_dict[{key!r}] is {got.dtype} {list(got.shape)}; this "
+                                 f"{name} needs {want.dtype} {shape}")
+        groups = [key[: -len(".pages")] for key in own if key.endswith(".pages")]
+        for g in groups:
+            if state[f"{g}.frames"].shape[0] != state[f"{g}.pages"].shape[0]:
+                raise ValueError(f"state_dict['{g}.frames'] and state_dict['{g}.pages'] hold "
+                                 f"different frame counts")
+        # every page and frame slot is free or held by exactly one cached frame
+        pages = [state["free_pages"]] + [state[f"{g}.pages"].reshape(-1) for g in groups]
+        fids = [state["free_fids"]] + [state[f"{g}.frames"][:, 0] for g in groups]
+        for what, ids, n in (("pages", pages, self.num_pages), ("frame slots", fids,
+                                                                 self.max_frames)):
+            if not torch.equal(torch.cat([i.cpu() for i in ids]).sort().values, torch.arange(n)):
+                raise ValueError(f"state_dict's frame and free lists do not share out the "
+                                 f"cache's {n} {what} exactly once each")
 
     # ----------------------------------------------------------------- writes
     def append_frames(self, pos: torch.Tensor) -> FrameBlock:
@@ -169,8 +283,7 @@ class PagedKVCache:
             fr = Frame(self.free_fids.popleft(), int(t[0, f, 0]), pages, self.frames_written,
                        sink=len(self.sink) < self.sink_frames)
             self.frames_written += 1
-            tok_pages = pages[:, self._tok_page]  # [B, Nf]
-            flat = tok_pages * S + self._tok_slot
+            flat = self._token_slots(pages)  # [B, Nf]
             self.pos.view(-1, A)[flat.reshape(-1)] = pos[:, f].reshape(-1, A)
             self.page_len[pages.reshape(-1)] = S
             self.page_len[pages[:, -1]] = self._last_fill

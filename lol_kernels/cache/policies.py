@@ -17,74 +17,28 @@ bounded         sink ``k``; window right-aligned before the ``[L - F, L)``,
 ==============  ==========================================  ================================
 
 ``flush`` (KV Flush) is an operation on the cache, and ``cut`` (RoPE Cut) moves a read's
-block to a far temporal position.
+block to a far temporal position. ``cache`` is a :class:`~lol_kernels.cache.PagedKVCache`
+everywhere; :meth:`PagedKVCache.read <lol_kernels.cache.PagedKVCache.read>` is
+:func:`read_cache` on itself.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import replace
 
 import torch
 
-from .paged import PagedKVCache
+from .read import CacheRead, build_read
 
 
-@dataclass
-class CacheRead:
-    """What a block needs to attend the cache.
-
-    Attributes:
-        page_table: ``[B, M]`` int32 page ids (``-1`` = empty entry).
-        page_shift: ``[B, M, A]`` int32 added to stored positions, or ``None``.
-        q_t: ``[F]`` int64 temporal position of each of the new block's frames.
-        frame_ids: ``fid`` of each frame read, in read order (the router's chunk order).
-        frame_t: ``[n]`` int64 temporal position each cached frame is read at.
-        entry_frame: ``[M]`` int64 index into ``frame_ids`` of each entry (-1 for padding).
-    """
-
-    page_table: torch.Tensor
-    page_shift: torch.Tensor | None
-    q_t: torch.Tensor
-    frame_ids: list[int]
-    frame_t: torch.Tensor
-    entry_frame: torch.Tensor
-
-
-def build_read(cache: PagedKVCache, frames, read_t, q_t, *, fixed_shape: bool = True) -> CacheRead:
-    """Page table of ``frames`` (in order) read at temporal positions ``read_t``.
-
-    ``page_shift`` is ``read_t - stored t`` on axis 0 (``None`` when all shifts are zero).
-    With ``fixed_shape`` the table is padded with ``-1`` to ``cache.max_read_pages`` (or more if
-    the frames need it) so that the op sees one shape for the whole stream.
-    """
-    B, ppf, dev = cache.batch_size, cache.pages_per_frame, cache.device
-    n = len(frames)
-    read_t = torch.as_tensor(read_t, dtype=torch.int64).reshape(n)
-    M = n * ppf
-    width = max(M, cache.max_read_pages) if fixed_shape else M
-    table = torch.full((B, width), -1, dtype=torch.int32, device=dev)
-    shift = torch.zeros(B, width, cache.num_axes, dtype=torch.int32, device=dev)
-    entry = torch.full((width,), -1, dtype=torch.int64)
-    if n:
-        table[:, :M] = torch.cat([fr.pages for fr in frames], dim=1).to(torch.int32)
-        stored = torch.tensor([fr.t for fr in frames], dtype=torch.int64)
-        d = (read_t - stored).repeat_interleave(ppf)
-        shift[:, :M, 0] = d.to(torch.int32).to(dev)
-        entry[:M] = torch.arange(n).repeat_interleave(ppf)
-    any_shift = bool((shift != 0).any())
-    return CacheRead(table, shift if any_shift else None,
-                     torch.as_tensor(q_t, dtype=torch.int64).reshape(-1),
-                     [fr.fid for fr in frames], read_t, entry)
-
-
-def absolute(cache: PagedKVCache, num_new: int, **kw) -> CacheRead:
+def absolute(cache, num_new: int, **kw) -> CacheRead:
     """Stored positions as written; the block continues at ``cache.next_t``."""
     frames = cache.frames()
     return build_read(cache, frames, [fr.t for fr in frames],
                       torch.arange(num_new) + cache.next_t, **kw)
 
 
-def relativistic(cache: PagedKVCache, num_new: int, *, max_frames: int | None = None,
+def relativistic(cache, num_new: int, *, max_frames: int | None = None,
                  **kw) -> CacheRead:
     """Infinity-RoPE Block-Relativistic RoPE: cached frames at ``0..n-1`` in read order, the
     block at ``[n_max - F, n_max)`` (``n_max = max_frames``, default ``n + F``; must be
@@ -98,7 +52,7 @@ def relativistic(cache: PagedKVCache, num_new: int, *, max_frames: int | None = 
     return build_read(cache, frames, torch.arange(n), torch.arange(n_max - num_new, n_max), **kw)
 
 
-def bounded(cache: PagedKVCache, num_new: int, *, limit: int | None = None, **kw) -> CacheRead:
+def bounded(cache, num_new: int, *, limit: int | None = None, **kw) -> CacheRead:
     """Context Forcing: every position in ``[0, L - 1]``, ``L = limit`` (default
     ``sink_frames + window_frames``). Sink frame ``k`` reads at ``k``; the block sits at
     ``[L - F, L)``; window frames are right-aligned just before it (newest at ``L - F - 1``),
@@ -114,7 +68,7 @@ def bounded(cache: PagedKVCache, num_new: int, *, limit: int | None = None, **kw
     return build_read(cache, cache.frames(), read_t, torch.arange(L - num_new, L), **kw)
 
 
-def flush(cache: PagedKVCache, *, keep_last: int = 2) -> list:
+def flush(cache, *, keep_last: int = 2) -> list:
     """Infinity-RoPE KV Flush (at a prompt change): keep the sink frame(s) and the newest
     ``keep_last`` window frames, free the rest. Returns the evicted frames."""
     return cache.drop_window(keep_last)
@@ -125,19 +79,18 @@ def cut(read: CacheRead, *, start: int = 45) -> CacheRead:
     a 3-frame block), a jump forward in time that makes a hard scene change. ``start`` must lie
     after every position the read attends. Writing the block at these positions makes later
     absolute reads continue from there."""
-    top = int(read.frame_t.max()) if read.frame_t.numel() else -1
+    read_t = read.frame_t if read.chunk_t is None else torch.cat([read.frame_t, read.chunk_t])
+    top = int(read_t.max()) if read_t.numel() else -1
     if not isinstance(start, int) or start <= top:
         raise ValueError(f"start must be an int after every cached position (> {top}), "
                          f"got {start!r}")
-    F = read.q_t.numel()
-    return CacheRead(read.page_table, read.page_shift, torch.arange(start, start + F),
-                     read.frame_ids, read.frame_t, read.entry_frame)
+    return replace(read, q_t=torch.arange(start, start + read.q_t.numel()))
 
 
 POLICIES = {"absolute": absolute, "relativistic": relativistic, "bounded": bounded}
 
 
-def read_cache(cache: PagedKVCache, num_new: int, policy: str = "absolute", **kw) -> CacheRead:
+def read_cache(cache, num_new: int, policy: str = "absolute", **kw) -> CacheRead:
     """Build the read of ``policy`` (one of :data:`POLICIES`)."""
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {list(POLICIES)}, got {policy!r}")

@@ -3,7 +3,8 @@
 Frames live in three groups (read order: sink, slow oldest to newest, fast oldest to newest):
 
 * **sink**: the first ``sink_frames`` frames (default 3), pinned forever.
-* **fast**: the ``fast_frames`` most recent frames (default 6), FIFO (the base class' window).
+* **fast**: the ``window_frames`` most recent frames (default 6), FIFO: the base class' window
+  (``fast_frames`` is a read-only alias).
 * **slow**: at most ``slow_frames`` long-term keyframes (default 12; 256 or more when routed).
 
 Promotion. A frame leaving the fast window is promoted to slow memory only if it is **novel**:
@@ -22,11 +23,11 @@ frame is dropped: the one whose similarity to its predecessor in slow memory (th
 frame for the first) is highest; ties drop the older frame. This keeps the kept set spread
 over distinct content instead of over time.
 
-Reads. :meth:`SlowFastCache.read` builds a :class:`SlowFastRead`. Without routing every slow
-frame is in the page table (dense attention over sink + slow + fast). With routing the page
-table holds sink + fast only (mandatory) and slow frames are the routable chunks
-(``chunk_pages [B, C, ppf]``, ``C = slow_frames``, padded with ``-1`` and ``chunk_valid``),
-for :func:`lol_kernels.moc_route_tiles` and :func:`lol_kernels.moc_attention`.
+Reads. :meth:`SlowFastCache.read` builds a :class:`~lol_kernels.cache.CacheRead`. Without
+routing every slow frame is in the page table (dense attention over sink + slow + fast). With
+routing (``read.routed``) the page table holds sink + fast only (mandatory) and slow frames are
+the routable chunks (``chunk_pages [B, C, ppf]``, ``C = slow_frames``, padded with ``-1`` and
+``chunk_valid``), for :func:`lol_kernels.moc_route_tiles` and :func:`lol_kernels.moc_attention`.
 
 Positions (``policy="bounded"``, default; Context Forcing bounds every position to ``[0, 20]``):
 ``L = limit`` (default ``sink + min(slow_frames, 12) + fast``: 21 for 3 + 12 + 6). Sink frame
@@ -40,56 +41,19 @@ frame ``i`` of ``n`` and ``R`` free positions), so a large routed memory shares 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import replace
 
 import torch
 
 from .paged import Frame, PagedKVCache
-from .policies import build_read
-
-
-@dataclass
-class SlowFastRead:
-    """What a block needs to attend a :class:`SlowFastCache`.
-
-    Attributes:
-        page_table: ``[B, M]`` int32 mandatory pages (sink + fast; + slow when not routed).
-        page_shift: ``[B, M, A]`` int32 or ``None``.
-        q_t: ``[F]`` int64 temporal positions of the new block's frames.
-        frame_ids: ``fid`` of each frame in ``page_table`` order.
-        chunk_pages: ``[B, C, ppf]`` int32 pages of each slow frame (routed reads), else ``None``.
-        chunk_shift: ``[B, C, A]`` int32 or ``None``.
-        chunk_valid: ``[B, C]`` bool, ``False`` for padding chunks (routed reads).
-        chunk_fids: ``fid`` of each valid chunk, in chunk order (oldest slow frame first).
-    """
-
-    page_table: torch.Tensor
-    page_shift: torch.Tensor | None
-    q_t: torch.Tensor
-    frame_ids: list[int]
-    chunk_pages: torch.Tensor | None = None
-    chunk_shift: torch.Tensor | None = None
-    chunk_valid: torch.Tensor | None = None
-    chunk_fids: list[int] | None = None
-    _summary: list | None = None
-
-    def chunk_mean(self, layer: int) -> torch.Tensor:
-        """``[B, C, Hkv, D]`` fp32 mean un-rotated key of each chunk (zeros for padding)."""
-        if self.chunk_pages is None:
-            raise ValueError("chunk_mean needs a routed read (read(..., routed=True))")
-        summ = self._summary[layer]  # [F_max, B, Hkv, D]
-        C = self.chunk_pages.shape[1]
-        out = summ.new_zeros(summ.shape[1], C, *summ.shape[2:])
-        if self.chunk_fids:
-            out[:, : len(self.chunk_fids)] = summ[self.chunk_fids].transpose(0, 1)
-        return out
+from .read import CacheRead, build_read
 
 
 class SlowFastCache(PagedKVCache):
     """Paged cache of sink + slow (novel keyframes, bounded) + fast (FIFO) frames.
 
     Args:
-        sink_frames, fast_frames: as in the module doc (``fast_frames`` is the base window).
+        sink_frames, window_frames: as in the module doc (the window is the fast memory).
         slow_frames: slow-memory budget in frames (memory is reserved for all of them).
         tau: novelty threshold on the cosine similarity (promote iff similarity < tau).
         novelty_layers: layers whose summaries form the descriptor (``None`` = all).
@@ -97,16 +61,15 @@ class SlowFastCache(PagedKVCache):
         **kw: the other :class:`PagedKVCache` arguments (layers, heads, frame_tokens, ...).
     """
 
-    def __init__(self, *, sink_frames: int = 3, slow_frames: int = 12, fast_frames: int = 6,
+    def __init__(self, *, sink_frames: int = 3, slow_frames: int = 12, window_frames: int = 6,
                  tau: float = 0.95, novelty_layers=None, routed: bool = False, **kw):
-        if "window_frames" in kw or "extra_frames" in kw:
-            raise ValueError("SlowFastCache sets window_frames=fast_frames and "
-                             "extra_frames=slow_frames itself")
+        if "extra_frames" in kw:
+            raise ValueError("SlowFastCache sets extra_frames=slow_frames itself")
         if not isinstance(slow_frames, int) or slow_frames < 0:
             raise ValueError(f"slow_frames must be an int >= 0, got {slow_frames!r}")
         if not isinstance(tau, (int, float)) or not -1.0 <= tau <= 1.0:
             raise ValueError(f"tau must be a cosine threshold in [-1, 1], got {tau!r}")
-        super().__init__(sink_frames=sink_frames, window_frames=fast_frames,
+        super().__init__(sink_frames=sink_frames, window_frames=window_frames,
                          extra_frames=slow_frames, **kw)
         layers = range(self.num_layers) if novelty_layers is None else novelty_layers
         self.novelty_layers = [int(x) for x in layers]
@@ -114,8 +77,12 @@ class SlowFastCache(PagedKVCache):
                                           for x in self.novelty_layers):
             raise ValueError(f"novelty_layers must be layers in [0, {self.num_layers}), "
                              f"got {novelty_layers!r}")
-        self.slow_frames, self.fast_frames, self.tau, self.routed = slow_frames, fast_frames, \
-            float(tau), routed
+        self.slow_frames, self.tau, self.routed = slow_frames, float(tau), routed
+
+    @property
+    def fast_frames(self) -> int:
+        """Fast-memory size: the base class' ``window_frames``."""
+        return self.window_frames
 
     def reset(self) -> None:
         super().reset()
@@ -216,7 +183,7 @@ class SlowFastCache(PagedKVCache):
                 torch.arange(num_new) + self.next_t
         if policy != "bounded":
             raise ValueError(f"policy must be 'bounded' or 'absolute', got {policy!r}")
-        L = self.sink_frames + min(self.slow_frames, 12) + self.fast_frames if limit is None \
+        L = self.sink_frames + min(self.slow_frames, 12) + self.window_frames if limit is None \
             else limit
         if not isinstance(L, int) or L < ns + num_new + 1:
             raise ValueError(f"limit must leave room for sink, block and one more frame: "
@@ -236,7 +203,7 @@ class SlowFastCache(PagedKVCache):
         return torch.arange(ns), slow_t, fast_t, torch.arange(L - num_new, L)
 
     def read(self, num_new: int, *, routed: bool | None = None, policy: str = "bounded",
-             limit: int | None = None) -> SlowFastRead:
+             limit: int | None = None) -> CacheRead:
         """Build the read of the next block of ``num_new`` frames (valid until the next
         ``append_frames``). Shapes are fixed for the cache's lifetime: ``M`` is
         ``(sink + fast) * ppf`` routed, ``(sink + slow + fast) * ppf`` dense; ``C = slow``."""
@@ -244,19 +211,11 @@ class SlowFastCache(PagedKVCache):
             raise ValueError(f"num_new must be an int >= 1, got {num_new!r}")
         routed = self.routed if routed is None else routed
         sink_t, slow_t, fast_t, q_t = self.read_positions(num_new, policy=policy, limit=limit)
-        ppf, B, A = self.pages_per_frame, self.batch_size, self.num_axes
         if not routed:
-            rd = build_read(self, self.frames(), torch.cat([sink_t, slow_t, fast_t]), q_t)
-            return SlowFastRead(rd.page_table, rd.page_shift, rd.q_t, rd.frame_ids)
-        mand = self.sink + list(self.window)
-        width = (self.sink_frames + self.window_frames) * ppf
-        rd = build_read(self, mand, torch.cat([sink_t, fast_t]), q_t, fixed_shape=False)
-        table = torch.full((B, width), -1, dtype=torch.int32, device=self.device)
-        table[:, : rd.page_table.shape[1]] = rd.page_table
-        shift = None
-        if rd.page_shift is not None:
-            shift = torch.zeros(B, width, A, dtype=torch.int32, device=self.device)
-            shift[:, : rd.page_shift.shape[1]] = rd.page_shift
+            return build_read(self, self.frames(), torch.cat([sink_t, slow_t, fast_t]), q_t)
+        ppf, B, A = self.pages_per_frame, self.batch_size, self.num_axes
+        rd = build_read(self, self.sink + list(self.window), torch.cat([sink_t, fast_t]), q_t,
+                        width=(self.sink_frames + self.window_frames) * ppf)
         C, n = self.slow_frames, len(self.slow)
         chunk_pages = torch.full((B, C, ppf), -1, dtype=torch.int32, device=self.device)
         chunk_shift = torch.zeros(B, C, A, dtype=torch.int32, device=self.device)
@@ -267,6 +226,41 @@ class SlowFastCache(PagedKVCache):
             chunk_shift[:, :n, 0] = (slow_t - stored).to(torch.int32).to(self.device)
             valid[:, :n] = True
         any_shift = bool((chunk_shift != 0).any())
-        return SlowFastRead(table, shift, rd.q_t, rd.frame_ids, chunk_pages,
-                            chunk_shift if any_shift else None, valid,
-                            [fr.fid for fr in self.slow], self.summary)
+        return replace(rd, chunk_pages=chunk_pages, chunk_shift=chunk_shift if any_shift else None,
+                       chunk_valid=valid, chunk_ids=[fr.fid for fr in self.slow], chunk_t=slow_t)
+
+    def frame_positions(self, num_new: int, **read_kwargs) -> torch.Tensor:
+        """``[n]`` int64 read position of each frame of :meth:`frames` (sink, slow, fast) for the
+        next block; routing does not move positions."""
+        return super().frame_positions(num_new, **{**read_kwargs, "routed": False})
+
+    # ----------------------------------------------------------------- state dict
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The base state plus slow memory: ``slow.frames`` / ``slow.pages`` (oldest first),
+        ``slow_desc`` ``[n, B, Lsel, Hkv * D]`` fp32 (each slow frame's descriptor when it was
+        promoted), ``prev_desc`` ``[0 or 1, B, Lsel, Hkv * D]`` (the last frame to leave fast
+        memory, if any) and the 0-d int64 counters ``promoted``, ``rejected``, ``evicted``."""
+        B, Ls, HD = self.batch_size, len(self.novelty_layers), self.num_kv_heads * self.head_dim
+        state = super().state_dict() | self._pack_frames("slow", self.slow)
+        prev = [] if self._prev_desc is None else [self._prev_desc]
+        for key, ds in (("slow_desc", self._slow_desc), ("prev_desc", prev)):
+            state[key] = torch.stack(ds) if ds else \
+                torch.zeros(0, B, Ls, HD, dtype=torch.float32, device=self.device)
+        for name in ("promoted", "rejected", "evicted"):
+            state[name] = torch.tensor(getattr(self, name), dtype=torch.int64)
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`state_dict` output (see :meth:`PagedKVCache.load_state_dict`)."""
+        self._check_state(state)
+        n, got, prev = (state[k].shape[0] for k in ("slow.frames", "slow_desc", "prev_desc"))
+        if got != n or prev > 1:
+            raise ValueError(f"state_dict['slow_desc'] must hold one descriptor per slow frame "
+                             f"({n}), got {got}; state_dict['prev_desc'] at most one, got {prev}")
+        super().load_state_dict(state)
+        self.slow = self._unpack_frames(state, "slow")
+        descs = [d.clone() for d in state["slow_desc"].to(self.device)]
+        self._slow_desc, self._discard = descs, False
+        self._prev_desc = state["prev_desc"][0].to(self.device).clone() if prev else None
+        self.promoted, self.rejected, self.evicted = (int(state[k]) for k in
+                                                      ("promoted", "rejected", "evicted"))
