@@ -1,18 +1,18 @@
 """Kernel report of the fused paged RoPE attention (issue 3) at the Wan shape.
 
-Shape: one block of ``Nq = 4680`` queries (3 latent frames of 1560 tokens) over ``Nk = 18720``
+Shape: one block of ``N = 4680`` queries (3 latent frames of 1560 tokens) over ``Nk = 18720``
 cached keys (LongLive's 12 frames) in pages of ``S = 64`` slots, ``Hq = Hkv = 12`` heads of
 ``D = 128``, bf16, jittered 3D RoPE applied to the un-rotated keys in registers.
 
 For every autotune config it reports, without a GPU:
 
-* ``flops``: matmul FLOPs ``4 Nq Nk Hq D`` (FlashAttention's count; RoPE and softmax excluded);
+* ``flops``: matmul FLOPs ``4 N Nk Hq D`` (FlashAttention's count; RoPE and softmax excluded);
 * ``min_bytes``: compulsory HBM traffic: Q, K, V, positions read once, out and lse written once;
 * static resources from the sm_90 ahead-of-time compile (``cuobjdump``): registers per thread,
   shared memory per CTA, stack/local bytes, HGMMA count; CTAs per SM from registers and shared
   memory; ``splits``: the split-KV parts the launcher picks (``triton_split.num_splits_for``)
   and ``wave_eff``: the fraction of the grid's ``waves * slots`` filled with key tiles (the
-  ``cdiv(Nq, BLOCK_M) * Hq * splits`` programs on 132 SMs, each part also paying its fixed
+  ``cdiv(N, BLOCK_M) * Hq * splits`` programs on 132 SMs, each part also paying its fixed
   work); ``merge_ms``: the fp32 parts written and read back at 3.0 TB/s;
 * ``roofline_ms``: ``max(flops / 800 TFLOP/s, min_bytes / 3.0 TB/s)`` (H100 dense bf16 and copy
   bandwidth); ``predicted_ms`` (below) is an upper bound on speed, not a measurement. The 70%
@@ -26,7 +26,7 @@ For every autotune config it reports, without a GPU:
   ``merge_ms``. It assumes issue, tensor cores and MUFU overlap perfectly; ``serial_ms`` is
   the pessimistic side: a warp idles while its scores product runs and issues the softmax
   while no product is in flight (only the key loads and rotation overlap the previous
-  ``P V``), CTAs resident on one SM interleaving. A GPU run lands between the two. ``exp_ms``: ``Hq * Nq * Nk`` ``exp2`` on the MUFU at 16 per SM per clock (the
+  ``P V``), CTAs resident on one SM interleaving. A GPU run lands between the two. ``exp_ms``: ``Hq * N * Nk`` ``exp2`` on the MUFU at 16 per SM per clock (the
   RoPE sin/cos add ``ctas * Nk * D`` more MUFU ops, ``mufu_ms`` counts both).
 
 On a machine with a CUDA GPU it also measures (``triton.testing.do_bench``) the Triton kernel
@@ -48,8 +48,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import markdown_table, write_results  # noqa: E402
 
-from lol_kernels.attention import triton_aot  # noqa: E402
 from lol_kernels.attention.triton_split import PART_FIXED_TILES, num_splits_for  # noqa: E402
+from lol_kernels.common import aot  # noqa: E402
 
 PEAK_FLOPS = 800e12  # H100 measured dense bf16
 PEAK_BYTES = 3.0e12  # H100 copy bandwidth
@@ -59,18 +59,18 @@ REGS_PER_SM = 65536
 SMEM_PER_SM = 233472  # 228 KiB
 CLOCK = 1.755e9
 ISSUE_PER_SM = 4  # warp schedulers
-SHAPE = {"B": 1, "Nq": 4680, "Nk": 18720, "Hq": 12, "Hkv": 12, "D": 128, "S": 64, "A": 3}
+SHAPE = {"B": 1, "N": 4680, "Nk": 18720, "Hq": 12, "Hkv": 12, "D": 128, "S": 64, "A": 3}
 
 
 def flops(s) -> float:
-    return 4.0 * s["B"] * s["Nq"] * s["Nk"] * s["Hq"] * s["D"]
+    return 4.0 * s["B"] * s["N"] * s["Nk"] * s["Hq"] * s["D"]
 
 
 def min_bytes(s, elem: int = 2, pos_bytes: int = 4) -> float:
-    q = s["B"] * s["Nq"] * s["Hq"] * s["D"] * elem
+    q = s["B"] * s["N"] * s["Hq"] * s["D"] * elem
     kv = 2 * s["Nk"] * s["Hkv"] * s["D"] * elem
-    pos = (s["Nk"] + s["B"] * s["Nq"]) * s["A"] * pos_bytes
-    out = q + s["B"] * s["Hq"] * s["Nq"] * 4  # out in bf16 + lse fp32
+    pos = (s["Nk"] + s["B"] * s["N"]) * s["A"] * pos_bytes
+    out = q + s["B"] * s["Hq"] * s["N"] * 4  # out in bf16 + lse fp32
     return float(q + kv + pos + out)
 
 
@@ -87,16 +87,16 @@ def static_rows(dtypes) -> list[dict]:
     fl, by = flops(SHAPE), min_bytes(SHAPE)
     roof = max(fl / PEAK_FLOPS, by / PEAK_BYTES)
     rows = []
-    report = triton_aot.sm90_report(dtypes, (SHAPE["D"],), rope=False, causal=False, group=1,
+    report = aot.sm90_report(dtypes, (SHAPE["D"],), rope=False, causal=False, group=1,
                                     has_new=False, has_shift=True, page_size=SHAPE["S"])
     for r in report:
         per_sm = occupancy(r)
-        ctas = math.ceil(SHAPE["Nq"] / r["BLOCK_M"]) * SHAPE["Hq"] * SHAPE["B"]
+        ctas = math.ceil(SHAPE["N"] / r["BLOCK_M"]) * SHAPE["Hq"] * SHAPE["B"]
         # the cached-key loop (has_new=False: the only loop); mask/rescale blocks run rarely
         body = max(r["loop_hot_instructions"] or [0])
         tiles = math.ceil(SHAPE["Nk"] / r["BLOCK_N"])
         issue_s = ctas * tiles * body * r["num_warps"] / (ISSUE_PER_SM * NUM_SMS * CLOCK)
-        exp_s = SHAPE["Hq"] * SHAPE["Nq"] * SHAPE["Nk"] * SHAPE["B"] / (16 * NUM_SMS * CLOCK)
+        exp_s = SHAPE["Hq"] * SHAPE["N"] * SHAPE["Nk"] * SHAPE["B"] / (16 * NUM_SMS * CLOCK)
         mufu_s = exp_s + ctas * SHAPE["Nk"] * SHAPE["D"] / (16 * NUM_SMS * CLOCK)
         bound = max(roof, issue_s, mufu_s)
         # pessimistic: a warp waits for its scores product, then issues the softmax while no
@@ -116,7 +116,7 @@ def static_rows(dtypes) -> list[dict]:
         waves = math.ceil(ctas * splits / slots)
         eff = ctas * tiles / (waves * slots * (tiles / splits + PART_FIXED_TILES))
         merge_s = 0.0 if splits == 1 else (
-            splits * SHAPE["B"] * SHAPE["Hq"] * SHAPE["Nq"] * (SHAPE["D"] + 1) * 8 / PEAK_BYTES)
+            splits * SHAPE["B"] * SHAPE["Hq"] * SHAPE["N"] * (SHAPE["D"] + 1) * 8 / PEAK_BYTES)
         pred = bound / eff + merge_s
         serial = max(serial_s, bound) / eff + merge_s
         rows.append({"config": f"M{r['BLOCK_M']}-N{r['BLOCK_N']}-w{r['num_warps']}"
@@ -142,9 +142,9 @@ def make_inputs(s, dtype, device):
     g = torch.Generator(device="cpu").manual_seed(0)
     frames = s["Nk"] // 1560
     kpos = token_positions(torch.arange(frames), 30, 52)[0].view(P, s["S"], 3)
-    qpos = token_positions(torch.arange(frames, frames + 3), 30, 52)[:, : s["Nq"]]
+    qpos = token_positions(torch.arange(frames, frames + 3), 30, 52)[:, : s["N"]]
     x = dict(
-        q=torch.randn(1, s["Nq"], s["Hq"], s["D"], generator=g),
+        q=torch.randn(1, s["N"], s["Hq"], s["D"], generator=g),
         cache_k=torch.randn(P, s["S"], s["Hkv"], s["D"], generator=g),
         cache_v=torch.randn(P, s["S"], s["Hkv"], s["D"], generator=g))
     x = {k: v.to(device=device, dtype=dtype) for k, v in x.items()}
@@ -182,7 +182,7 @@ def measured_rows(dtype=torch.bfloat16) -> list[dict]:
         return lk.paged_attention(x["q"], x["q_pos"], x["cache_k"], x["cache_v"], x["cache_pos"],
                                   x["page_len"], x["page_table"], x["table"], backend="triton")
     add("lol triton (RoPE in registers, paged)", ours)
-    best = getattr(tk._paged_rope_attn_fwd_tuned, "best_config", None)
+    best = getattr(tk.paged_rope_attn_fwd_tuned, "best_config", None)
     if best is not None:
         rows[-1]["note"] = f"best config {best}"
 

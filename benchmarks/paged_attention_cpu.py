@@ -29,11 +29,11 @@ from lol_kernels.rope import apply_rope_torch, rope_naive_fp32  # noqa: E402
 
 
 def setup(frame_tokens=390, grid=(15, 26), cached=12, sink=3, block=3, H=12, D=128,
-          page_size=128, jitter=0.8):
+          page_size=128, jitter_sigma=0.8):
     cache = PagedKVCache(num_layers=1, num_kv_heads=H, head_dim=D, frame_tokens=frame_tokens,
                          sink_frames=sink, window_frames=cached - sink, block_frames=block,
                          page_size=page_size)
-    table = lk.rope_frequencies(D, H, jitter_sigma=jitter)
+    table = lk.rope_frequencies(D, H, jitter_sigma=jitter_sigma)
     t = 0
     while t < 40:  # stream long enough that the window has rolled
         blk = cache.append_frames(token_positions(torch.arange(t, t + block), *grid))
@@ -90,7 +90,7 @@ def main(argv=None):
     rows = [{"method": name, **r, "gflops": flops / r["median_s"] / 1e9,
              "ratio_vs_sdpa": r["median_s"] / floor["median_s"],
              "ratio_of_minima": r["min_s"] / floor["min_s"]} for name, r in stats.items()]
-    shape = {"Nq": q.shape[1], "Nk_cache": k_win.shape[1], "Nk_total": K.shape[1], "H": 12,
+    shape = {"N": q.shape[1], "Nk_cache": k_win.shape[1], "Nk_total": K.shape[1], "H": 12,
              "D": 128, "dtype": "float32", "page_size": cache.page_size}
     table_md = markdown_table(rows, ["method", "median_s", "min_s", "gflops", "ratio_vs_sdpa",
                                      "ratio_of_minima"])

@@ -1,6 +1,6 @@
 """lol-kernels: per-head jittered 3D RoPE in-register over a paged sink + window KV cache.
 
-Public API (DESIGN.md §4): :func:`rope_frequencies`, :func:`apply_rope`,
+Public API (docs/design.md §4): :func:`rope_frequencies`, :func:`apply_rope`,
 :func:`paged_attention`, the paged cache (:class:`PagedKVCache`) and its position policies.
 """
 

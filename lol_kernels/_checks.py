@@ -12,7 +12,6 @@ import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
-BACKENDS = ("auto", "torch", "triton", "cpp", "cuda")
 
 
 def check_tensor(name: str, x, *, ndim: int | None = None, kind: str | None = None,
@@ -48,10 +47,31 @@ def check_same_device(ref_name: str, ref: torch.Tensor, **tensors):
             raise ValueError(f"{name} must be on {ref.device} like {ref_name}, got {t.device}")
 
 
-def check_backend(backend: str, allowed: Sequence[str]) -> str:
-    if not isinstance(backend, str) or backend not in allowed:
-        raise ValueError(f"backend must be one of {list(allowed)}, got {backend!r}")
-    return backend
+def check_same_dtype(ref_name: str, ref: torch.Tensor, **tensors):
+    """Every tensor given (``None`` skipped) must have ``ref``'s dtype."""
+    for name, t in tensors.items():
+        if t is not None and t.dtype != ref.dtype:
+            raise TypeError(f"{name} must have {ref_name}'s dtype {ref.dtype}, got {t.dtype}")
+
+
+def check_keys_values(q: torch.Tensor, k_name: str, k: torch.Tensor, v_name: str, v):
+    """Keys ``k [..., Hkv, D]`` (checked by the caller) and values ``v`` shaped like them, both
+    in q's dtype, with ``Hq = q.shape[2]`` a whole multiple of ``Hkv`` (GQA groups)."""
+    Hq, Hkv = q.shape[2], k.shape[2]
+    if Hq % Hkv:
+        raise ValueError(f"q heads Hq={Hq} must be a multiple of {k_name} heads Hkv={Hkv} (GQA)")
+    check_tensor(v_name, v, ndim=k.dim(), kind="float")
+    check_shape(v_name, v, tuple(k.shape), f"like {k_name}")
+    check_same_dtype("q", q, **{k_name: k, v_name: v})
+
+
+def check_scale(scale, head_dim: int) -> float:
+    """The softmax scale: ``head_dim ** -0.5`` when ``None``, else a positive number."""
+    if scale is None:
+        return head_dim**-0.5
+    if not isinstance(scale, (int, float)) or not scale > 0:
+        raise ValueError(f"scale must be a positive number, got {scale!r}")
+    return float(scale)
 
 
 def value_checks_enabled() -> bool:
@@ -65,18 +85,3 @@ def check_positions_fit(name: str, pos: torch.Tensor, limit: int = 2**31 - 1):
     if value_checks_enabled() and pos.numel() and (pos.max().item() > limit or pos.min().item() < -limit):
         raise ValueError(f"{name} must hold positions in [-{limit}, {limit}] (int32), "
                          f"got range [{pos.min().item()}, {pos.max().item()}]")
-
-
-def lazy_backend(module: str, name: str, package: str):
-    """Import ``name`` from an optional backend module on first use.
-
-    Returns the callable, or raises ``RuntimeError("backend='triton' is unavailable: ...")``
-    saying why (Triton missing, no kernel for this platform).
-    """
-    import importlib
-
-    try:
-        return getattr(importlib.import_module(module, package), name)
-    except ImportError as e:
-        raise RuntimeError(f"backend='triton' is unavailable: {e}") from e
-

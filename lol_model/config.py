@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields, replace
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shape of a Wan2.1 text-to-video transformer.
+    """Shape of a Wan2.1 text-to-video transformer (docs/design.md §9).
 
     Attributes:
         num_layers, dim, num_heads, ffn_dim: transformer size; ``head_dim = dim // num_heads``

@@ -101,7 +101,7 @@ class Stream:
     block: int = 0  # blocks finished
     segment: int = 0  # schedule segment whose prompt text_kv encodes
     text_kv: object = None
-    latents: dict = field(default_factory=dict)  # fid -> clean latent [B, C, 1, h, w]
+    latents: dict = field(default_factory=dict)  # fid -> clean latent [B, Cz, 1, h, w]
     pending_cut: bool = False
     decoder: object = None
     video: object = None

@@ -251,7 +251,7 @@ class CausalWanModel(nn.Module):
         """Flow prediction (``noise - x0``) of a block of latent frames.
 
         Args:
-            x: ``[B, C, F, H, W]`` latents of the block (any float dtype).
+            x: ``[B, Cz, F, H, W]`` latents of the block, ``Cz`` latent channels (any float dtype).
             timestep: ``[B, F]`` (or ``[B]`` / scalar, broadcast) float in ``[0, 1000]``.
             text_kv: from :meth:`encode_text`.
             cache, read: the paged cache and a :class:`~lol_kernels.cache.CacheRead` of it
@@ -267,7 +267,7 @@ class CausalWanModel(nn.Module):
             backend: of :func:`lol_kernels.paged_attention`.
 
         Returns:
-            ``[B, C_out, F, H, W]`` in ``x.dtype``.
+            ``[B, Cz_out, F, H, W]`` in ``x.dtype``.
         """
         B, Fr, gh, gw = self._check_input(x, text_kv)
         if read.q_t.numel() != Fr:
@@ -333,7 +333,7 @@ class CausalWanModel(nn.Module):
     # ------------------------------------------------------------------ internals
     def _check_input(self, x, text_kv):
         if not isinstance(x, torch.Tensor) or x.dim() != 5 or not x.is_floating_point():
-            raise ValueError(f"x must be a float tensor [B, C, F, H, W], got "
+            raise ValueError(f"x must be a float tensor [B, Cz, F, H, W], got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x)}")
         B, C, Fr, H, W = x.shape
         if C != self.cfg.in_channels:

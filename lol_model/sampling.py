@@ -66,7 +66,7 @@ def randn(shape, generator: torch.Generator, *, dtype, device) -> torch.Tensor:
 
 def denoise_block(model, shape, text_kv, cache: PagedKVCache, read: CacheRead, sigmas,
                   generator: torch.Generator, *, dtype, device) -> torch.Tensor:
-    """Sample the clean latents ``x0 [B, C, F, H, W]`` of one block against ``read``.
+    """Sample the clean latents ``x0 [B, Cz, F, H, W]`` of one block against ``read``.
 
     The cache is only read here; :func:`write_block` stores the block's K/V afterwards.
     """

@@ -33,7 +33,7 @@ def _atomic_write_text(path: str, text: str) -> None:
 
 
 class SegmentedVideoWriter:
-    """Write ``uint8 [T, H, W, 3]`` frames to ``out`` through closed mp4 segments."""
+    """Write ``uint8 [Fv, H, W, 3]`` video frames to ``out`` through closed mp4 segments."""
 
     def __init__(self, out: str, *, fps: float = 16.0, quality: int = 7):
         if not out.endswith(".mp4"):
@@ -49,11 +49,11 @@ class SegmentedVideoWriter:
         return os.path.join(self.seg_dir, f"seg_{i:05d}{'.part' if part else ''}.mp4")
 
     def append(self, frames: torch.Tensor) -> None:
-        """Encode frames ``[T, H, W, 3]`` uint8 into the open segment (opened on demand)."""
+        """Encode frames ``[Fv, H, W, 3]`` uint8 into the open segment (opened on demand)."""
         import imageio_ffmpeg
 
         if frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[-1] != 3:
-            raise ValueError(f"frames must be uint8 [T, H, W, 3], got {frames.dtype} "
+            raise ValueError(f"frames must be uint8 [Fv, H, W, 3], got {frames.dtype} "
                              f"{list(frames.shape)}")
         if self._gen is None:
             H, W = frames.shape[1:3]
@@ -116,7 +116,7 @@ class SegmentedVideoWriter:
 
 class LatentWriter:
     """Save clean latents per segment to ``<dir>/seg_NNNNN.safetensors``: key ``latents``
-    ``[B, F, C, h, w]`` (frame-major, so a ``B = 1`` segment is the ``[F, C, H, W]`` that
+    ``[B, F, Cz, h, w]`` (frame-major, so a ``B = 1`` segment is the ``[F, Cz, H, W]`` that
     ``lol diagnose --latents`` reads) for the blocks since the last close, and ``first_frame``."""
 
     def __init__(self, folder: str):
@@ -149,7 +149,7 @@ class LatentWriter:
 
 
 def load_latents(folder: str) -> torch.Tensor:
-    """All saved latents of a run, ``[B, F, C, h, w]`` (for analysis; loads everything)."""
+    """All saved latents of a run, ``[B, F, Cz, h, w]`` (for analysis; loads everything)."""
     from safetensors.torch import load_file
 
     paths = sorted(glob.glob(os.path.join(folder, "seg_*.safetensors")))

@@ -1,4 +1,4 @@
-"""Shared test helpers: fresh random inputs, NaN poisoning, the DESIGN.md §5 error rule."""
+"""Shared test helpers: fresh random inputs, NaN poisoning, the parity rule of docs/design.md §5."""
 
 import os
 import zlib
@@ -10,7 +10,7 @@ if not torch.cuda.is_available():
     # Triton kernels run in the interpreter on a CPU-only machine. The variable is read when
     # @triton.jit decorates, so it is set here, before any test module imports a kernel module
     # (an earlier module importing one would otherwise freeze it in GPU mode for the session).
-    # The sm_90 compile test re-imports the kernels with it off (triton_aot.compiled_module).
+    # The sm_90 compile test re-imports the kernels with it off (common.aot.compiled_module).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
@@ -32,7 +32,7 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def assert_close_rule(out, ref_low, ref64, what="out", slack=1e-5):
-    """DESIGN.md §5: ``|out - ref64| <= 2 |ref_low - ref64| + 1e-5`` (max over elements)."""
+    """docs/design.md §5: ``|out - ref64| <= 2 |ref_low - ref64| + 1e-5`` (max over elements)."""
     assert not torch.isnan(out).any(), f"{what} has NaN (unwritten or invalid)"
     e_out, e_ref = max_err(out, ref64), max_err(ref_low, ref64)
     assert e_out <= 2 * e_ref + slack, f"{what}: error {e_out:.3e} > 2 * {e_ref:.3e} + {slack}"

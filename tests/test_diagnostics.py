@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import lol_kernels as lk
-from lol_kernels.attention.page_mass import paged_attention_page_mass
 from lol_kernels.diagnostics import (
     count_runs,
     homogenization,
@@ -22,6 +21,7 @@ from lol_kernels.diagnostics import (
     synchronized_events,
 )
 from lol_kernels.diagnostics.cli import add_diagnose_parser, build_parser, run_diagnose
+from lol_kernels.diagnostics.page_mass import paged_attention_page_mass
 from lol_kernels.rope.table import RopeTable
 
 TWO_PI = 2 * math.pi
@@ -172,10 +172,10 @@ def test_stream_bad_inputs():
 
 def _plain_mass(q, q_pos, ck, cpos, page_len, pt, freqs, pair_axis, k_new, causal, shift, scale):
     """Float64, loop-by-loop: rotate pairs as complex numbers, softmax, sum per entry."""
-    B, Nq, Hq, D = q.shape
+    B, N, Hq, D = q.shape
     Hkv = ck.shape[2]
     M = pt.shape[1]
-    out = torch.zeros(B, Hq, Nq, M + 1, dtype=torch.float64)
+    out = torch.zeros(B, Hq, N, M + 1, dtype=torch.float64)
 
     def rot(x, pos, h):  # x [D] real -> rotated [D/2] complex with head h's frequencies
         z = torch.complex(x[0::2].double(), x[1::2].double())
@@ -192,11 +192,11 @@ def _plain_mass(q, q_pos, ck, cpos, page_len, pt, freqs, pair_axis, k_new, causa
                 p = cpos[page, s].long() + (0 if shift is None else shift[b, m].long())
                 keys.append((m, ck[page, s], p, -1))
         if k_new is not None:
-            for j in range(Nq):
+            for j in range(N):
                 keys.append((M, k_new[b, j], q_pos[b, j].long(), j))
         for h in range(Hq):
             kvh = h // (Hq // Hkv)
-            for i in range(Nq):
+            for i in range(N):
                 qi = rot(q[b, i, h], q_pos[b, i].long(), h)
                 vis = [(m, k, p) for (m, k, p, j) in keys if not (causal and j > i)]
                 if not vis:
@@ -209,10 +209,10 @@ def _plain_mass(q, q_pos, ck, cpos, page_len, pt, freqs, pair_axis, k_new, causa
 
 
 def _paged_inputs(dtype, *, causal, with_new, with_shift):
-    B, Nq, Hq, Hkv, D, P, S, M, A = 3, 5, 4, 2, 16, 7, 4, 5, 3
+    B, N, Hq, Hkv, D, P, S, M, A = 3, 5, 4, 2, 16, 7, 4, 5, 3
     table = lk.rope_frequencies(D, Hq, jitter_sigma=0.7, seed=int(torch.randint(0, 99, ())))
-    q = torch.randn(B, Nq, Hq, D, dtype=dtype)
-    q_pos = torch.randint(0, 300, (B, Nq, A))
+    q = torch.randn(B, N, Hq, D, dtype=dtype)
+    q_pos = torch.randint(0, 300, (B, N, A))
     ck = torch.randn(P, S, Hkv, D, dtype=dtype) * 1.5
     cv = torch.randn(P, S, Hkv, D, dtype=dtype)
     cpos = torch.randint(0, 300, (P, S, A))
@@ -221,8 +221,8 @@ def _paged_inputs(dtype, *, causal, with_new, with_shift):
     pt = torch.tensor([[0, 3, -1, 5, 2], [1, 1, 4, -1, 6], [-1, -1, -1, -1, -1]],
                       dtype=torch.int32)  # row 1 reads page 1 twice; row 2 reads no page
     shift = torch.randint(-50, 50, (B, M, A)) if with_shift else None
-    kn = torch.randn(B, Nq, Hkv, D, dtype=dtype) if with_new else None
-    vn = torch.randn(B, Nq, Hkv, D, dtype=dtype) if with_new else None
+    kn = torch.randn(B, N, Hkv, D, dtype=dtype) if with_new else None
+    vn = torch.randn(B, N, Hkv, D, dtype=dtype) if with_new else None
     return (q, q_pos, ck, cv, cpos, page_len, pt, table), dict(
         k_new=kn, v_new=vn, causal=causal, page_shift=shift)
 
@@ -237,8 +237,8 @@ def test_page_mass_sums_to_one_and_matches_float64(dtype, tol, causal, with_new,
     args, kw = _paged_inputs(dtype, causal=causal, with_new=with_new, with_shift=with_shift)
     q, q_pos, ck, cv, cpos, page_len, pt, table = args
     mass = paged_attention_page_mass(*args, **kw)
-    B, Nq, Hq, D = q.shape
-    assert mass.shape == (B, Hq, Nq, pt.shape[1] + 1) and mass.dtype == torch.float32
+    B, N, Hq, D = q.shape
+    assert mass.shape == (B, Hq, N, pt.shape[1] + 1) and mass.dtype == torch.float32
     assert not torch.isnan(mass).any()
     rows = mass.double().sum(-1)
     seen = torch.ones(B, dtype=torch.bool) if with_new else (pt >= 0).any(1)
@@ -278,8 +278,8 @@ def test_page_mass_agrees_with_paged_attention():
 
 
 def test_homogenization_by_hand():
-    B, Hq, Nq, M = 2, 4, 3, 4
-    mass = torch.zeros(B, Hq, Nq, M + 1)
+    B, Hq, N, M = 2, 4, 3, 4
+    mass = torch.zeros(B, Hq, N, M + 1)
     mass[:, :2, :, 0] = 0.9   # heads 0, 1: 90% on entry 0 (sink)
     mass[:, :2, :, 3] = 0.1
     mass[:, 2:, :, 0] = 0.2   # heads 2, 3: 20% on the sink, rest on the new keys

@@ -15,16 +15,17 @@ from conftest import assert_close_rule, max_err
 import lol_kernels as lk
 from lol_kernels.attention import paged_attention_reference
 from lol_kernels.moc.attention import moc_attention, tile_means
-from lol_kernels.moc.attention_reference import moc_attention_reference, moc_attention_torch
+from lol_kernels.moc.attention_cpu import moc_attention_torch
+from lol_kernels.moc.attention_reference import moc_attention_reference
 
 
 def _triton_ok():
     try:
-        from lol_kernels._triton_common import is_interpreted
-        from lol_kernels.moc.attention_triton import _moc_attn_fwd
+        from lol_kernels.common.triton_utils import is_interpreted
+        from lol_kernels.moc.attention_triton import moc_attn_fwd
     except Exception:
         return False
-    return is_interpreted(_moc_attn_fwd) or torch.cuda.is_available()
+    return is_interpreted(moc_attn_fwd) or torch.cuda.is_available()
 
 
 needs_triton = pytest.mark.skipif(not _triton_ok(), reason="Triton interpreter/GPU unavailable")
@@ -176,16 +177,18 @@ def test_triton_matches_float64(case, causal, dtype):
 
 @needs_triton
 def test_triton_backend_odd_head_dim_takes_torch_path():
-    """D = 24 is not a tl.arange extent: the Triton backend answers through the torch path."""
+    """D = 24 is not a tl.arange extent: backend="triton" answers through the torch path (the
+    dispatcher routes it); the Triton wrapper called directly refuses it."""
     from lol_kernels.moc.attention_triton import moc_attention_triton
     x, opts = make_case(N=20, Hq=2, Hkv=1, D=24)
     pos, kw = split(x, opts)
-    out = torch.full_like(pos[0], float("nan"))
-    lse = torch.full((2, 2, 20), float("nan"))
-    moc_attention_triton(*pos, **kw, out=out, lse=lse)
+    out, lse = moc_attention(*pos, **kw, backend="triton")
+    assert torch.equal(out, moc_attention_torch(*pos, **kw)[0])
     ref, ref_lse = moc_attention_reference(*split(x, opts, torch.float64)[0],
                                            **split(x, opts, torch.float64)[1])
     assert max_err(out, ref) < 1e-5 and max_err(lse, ref_lse) < 1e-5
+    with pytest.raises(ValueError, match="q must be fp16/bf16/fp32"):
+        moc_attention_triton(*pos, **kw)
 
 
 def _everything(x, opts):
@@ -375,9 +378,31 @@ def test_torch_path_fast_case_no_masks():
     assert max_err(out, ref) < 1e-5 and max_err(lse, ref_lse) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16],
+                         ids=["fp32", "fp64", "fp16"])
+def test_torch_path_batched_groups_equal_one_call_each(monkeypatch, dtype):
+    """The CPU path attends a (head, chunk) group of tiles with one call, or batches groups of
+    one size into one call (from BATCH_ROWS query rows on): both match the reference."""
+    from lol_kernels.moc import attention_cpu
+
+    x, opts = make_case(N=150, Hq=4, Hkv=2, C=6, Pc=2, k=3, tile=16, causal=True)
+    pos, kw = split(x, opts, dtype)
+    ref64, lse64 = moc_attention_reference(*split(x, opts, torch.float64)[0],
+                                           **split(x, opts, torch.float64)[1])
+    ref_lo, lse_lo = moc_attention_reference(*pos, **kw)
+    outs = []
+    for rows in (10**9, 0):  # every group on its own, then every group batched
+        monkeypatch.setattr(attention_cpu, "BATCH_ROWS", rows)
+        out, lse = moc_attention_torch(*pos, **kw)
+        assert_close_rule(out, ref_lo, ref64)
+        assert_close_rule(lse, lse_lo, lse64, what="lse")
+        outs.append(out)
+    assert max_err(outs[0], outs[1]) < (1e-12 if dtype == torch.float64 else 1e-2)
+
+
 AOT_SKIP = None
 try:
-    from lol_kernels.attention import triton_aot as _aot
+    from lol_kernels.common import aot as _aot
     if not os.path.exists(_aot.tool("cuobjdump")):
         AOT_SKIP = "triton wheel without the NVIDIA backend binaries"
 except Exception as e:  # triton missing
@@ -388,8 +413,10 @@ except Exception as e:  # triton missing
 def test_sm90_compile_no_spills_hgmma():
     """Every autotune config at D = 64 and 128 (bf16) compiles for sm_90 (no GPU needed): no
     stack or local memory, tensor-core HGMMA, no calls. About a minute on 2 cores."""
-    from lol_kernels.moc.attention_triton import CONFIGS, sm90_report
-    report = sm90_report(("bf16",), (64, 128))
+    from lol_kernels.common.aot import sm90_report
+    from lol_kernels.common.triton_attention import CONFIGS
+    report = sm90_report(("bf16",), (64, 128), kernel="moc_attn_fwd", rope=False, causal=False,
+                         page_size=256)
     assert len(report) == 2 * len(CONFIGS)
     for r in report:
         name = f"D{r['head_dim']}-M{r['BLOCK_M']}-N{r['BLOCK_N']}-w{r['num_warps']}"

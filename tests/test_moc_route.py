@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lol_kernels as lk
+from lol_kernels import _dispatch as dispatch
 from lol_kernels.moc import moc_route_reference, moc_scores_reference, route
 from lol_kernels.moc.reference import eligibility
 
@@ -305,11 +306,12 @@ def failed_extension(monkeypatch):
     def fail():
         raise ImportError("lol_kernels._C is not built (simulated)")
 
-    monkeypatch.setattr(route, "_load_extension", fail)
-    monkeypatch.setattr(route, "_warned", False)
-    route.extension_error.cache_clear()
+    monkeypatch.setattr(dispatch, "load_extension", fail)
+    dispatch.extension_error.cache_clear()
+    dispatch.warn_extension_fallback.cache_clear()
     yield
-    route.extension_error.cache_clear()
+    dispatch.extension_error.cache_clear()
+    dispatch.warn_extension_fallback.cache_clear()
 
 
 def test_fallback_warns_once_and_cpp_raises(failed_extension):

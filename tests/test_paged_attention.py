@@ -20,10 +20,10 @@ def rotate_complex(x, pos, freqs, pair_axis):
 def dense_formula(q, q_pos, ck, cv, cpos, plen, table_ids, tab, k_new, v_new, causal, shift,
                   scale):
     """Softmax of rotated scores, one batch row and one head at a time, in float64."""
-    B, Nq, Hq, D = q.shape
+    B, N, Hq, D = q.shape
     g = Hq // ck.shape[2]
-    out = torch.zeros(B, Nq, Hq, D, dtype=torch.float64)
-    lse = torch.full((B, Hq, Nq), float("-inf"), dtype=torch.float64)
+    out = torch.zeros(B, N, Hq, D, dtype=torch.float64)
+    lse = torch.full((B, Hq, N), float("-inf"), dtype=torch.float64)
     for b in range(B):
         keys, vals, kpos, is_new = [], [], [], []
         for m, pid in enumerate(table_ids[b].tolist()):
@@ -38,7 +38,7 @@ def dense_formula(q, q_pos, ck, cv, cpos, plen, table_ids, tab, k_new, v_new, ca
                 kpos.append(p)
                 is_new.append(-1)
         if k_new is not None:
-            for j in range(Nq):
+            for j in range(N):
                 keys.append(k_new[b, j])
                 vals.append(v_new[b, j])
                 kpos.append(q_pos[b, j])
@@ -49,18 +49,18 @@ def dense_formula(q, q_pos, ck, cv, cpos, plen, table_ids, tab, k_new, v_new, ca
         qr = rotate_complex(q[b], q_pos[b], tab.freqs, tab.pair_axis)
         kr = rotate_complex(K.repeat_interleave(g, dim=1), KP, tab.freqs, tab.pair_axis)
         for h in range(Hq):
-            s = (qr[:, h] @ kr[:, h].T) * scale  # [Nq, Nk]
+            s = (qr[:, h] @ kr[:, h].T) * scale  # [N, Nk]
             if causal:
                 new = torch.tensor(is_new)
-                s = s.masked_fill((new[None, :] > torch.arange(Nq)[:, None]), float("-inf"))
+                s = s.masked_fill((new[None, :] > torch.arange(N)[:, None]), float("-inf"))
             lse[b, h] = torch.logsumexp(s, dim=-1)
             out[b, :, h] = torch.softmax(s, dim=-1) @ V[:, h // g].double()
     return out, lse
 
 
-def make_case(B=2, Nq=7, Hq=6, Hkv=2, D=64, S=16, P=9, M=5, with_new=True, shift=True,
-              empty=True, jitter=0.5, dtype=torch.float64, pos_hi=60):
-    tab = lk.rope_frequencies(D, Hq, jitter_sigma=jitter, seed=1)
+def make_case(B=2, N=7, Hq=6, Hkv=2, D=64, S=16, P=9, M=5, with_new=True, shift=True,
+              empty=True, jitter_sigma=0.5, dtype=torch.float64, pos_hi=60):
+    tab = lk.rope_frequencies(D, Hq, jitter_sigma=jitter_sigma, seed=1)
     ck = torch.randn(P, S, Hkv, D, dtype=dtype)
     cv = torch.randn(P, S, Hkv, D, dtype=dtype)
     cpos = torch.randint(0, pos_hi, (P, S, 3))
@@ -68,10 +68,10 @@ def make_case(B=2, Nq=7, Hq=6, Hkv=2, D=64, S=16, P=9, M=5, with_new=True, shift
     table = torch.stack([torch.randperm(P)[:M] for _ in range(B)]).to(torch.int32)  # shuffled
     if empty:
         table[0, 1] = -1
-    q = torch.randn(B, Nq, Hq, D, dtype=dtype)
-    q_pos = torch.randint(0, pos_hi, (B, Nq, 3))
-    kn = torch.randn(B, Nq, Hkv, D, dtype=dtype) if with_new else None
-    vn = torch.randn(B, Nq, Hkv, D, dtype=dtype) if with_new else None
+    q = torch.randn(B, N, Hq, D, dtype=dtype)
+    q_pos = torch.randint(0, pos_hi, (B, N, 3))
+    kn = torch.randn(B, N, Hkv, D, dtype=dtype) if with_new else None
+    vn = torch.randn(B, N, Hkv, D, dtype=dtype) if with_new else None
     sh = torch.randint(-9, 9, (B, M, 3)) if shift else None
     return dict(q=q, q_pos=q_pos, cache_k=ck, cache_v=cv, cache_pos=cpos, page_len=plen,
                 page_table=table, table=tab, k_new=kn, v_new=vn, page_shift=sh)
@@ -91,11 +91,11 @@ def formula(c, causal, scale=None):
 
 
 SHAPES = {
-    "Nq7-gqa6/2-D64": dict(Nq=7, Hq=6, Hkv=2, D=64),
-    "Nq13-gqa12/4-D128": dict(Nq=13, Hq=12, Hkv=4, D=128, S=32, P=6, M=4),
-    "Nq1-mha-D64": dict(Nq=1, Hq=3, Hkv=3, D=64),
+    "Nq7-gqa6/2-D64": dict(N=7, Hq=6, Hkv=2, D=64),
+    "Nq13-gqa12/4-D128": dict(N=13, Hq=12, Hkv=4, D=128, S=32, P=6, M=4),
+    "Nq1-mha-D64": dict(N=1, Hq=3, Hkv=3, D=64),
     "no-new": dict(with_new=False, shift=False),
-    "no-shift-no-empty": dict(shift=False, empty=False, jitter=0.0),
+    "no-shift-no-empty": dict(shift=False, empty=False, jitter_sigma=0.0),
 }
 
 
@@ -118,7 +118,7 @@ def test_float64_matches_dense_formula(shape, causal):
 @pytest.mark.parametrize("causal", [False, True], ids=["block", "causal"])
 def test_low_precision_rule(dtype, causal):
     """CPU fast path in low precision vs float64 within 2x the plain reference's error."""
-    c64 = make_case(Nq=19, Hq=4, Hkv=2, D=64, S=16, P=8, M=6)
+    c64 = make_case(N=19, Hq=4, Hkv=2, D=64, S=16, P=8, M=6)
     c = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
          for k, v in c64.items()}
     ref64_o, ref64_l = call({k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
@@ -179,15 +179,15 @@ def test_opcheck():
 
 
 @settings(max_examples=25, deadline=None)
-@given(B=st.integers(1, 3), Nq=st.integers(1, 9), g=st.sampled_from([1, 2, 3]),
+@given(B=st.integers(1, 3), N=st.integers(1, 9), g=st.sampled_from([1, 2, 3]),
        Hkv=st.integers(1, 2), D=st.sampled_from([16, 32, 48]), S=st.sampled_from([16, 32]),
        M=st.integers(0, 4), causal=st.booleans(), new=st.booleans(), shift=st.booleans(),
-       jitter=st.sampled_from([0.0, 0.9]), seed=st.integers(0, 2**16))
-def test_property_random_shapes(B, Nq, g, Hkv, D, S, M, causal, new, shift, jitter, seed):
+       jitter_sigma=st.sampled_from([0.0, 0.9]), seed=st.integers(0, 2**16))
+def test_property_random_shapes(B, N, g, Hkv, D, S, M, causal, new, shift, jitter_sigma, seed):
     torch.manual_seed(seed)
     causal = causal and new
-    c = make_case(B=B, Nq=Nq, Hq=g * Hkv, Hkv=Hkv, D=D, S=S, P=max(M, 1) + 2, M=M,
-                  with_new=new, shift=shift, empty=M > 1, jitter=jitter)
+    c = make_case(B=B, N=N, Hq=g * Hkv, Hkv=Hkv, D=D, S=S, P=max(M, 1) + 2, M=M,
+                  with_new=new, shift=shift, empty=M > 1, jitter_sigma=jitter_sigma)
     o, lse = call(c, causal=causal)
     want_o, want_l = formula(c, causal)
     assert max_err(o, want_o) < 1e-10 and max_err(lse, want_l) < 1e-5

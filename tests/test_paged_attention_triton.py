@@ -3,7 +3,7 @@
 On a machine without CUDA the kernels run under ``TRITON_INTERPRET=1``, set below before any
 kernel module is imported (the variable is read when ``@triton.jit`` decorates, so it stays set
 for the rest of the session; every Triton test file on a CPU machine needs it anyway). bf16 is
-not tested here: ``tl.dot`` on bf16 is wrong under the interpreter (DESIGN.md §6); the sm_90
+not tested here: ``tl.dot`` on bf16 is wrong under the interpreter (docs/design.md §8); the sm_90
 compile in ``tests/test_triton_aot.py`` covers it.
 """
 
@@ -18,9 +18,9 @@ import pytest
 from conftest import assert_close_rule, max_err
 
 import lol_kernels as lk
-from lol_kernels._triton_common import is_interpreted
 from lol_kernels.attention import paged_attention_reference
 from lol_kernels.attention import triton_kernel as tk
+from lol_kernels.common.triton_utils import is_interpreted
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 A = 3
@@ -29,10 +29,10 @@ T12H = 172_800  # latent frames in 12 h of video
 
 def test_kernel_runs_here():
     """The kernel is interpreted on a CPU-only machine (else every call below would fail)."""
-    assert torch.cuda.is_available() or is_interpreted(tk._paged_rope_attn_fwd)
+    assert torch.cuda.is_available() or is_interpreted(tk.paged_rope_attn_fwd)
 
 
-def make_case(*, B=2, Nq=45, Hq=4, Hkv=2, D=64, S=16, P=9, M=5, dtype=torch.float16,
+def make_case(*, B=2, N=45, Hq=4, Hkv=2, D=64, S=16, P=9, M=5, dtype=torch.float16,
               sigma=0.8, new=True, shift=True, empty=True, q_base=0, k_base=0):
     """Random pool with partial pages, a shuffled page table with a -1 entry, per-entry shifts.
 
@@ -51,12 +51,12 @@ def make_case(*, B=2, Nq=45, Hq=4, Hkv=2, D=64, S=16, P=9, M=5, dtype=torch.floa
     if empty:
         page_table[0, 1] = -1
     c = dict(
-        q=torch.randn(B, Nq, Hq, D, generator=g), q_pos=pos(B, Nq, base=q_base),
+        q=torch.randn(B, N, Hq, D, generator=g), q_pos=pos(B, N, base=q_base),
         cache_k=torch.randn(P, S, Hkv, D, generator=g),
         cache_v=torch.randn(P, S, Hkv, D, generator=g),
         cache_pos=pos(P, S, base=k_base), page_len=page_len, page_table=page_table, table=table,
-        k_new=torch.randn(B, Nq, Hkv, D, generator=g) if new else None,
-        v_new=torch.randn(B, Nq, Hkv, D, generator=g) if new else None,
+        k_new=torch.randn(B, N, Hkv, D, generator=g) if new else None,
+        v_new=torch.randn(B, N, Hkv, D, generator=g) if new else None,
         page_shift=torch.randint(-40, 40, (B, M, A), generator=g) if shift else None)
     return c, dtype
 
@@ -79,13 +79,13 @@ def _call(fn, c, **kw):
 
 
 def run_and_check(c, dtype, *, causal=False, config=None):
-    """Kernel (NaN-poisoned outputs) vs float64 reference by the DESIGN.md §5 rule."""
+    """Kernel (NaN-poisoned outputs) vs float64 reference by the docs/design.md §5 rule."""
     ref64, lse64 = _call(paged_attention_reference, _cast(c, torch.float64, "cpu"), causal=causal)
     ref_lo, lse_lo = _call(paged_attention_reference, _cast(c, dtype, "cpu"), causal=causal)
     cd = _cast(c, dtype)
-    B, Nq, Hq, D = cd["q"].shape
-    out = torch.full((B, Nq, Hq, D), float("nan"), dtype=dtype, device=DEV)
-    lse = torch.full((B, Hq, Nq), float("nan"), dtype=torch.float32, device=DEV)
+    B, N, Hq, D = cd["q"].shape
+    out = torch.full((B, N, Hq, D), float("nan"), dtype=dtype, device=DEV)
+    lse = torch.full((B, Hq, N), float("nan"), dtype=torch.float32, device=DEV)
     o, l = _call(tk.paged_attention_triton, cd, causal=causal, out=out, lse=lse, config=config)
     assert o is out and l is lse
     assert_close_rule(o.cpu(), ref_lo, ref64, "out")
@@ -97,7 +97,7 @@ def run_and_check(c, dtype, *, causal=False, config=None):
 @pytest.mark.parametrize("D,S,M", [(64, 16, 5), (128, 64, 3)], ids=["D64-S16", "D128-S64"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_parity_gqa_jitter_shift(dtype, D, S, M, causal):
-    """GQA 4/2, jitter, shuffled partial pages, a -1 entry, page_shift, new keys; Nq = 45 is
+    """GQA 4/2, jitter, shuffled partial pages, a -1 entry, page_shift, new keys; N = 45 is
     not a multiple of the 32-row tile; S = 16 < BLOCK_N (tiles span pages) and S = 64 > it."""
     c, dt = make_case(D=D, S=S, M=M, dtype=dtype)
     run_and_check(c, dt, causal=causal)
@@ -108,13 +108,13 @@ def test_parity_gqa_jitter_shift(dtype, D, S, M, causal):
                          ids=["tiles16", "tiles64"])
 def test_parity_no_jitter_cache_only(config):
     """No jitter, no page_shift, no new keys: the plain sink + window read, other tile sizes."""
-    c, dt = make_case(B=1, Nq=37, Hq=6, Hkv=2, sigma=0.0, new=False, shift=False, S=32, P=6,
+    c, dt = make_case(B=1, N=37, Hq=6, Hkv=2, sigma=0.0, new=False, shift=False, S=32, P=6,
                       M=4)
     run_and_check(c, dt, config=config)
 
 
 def test_parity_no_gqa_fp32_causal():
-    c, dt = make_case(B=1, Nq=33, Hq=2, Hkv=2, dtype=torch.float32, S=16, M=3, P=4)
+    c, dt = make_case(B=1, N=33, Hq=2, Hkv=2, dtype=torch.float32, S=16, M=3, P=4)
     run_and_check(c, dt, causal=True)
 
 
@@ -122,7 +122,7 @@ def test_parity_no_gqa_fp32_causal():
 def test_absolute_12h_sink_at_zero(dtype):
     """Absolute policy after 12 h: sink keys at t = 0, window keys and queries near 172,800.
     The kernel must match the float64-angle reference (the fp32 ``pos * omega`` would not)."""
-    c, dt = make_case(B=1, Nq=40, Hq=4, Hkv=2, D=64, S=16, P=6, M=6, dtype=dtype,
+    c, dt = make_case(B=1, N=40, Hq=4, Hkv=2, D=64, S=16, P=6, M=6, dtype=dtype,
                       shift=False, empty=False, q_base=T12H)
     c["page_table"] = torch.arange(6, dtype=torch.int32).view(1, 6)
     c["cache_pos"][2:, :, 0] += T12H - 80  # pages 0, 1: sink at t < 64; pages 2..5: window
@@ -132,14 +132,15 @@ def test_absolute_12h_sink_at_zero(dtype):
 def test_relativistic_rebase_by_page_shift():
     """Block-relativistic policy: pages stored at hour-scale positions, re-based to a small
     window by a large negative ``page_shift``; queries at small positions."""
-    c, dt = make_case(B=2, Nq=30, D=64, S=16, dtype=torch.float16, k_base=1_000_000)
+    c, dt = make_case(B=2, N=30, D=64, S=16, dtype=torch.float16, k_base=1_000_000)
     c["page_shift"][..., 0] -= 1_000_000
     run_and_check(c, dt, causal=True)
 
 
 def test_shift_invariance_2pow24():
-    """Shifting every position by 2^24 changes the output by < 1e-3 relative (DESIGN.md §5)."""
-    c, dt = make_case(B=1, Nq=35, D=128, S=32, P=5, M=4, dtype=torch.float32)
+    """Shifting every position by 2^24 changes the output by < 1e-3 relative
+    (docs/design.md §5)."""
+    c, dt = make_case(B=1, N=35, D=128, S=32, P=5, M=4, dtype=torch.float32)
     o1, l1 = run_and_check(c, dt)
     c2 = dict(c)
     c2["q_pos"] = c["q_pos"].clone()
@@ -154,7 +155,7 @@ def test_shift_invariance_2pow24():
 
 def test_rows_without_keys_give_zero_and_neg_inf():
     """Batch row 1 has only empty entries and there are no new keys: out 0, lse -inf there."""
-    c, dt = make_case(B=2, Nq=20, new=False, dtype=torch.float32)
+    c, dt = make_case(B=2, N=20, new=False, dtype=torch.float32)
     c["page_table"][1] = -1
     o, l = run_and_check(c, dt)
     assert (o[1] == 0).all() and torch.isneginf(l[1]).all()
@@ -163,7 +164,7 @@ def test_rows_without_keys_give_zero_and_neg_inf():
 
 def test_public_op_dispatches_to_triton():
     """lk.paged_attention(backend="triton") goes through the custom op to this kernel."""
-    c, dt = make_case(B=1, Nq=20, dtype=torch.float16)
+    c, dt = make_case(B=1, N=20, dtype=torch.float16)
     cd = _cast(c, dt)
     o1, l1 = _call(lk.paged_attention, cd, backend="triton")
     o2, l2 = _call(tk.paged_attention_triton, cd)
@@ -173,23 +174,25 @@ def test_public_op_dispatches_to_triton():
 def test_autotune_key_has_no_token_counts():
     """Per-block token counts (and strides that scale with them) never force a recompile or a
     re-tune: they are outside the autotune key and not specialized by the JIT."""
-    from lol_kernels.attention.triton_aot import compiled_module
+    from lol_kernels.common.aot import compiled_module
+    from lol_kernels.common.triton_attention import AUTOTUNE_KEY
 
-    counts = {"Nq", "N_new", "M"}
-    assert not counts & set(tk.AUTOTUNE_KEY)
-    fn = compiled_module()._paged_rope_attn_fwd
+    counts = {"N", "N_new", "M"}
+    assert not counts & set(AUTOTUNE_KEY)
+    fn = compiled_module("lol_kernels.attention.triton_kernel").paged_rope_attn_fwd
     nospec = {p.name for p in fn.params if p.do_not_specialize}
     assert counts | {"stride_qpb", "stride_npb", "stride_lb", "stride_lh"} <= nospec
 
 
 def test_config_pruning():
     """Hardware pruning of the autotune list: fp32 and D = 256 keep narrow key tiles only."""
-    cfgs = tk.autotune_configs()
-    half = tk._prune_configs(cfgs, {}, Q=torch.empty(1, dtype=torch.float16), HEAD_DIM=128)
-    assert len(half) == len(tk.CONFIGS)
-    fp32 = tk._prune_configs(cfgs, {}, Q=torch.empty(1), HEAD_DIM=64)
+    from lol_kernels.common import triton_attention as ta
+    cfgs = ta.autotune_configs()
+    half = ta.prune_configs(cfgs, {}, Q=torch.empty(1, dtype=torch.float16), HEAD_DIM=128)
+    assert len(half) == len(ta.CONFIGS)
+    fp32 = ta.prune_configs(cfgs, {}, Q=torch.empty(1), HEAD_DIM=64)
     assert fp32 and all(c.kwargs["BLOCK_N"] <= 32 for c in fp32)
-    wide = tk._prune_configs(cfgs, {}, Q=torch.empty(1, dtype=torch.bfloat16), HEAD_DIM=256)
+    wide = ta.prune_configs(cfgs, {}, Q=torch.empty(1, dtype=torch.bfloat16), HEAD_DIM=256)
     assert wide and all(c.kwargs["BLOCK_N"] <= 32 for c in wide) and len(wide) < len(cfgs)
 
 
@@ -199,7 +202,7 @@ def test_running_max_rises_across_tiles(dtype, growth):
     """Key norms grow page by page, so each key tile raises the row max: by less than the lazy
     rescale's slack (``stale-max``: the old max is kept, p > 1) or by far more (``max-moves``:
     the accumulator is rescaled on most tiles). Pages visited in order, 16-key tiles."""
-    c, dt = make_case(B=1, Nq=20, Hq=2, Hkv=2, D=64, S=16, P=8, M=8, dtype=dtype, shift=False,
+    c, dt = make_case(B=1, N=20, Hq=2, Hkv=2, D=64, S=16, P=8, M=8, dtype=dtype, shift=False,
                       empty=False, new=False, sigma=0.0)
     c["page_table"] = torch.arange(8, dtype=torch.int32).view(1, 8)
     c["page_len"][:] = 16
@@ -216,7 +219,7 @@ def test_split_kv_parts_merge_to_the_same_result(splits, causal):
     """Split-KV: each program's key tiles (cached, then the block's own) cut in ``splits``
     parts, merged by the combine kernel. 7 parts leave some parts with no tile at all (their
     lse is -inf and weighs nothing); causal tiles have different tile counts per query tile."""
-    c, dt = make_case(B=2, Nq=45, Hq=2, Hkv=1, D=32, S=16, M=5, dtype=torch.float32)
+    c, dt = make_case(B=2, N=45, Hq=2, Hkv=1, D=32, S=16, M=5, dtype=torch.float32)
     o1, l1 = run_and_check(c, dt, causal=causal, config={"num_splits": splits})
     o0, l0 = _call(tk.paged_attention_triton, _cast(c, dt), causal=causal)
     assert max_err(o1, o0.cpu()) < 1e-5 and max_err(l1, l0.cpu()) < 1e-5
@@ -224,7 +227,7 @@ def test_split_kv_parts_merge_to_the_same_result(splits, causal):
 
 def test_split_kv_rows_without_keys():
     """A batch row whose entries are all empty and no new keys: every part is empty."""
-    c, dt = make_case(B=2, Nq=20, new=False, dtype=torch.float32)
+    c, dt = make_case(B=2, N=20, new=False, dtype=torch.float32)
     c["page_table"][1] = -1
     o, l = run_and_check(c, dt, config={"num_splits": 3})
     assert (o[1] == 0).all() and torch.isneginf(l[1]).all()

@@ -30,7 +30,7 @@ A = 3
 def dense_reference(q, k, v, q_pos, k_pos, table, causal=False, scale=None):
     """Plain formula in q.dtype (RoPE in fp32/fp64, softmax fp32/fp64): keys expanded to the
     query heads first, so each is rotated with its reading head's frequencies."""
-    B, Nq, Hq, D = q.shape
+    B, N, Hq, D = q.shape
     dt, ct = q.dtype, compute_dtype(q.dtype)
     g = Hq // k.shape[2]
     scale = D**-0.5 if scale is None else scale
@@ -38,7 +38,7 @@ def dense_reference(q, k, v, q_pos, k_pos, table, causal=False, scale=None):
     kr = apply_rope_torch(k.repeat_interleave(g, dim=2), k_pos, table)
     s = torch.einsum("bqhd,bkhd->bhqk", qr, kr).to(ct) * scale
     if causal:
-        vis = torch.ones(Nq, k.shape[1], dtype=torch.bool).tril()
+        vis = torch.ones(N, k.shape[1], dtype=torch.bool).tril()
         s = s.masked_fill(~vis, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse[..., None])
@@ -46,7 +46,7 @@ def dense_reference(q, k, v, q_pos, k_pos, table, causal=False, scale=None):
     return out, lse
 
 
-def make_dense(B=2, Nq=40, Nk=57, Hq=4, Hkv=2, D=64, sigma=0.8, base=0):
+def make_dense(B=2, N=40, Nk=57, Hq=4, Hkv=2, D=64, sigma=0.8, base=0):
     table = lk.rope_frequencies(D, Hq, jitter_sigma=sigma, seed=int(torch.randint(0, 999, ())))
 
     def pos(n):
@@ -54,8 +54,8 @@ def make_dense(B=2, Nq=40, Nk=57, Hq=4, Hkv=2, D=64, sigma=0.8, base=0):
         p[..., 0] += base
         return p
 
-    return (torch.randn(B, Nq, Hq, D), torch.randn(B, Nk, Hkv, D), torch.randn(B, Nk, Hkv, D),
-            pos(Nq), pos(Nk), table)
+    return (torch.randn(B, N, Hq, D), torch.randn(B, Nk, Hkv, D), torch.randn(B, Nk, Hkv, D),
+            pos(N), pos(Nk), table)
 
 
 def _check(fn, case, dtype, causal, **kw):
@@ -74,25 +74,25 @@ def _check(fn, case, dtype, causal, **kw):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_triton_parity(dtype, shape):
     """Kernel (NaN-poisoned outputs) vs float64; causal is top-left aligned like SDPA."""
-    Nq, Nk, causal = shape
-    case = make_dense(Nq=Nq, Nk=Nk)
+    N, Nk, causal = shape
+    case = make_dense(N=N, Nk=Nk)
     B, Hq, D = 2, 4, 64
-    out = torch.full((B, Nq, Hq, D), float("nan"), dtype=dtype, device=DEV)
-    lse = torch.full((B, Hq, Nq), float("nan"), device=DEV)
+    out = torch.full((B, N, Hq, D), float("nan"), dtype=dtype, device=DEV)
+    lse = torch.full((B, Hq, N), float("nan"), device=DEV)
     _check(tk.rope_attention_triton, case, dtype, causal, out=out, lse=lse)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_triton_parity_split_kv(causal):
     """Dense keys cut in 3 split-KV parts (only the block's-own-keys loops run here)."""
-    case = make_dense(B=1, Nq=45, Nk=45, Hq=2, Hkv=1, D=32)
+    case = make_dense(B=1, N=45, Nk=45, Hq=2, Hkv=1, D=32)
     out = torch.full((1, 45, 2, 32), float("nan"), dtype=torch.float32, device=DEV)
     _check(tk.rope_attention_triton, case, torch.float32, causal, out=out,
            config={"num_splits": 3})
 
 
 def test_triton_parity_d128_no_jitter():
-    _check(tk.rope_attention_triton, make_dense(B=1, Nq=33, Nk=48, D=128, sigma=0.0),
+    _check(tk.rope_attention_triton, make_dense(B=1, N=33, Nk=48, D=128, sigma=0.0),
            torch.float16, False)
 
 
@@ -100,7 +100,7 @@ def test_triton_parity_d128_no_jitter():
                          ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_torch_backend_parity(dtype, causal):
-    _check(dense.rope_attention_torch, make_dense(Nq=30, Nk=50), dtype, causal)
+    _check(dense.rope_attention_torch, make_dense(N=30, Nk=50), dtype, causal)
 
 
 @pytest.mark.parametrize("gqa", [False, True], ids=["MHA-jitter", "GQA-nojitter"])
@@ -109,7 +109,7 @@ def test_drop_in_for_rope_then_sdpa(backend, gqa):
     """A model's ``apply_rope(q), apply_rope(k) -> scaled_dot_product_attention`` and one
     ``rope_attention`` call agree (both within the §5 rule of the float64 result)."""
     Hkv = 2 if gqa else 4
-    q, k, v, qp, kp, table = make_dense(B=1, Nq=36, Nk=36, Hkv=Hkv, sigma=0.0 if gqa else 0.8)
+    q, k, v, qp, kp, table = make_dense(B=1, N=36, Nk=36, Hkv=Hkv, sigma=0.0 if gqa else 0.8)
     dt = torch.float16
     qh, kh, vh = (t.to(dt).to(DEV) for t in (q, k, v))
     ktable = lk.RopeTable(table.freqs[:: 4 // Hkv], table.pair_axis, table.axes)
@@ -129,7 +129,7 @@ def test_drop_in_for_rope_then_sdpa(backend, gqa):
 def test_shift_invariance_and_naive_fp32_fails():
     """Shifting all positions by 2^24 - 7 changes the kernel output < 1e-3 relative; the usual
     fp32 ``pos * omega`` RoPE followed by attention changes by more (the bound can fail)."""
-    q, k, v, qp, kp, table = make_dense(B=1, Nq=32, Nk=40, D=64, sigma=0.5)
+    q, k, v, qp, kp, table = make_dense(B=1, N=32, Nk=40, D=64, sigma=0.5)
     shift = 2**24 - 7
     qp2, kp2 = qp.clone(), kp.clone()
     qp2[..., 0] += shift
@@ -151,7 +151,7 @@ def test_shift_invariance_and_naive_fp32_fails():
 
 def test_public_op_triton_equals_kernel():
     q, k, v, qp, kp, table = (t.to(DEV) if isinstance(t, torch.Tensor) else t
-                              for t in make_dense(B=1, Nq=20, Nk=24))
+                              for t in make_dense(B=1, N=20, Nk=24))
     out, lse = lk.rope_attention(q, k, v, qp, kp, table, backend="triton", return_lse=True)
     o2, l2 = tk.rope_attention_triton(q, k, v, qp, kp, table)
     assert torch.equal(out, o2) and torch.equal(lse, l2)
@@ -162,7 +162,7 @@ def test_public_op_triton_equals_kernel():
 
 def test_custom_op_fake_and_schema():
     """``lol::rope_attention`` has a fake implementation (torch.compile traces it)."""
-    q, k, v, qp, kp, table = make_dense(B=1, Nq=8, Nk=12)
+    q, k, v, qp, kp, table = make_dense(B=1, N=8, Nk=12)
     torch.library.opcheck(dense._rope_attention_op,
                           (q, k, v, qp, kp, table.freqs, table.pair_axis, True, 0.125, "torch"),
                           test_utils=("test_schema", "test_faketensor"))
@@ -170,7 +170,7 @@ def test_custom_op_fake_and_schema():
 
 def test_torch_compile_traces_rope_attention():
     """The custom op traces in one graph (fake implementation) and gives the eager result."""
-    q, k, v, qp, kp, table = make_dense(B=1, Nq=8, Nk=12)
+    q, k, v, qp, kp, table = make_dense(B=1, N=8, Nk=12)
 
     def fn(q, k, v):
         return lk.rope_attention(q, k, v, qp, kp, table, causal=True, backend="torch")
@@ -188,7 +188,7 @@ def test_torch_compile_traces_rope_attention():
     (lambda a: a.update(backend="cuda"), ValueError, "backend"),
 ], ids=["heads", "v-shape", "dtype", "pos-dtype", "pos-axes", "scale", "backend"])
 def test_validation(bad, exc, msg):
-    q, k, v, qp, kp, table = make_dense(B=1, Nq=8, Nk=12)
+    q, k, v, qp, kp, table = make_dense(B=1, N=8, Nk=12)
     a = dict(q=q, k=k, v=v, q_pos=qp, k_pos=kp, table=table, scale=None, backend="torch")
     bad(a)
     with pytest.raises(exc, match=msg):
@@ -226,14 +226,18 @@ def test_apply_rope_public_triton_backend():
 
 
 def test_unsupported_head_dim_and_fp64_take_the_torch_path():
-    """D = 48 (not a power of two) and fp64 give the torch path's result through the Triton
-    wrappers, written into the preallocated (NaN) outputs."""
+    """D = 48 (not a power of two) and fp64 with backend="triton" give the torch path's result
+    exactly (the dispatcher routes them); the Triton wrappers called directly refuse them."""
     for D, dt in ((48, torch.float16), (64, torch.float64)):
-        q, k, v, qp, kp, table = make_dense(B=1, Nq=9, Nk=12, D=D)
+        q, k, v, qp, kp, table = make_dense(B=1, N=9, Nk=12, D=D)
         q, k, v = (t.to(dt) for t in (q, k, v))
-        out = torch.full(q.shape, float("nan"), dtype=dt)
-        o, lse = tk.rope_attention_triton(q, k, v, qp, kp, table, causal=True, out=out)
+        o, lse = lk.rope_attention(q, k, v, qp, kp, table, causal=True, backend="triton",
+                                   return_lse=True)
         ref, ref_lse = dense.rope_attention_torch(q, k, v, qp, kp, table, causal=True)
-        assert o is out and torch.equal(o, ref) and torch.equal(lse, ref_lse)
-        y = apply_rope_triton(q, qp, table)
+        assert torch.equal(o, ref) and torch.equal(lse, ref_lse)
+        y = lk.apply_rope(q, qp, table, backend="triton")
         assert torch.equal(y, apply_rope_torch(q, qp, table))
+        with pytest.raises(ValueError, match="q must be fp16/bf16/fp32"):
+            tk.rope_attention_triton(q, k, v, qp, kp, table, causal=True)
+        with pytest.raises(ValueError, match="x must be fp16/bf16/fp32"):
+            apply_rope_triton(q, qp, table)

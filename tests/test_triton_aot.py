@@ -1,4 +1,4 @@
-"""Ahead-of-time sm_90 compile of the Triton kernels (DESIGN.md §5 "GPU"), no GPU needed.
+"""Ahead-of-time sm_90 compile of the Triton kernels (docs/design.md §5), no GPU needed.
 
 Every config the paged-attention autotuner may pick, in fp16 and bf16 at D = 64 and 128 (and
 the narrow ones it keeps for fp32 inputs at D = 64), the apply_rope kernel and the split-KV
@@ -13,15 +13,16 @@ import os
 
 import pytest
 
-from lol_kernels.attention import triton_aot
+from lol_kernels.common import aot
+from lol_kernels.common.triton_attention import CONFIGS
 
-pytestmark = pytest.mark.skipif(not os.path.exists(triton_aot.tool("cuobjdump")),
+pytestmark = pytest.mark.skipif(not os.path.exists(aot.tool("cuobjdump")),
                                 reason="triton wheel without the NVIDIA backend binaries")
 
 
 @pytest.fixture(scope="module")
 def report():
-    return triton_aot.sm90_report(("fp16", "bf16"), (64, 128), rope=True, fp32_d64=True)
+    return aot.sm90_report(("fp16", "bf16"), (64, 128), rope=True, fp32_d64=True)
 
 
 def _name(r):
@@ -31,9 +32,8 @@ def _name(r):
 
 
 def test_every_config_compiles_for_sm90(report):
-    mod = triton_aot.compiled_module()
     attn = [r for r in report if r["kernel"] == "paged_rope_attn_fwd" and r["dtype"] != "fp32"]
-    assert len(attn) == 2 * 2 * len(mod.CONFIGS)
+    assert len(attn) == 2 * 2 * len(CONFIGS)
     assert any(r["dtype"] == "fp32" for r in report)  # the 3xTF32 configs kept for fp32 at D=64
     assert {r["kernel"] for r in report} == {"paged_rope_attn_fwd", "apply_rope_fwd",
                                              "combine_splits"}

@@ -1,8 +1,10 @@
 """Paged sink + window attention with RoPE applied to un-rotated keys at read time."""
 
+from .._dispatch import triton_available
+from .attention_cpu import paged_attention_torch, rope_attention_torch
 from .dense import rope_attention
-from .op import paged_attention, triton_available, validate_paged_inputs
-from .reference import gather_keys, paged_attention_reference, paged_attention_torch
+from .op import paged_attention, validate_paged_inputs
+from .reference import gather_keys, paged_attention_reference
 
 __all__ = ["gather_keys", "paged_attention", "paged_attention_reference", "paged_attention_torch",
-           "rope_attention", "triton_available", "validate_paged_inputs"]
+           "rope_attention", "rope_attention_torch", "triton_available", "validate_paged_inputs"]

@@ -1,35 +1,27 @@
-"""Public ``paged_attention``: validation, backend dispatch, ``lol::paged_attention`` custom op."""
+"""Public ``paged_attention`` (validation, backend dispatch, ``lol::paged_attention`` custom op)
+and the input checks of both attention ops (:func:`validate_paged_inputs`, also used by the MoC
+op and the page-mass diagnostic, and :func:`validate_dense_inputs`)."""
 
 from __future__ import annotations
 
 import torch
 
 from .._checks import (
-    check_backend,
+    check_keys_values,
     check_positions_fit,
     check_same_device,
+    check_same_dtype,
+    check_scale,
     check_shape,
     check_tensor,
-    lazy_backend,
     value_checks_enabled,
 )
+from .._dispatch import resolve_backend, triton_kernel
 from ..rope.op import check_table
 from ..rope.table import RopeTable
-from .reference import paged_attention_torch
+from .attention_cpu import paged_attention_torch
 
 POS_LIMIT = 2**30  # stored position + page_shift must still fit int32 in the kernels
-
-
-def _triton_impl():
-    return lazy_backend(".triton_kernel", "paged_attention_triton", __package__)
-
-
-def triton_available() -> bool:
-    try:
-        _triton_impl()
-        return True
-    except RuntimeError:
-        return False
 
 
 @torch.library.custom_op("lol::paged_attention", mutates_args=())
@@ -40,7 +32,7 @@ def _paged_attention_op(q: torch.Tensor, q_pos: torch.Tensor, cache_k: torch.Ten
                         page_shift: torch.Tensor | None, scale: float,
                         backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     table = RopeTable.from_tensors(freqs, pair_axis)
-    fn = _triton_impl() if backend == "triton" else paged_attention_torch
+    fn = triton_kernel("paged_attention") if backend == "triton" else paged_attention_torch
     out, lse = fn(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table, table,
                   k_new=k_new, v_new=v_new, causal=causal, page_shift=page_shift, scale=scale)
     return out.contiguous(), lse.float().contiguous()
@@ -49,29 +41,23 @@ def _paged_attention_op(q: torch.Tensor, q_pos: torch.Tensor, cache_k: torch.Ten
 @_paged_attention_op.register_fake
 def _(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table, freqs, pair_axis, k_new,
       v_new, causal, page_shift, scale, backend):
-    B, Nq, Hq, _ = q.shape
-    return torch.empty_like(q), q.new_empty((B, Hq, Nq), dtype=torch.float32)
+    B, N, Hq, _ = q.shape
+    return torch.empty_like(q), q.new_empty((B, Hq, N), dtype=torch.float32)
 
 
 def validate_paged_inputs(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table, table,
                           k_new, v_new, causal, page_shift, scale):
     """All the checks of :func:`paged_attention` (shared with the MoC op). Returns the scale."""
     check_tensor("q", q, ndim=4, kind="float")
-    B, Nq, Hq, D = q.shape
+    B, N, Hq, D = q.shape
     check_tensor("q_pos", q_pos, ndim=3, kind="int")
-    check_shape("q_pos", q_pos, (B, Nq, None), "[B, Nq, A]")
+    check_shape("q_pos", q_pos, (B, N, None), "[B, N, A]")
     A = q_pos.shape[2]
     check_tensor("cache_k", cache_k, ndim=4, kind="float")
     P, S, Hkv, Dk = cache_k.shape
     if Dk != D:
         raise ValueError(f"cache_k must have head dim D={D} like q, got {Dk}")
-    if Hq % Hkv:
-        raise ValueError(f"q heads Hq={Hq} must be a multiple of cache_k heads Hkv={Hkv} (GQA)")
-    check_tensor("cache_v", cache_v, ndim=4, kind="float")
-    check_shape("cache_v", cache_v, (P, S, Hkv, D), "like cache_k")
-    for name, t in (("cache_k", cache_k), ("cache_v", cache_v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+    check_keys_values(q, "cache_k", cache_k, "cache_v", cache_v)
     check_tensor("cache_pos", cache_pos, ndim=3, kind="int")
     check_shape("cache_pos", cache_pos, (P, S, A), "[P, S, A] with A like q_pos")
     check_tensor("page_len", page_len, ndim=1, kind="int")
@@ -88,9 +74,8 @@ def validate_paged_inputs(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_
     if k_new is not None:
         for name, t in (("k_new", k_new), ("v_new", v_new)):
             check_tensor(name, t, ndim=4, kind="float")
-            check_shape(name, t, (B, Nq, Hkv, D), "[B, Nq, Hkv, D]")
-            if t.dtype != q.dtype:
-                raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+            check_shape(name, t, (B, N, Hkv, D), "[B, N, Hkv, D]")
+        check_same_dtype("q", q, k_new=k_new, v_new=v_new)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if causal and k_new is None:
@@ -111,11 +96,28 @@ def validate_paged_inputs(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_
     check_positions_fit("cache_pos", cache_pos, POS_LIMIT)
     if page_shift is not None:
         check_positions_fit("page_shift", page_shift, POS_LIMIT)
-    if scale is None:
-        return D**-0.5
-    if not isinstance(scale, (int, float)) or not scale > 0:
-        raise ValueError(f"scale must be a positive number, got {scale!r}")
-    return float(scale)
+    return check_scale(scale, D)
+
+
+def validate_dense_inputs(q, k, v, q_pos, k_pos, table, causal, scale):
+    """All the checks of :func:`lol_kernels.rope_attention`. Returns the scale."""
+    check_tensor("q", q, ndim=4, kind="float")
+    B, N, Hq, D = q.shape
+    check_tensor("k", k, ndim=4, kind="float")
+    Nk = k.shape[1]
+    check_shape("k", k, (B, None, None, D), "[B, Nk, Hkv, D] like q")
+    check_keys_values(q, "k", k, "v", v)
+    check_tensor("q_pos", q_pos, ndim=3, kind="int")
+    check_shape("q_pos", q_pos, (B, N, None), "[B, N, A]")
+    check_tensor("k_pos", k_pos, ndim=3, kind="int")
+    check_shape("k_pos", k_pos, (B, Nk, q_pos.shape[2]), "[B, Nk, A] with A like q_pos")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    check_same_device("q", q, k=k, v=v, q_pos=q_pos, k_pos=k_pos)
+    check_table(table, Hq, D, q_pos.shape[2], heads_name="q")
+    check_positions_fit("q_pos", q_pos, POS_LIMIT)
+    check_positions_fit("k_pos", k_pos, POS_LIMIT)
+    return check_scale(scale, D)
 
 
 def paged_attention(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table, table, *,
@@ -128,22 +130,23 @@ def paged_attention(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table,
     that reads it** (so GQA with per-head jitter stays exactly relative).
 
     Args:
-        q: ``[B, Nq, Hq, D]`` un-rotated queries of the current block (fp16/bf16/fp32/fp64).
-        q_pos: ``[B, Nq, A]`` int positions of the queries (``t, h, w``).
+        q: ``[B, N, Hq, D]`` un-rotated queries of the current block (fp16/bf16/fp32/fp64).
+        q_pos: ``[B, N, A]`` int positions of the queries (``t, h, w``).
         cache_k, cache_v: ``[P, S, Hkv, D]`` pools of ``P`` pages of ``S`` slots, q's dtype.
             Query head ``h`` reads KV head ``h // (Hq // Hkv)``.
         cache_pos: ``[P, S, A]`` int stored positions. page_len: ``[P]`` int filled slots.
         page_table: ``[B, M]`` int page ids to read, any order, ``-1`` = empty entry.
         table: :class:`RopeTable` with ``Hq`` rows.
-        k_new, v_new: ``[B, Nq, Hkv, D]`` the block's own keys/values at ``q_pos`` (optional).
+        k_new, v_new: ``[B, N, Hkv, D]`` the block's own keys/values at ``q_pos`` (optional).
         causal: ``False``: every query sees every new key (block-causal video); ``True``: query
             ``i`` sees new keys ``j <= i`` (token-causal). Cached keys are always all visible.
         page_shift: ``[B, M, A]`` int added to the stored positions of that entry's page.
         scale: softmax scale, default ``D ** -0.5``.
-        backend: ``"auto"`` (Triton on CUDA, torch otherwise), ``"torch"``, ``"triton"``.
+        backend: ``"auto"`` (Triton on CUDA, torch otherwise), ``"torch"``, ``"triton"`` (fp64
+            and head dims the kernel lacks run the torch path; docs/design.md §3).
 
     Returns:
-        ``out [B, Nq, Hq, D]`` in q's dtype and ``lse [B, Hq, Nq]`` fp32: the natural-log
+        ``out [B, N, Hq, D]`` in q's dtype and ``lse [B, Hq, N]`` fp32: the natural-log
         softmax denominator of the scaled scores, ``log sum_k exp(scale * q.k)``. A query row
         that sees no key returns zeros and ``lse = -inf``.
 
@@ -154,9 +157,7 @@ def paged_attention(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table,
     """
     scale = validate_paged_inputs(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table,
                                   table, k_new, v_new, causal, page_shift, scale)
-    check_backend(backend, ("auto", "torch", "triton"))
-    if backend == "auto":
-        backend = "triton" if q.is_cuda and triton_available() else "torch"
+    backend = resolve_backend("paged_attention", backend, q)
     t = table.to(q.device)
     return _paged_attention_op(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table,
                                t.freqs, t.pair_axis, k_new, v_new, causal, page_shift, scale,

@@ -1,6 +1,6 @@
 """Split-KV for the fused attention kernels: more programs when the grid is a few waves.
 
-The paged kernel's grid is ``cdiv(Nq, BLOCK_M) * B * Hq`` programs of one CTA per SM (the
+The paged kernel's grid is ``cdiv(N, BLOCK_M) * B * Hq`` programs of one CTA per SM (the
 ``[BLOCK_M, D]`` fp32 accumulator plus an in-register key rotation fill the register file).
 At the Wan shape that is 444 programs on 132 SMs: 3.36 waves, so the last wave runs a third
 full (wave efficiency 0.84); one latent frame per block (1560 queries) gives 156 programs,
@@ -22,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton_common import is_interpreted
+from ..common.triton_attention import normalize_rows
+from ..common.triton_utils import is_interpreted
 
 # ---------------------------------------------------------------------------------------------
 # configs
@@ -74,48 +75,39 @@ def num_splits_for(programs: int, key_tiles: int, sms: int, per_sm: int = 1) -> 
 
 
 @triton.jit
-def normalize_rows(acc, m_i, l_i):
-    """``out = acc / l`` (fp32) and the natural-log ``lse = (m + log2 l) ln 2`` of the online
-    softmax state (base-2 ``m_i``); rows that saw no key (``l = 0``, ``acc = 0``) give 0 and
-    ``-inf``. Shared by the kernels' epilogues and :func:`store_part`."""
-    seen = l_i > 0.0
-    l_safe = tl.where(seen, l_i, 1.0)
-    return (acc / l_safe[:, None],
-            tl.where(seen, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf")))
-
-
-@triton.jit
-def store_part(OutPart, LsePart, acc, m_i, l_i, i_sp, i_bh, o_m, o_d, m_m, Nq,
+def store_part(OutPart, LsePart, acc, m_i, l_i, i_sp, i_bh, o_m, o_d, m_m, N,
                HEAD_DIM: tl.constexpr):
     """Epilogue of one part: ``out_s [BLOCK_M, D]`` fp32 and ``lse_s`` (natural log) into the
-    ``[s, B*Hq, Nq, (D)]`` part buffers; rows that saw no key: 0 and ``-inf``."""
+    ``[s, B*Hq, N, (D)]`` part buffers; rows that saw no key: 0 and ``-inf``."""
     b_o, b_lse = normalize_rows(acc, m_i, l_i)
-    row = (i_sp * tl.num_programs(1) + i_bh).to(tl.int64) * Nq + o_m
+    row = (i_sp * tl.num_programs(1) + i_bh).to(tl.int64) * N + o_m
     tl.store(OutPart + row[:, None] * HEAD_DIM + o_d[None, :], b_o, mask=m_m[:, None])
     tl.store(LsePart + row, b_lse, mask=m_m)
 
 
-@triton.jit(do_not_specialize=["Nq", "num_splits"])
-def _combine_splits(OutPart, LsePart, Out, Lse, Nq, Hq, num_splits, stride_ob, stride_on,
-                    stride_oh, stride_lb, stride_lh, HEAD_DIM: tl.constexpr,
-                    BLOCK_R: tl.constexpr):
+@triton.jit(do_not_specialize=["N", "num_splits"])
+def combine_splits_kernel(OutPart, LsePart, Out, Lse, N, Hq, num_splits, stride_ob,
+                          stride_on, stride_oh, stride_lb, stride_lh, HEAD_DIM: tl.constexpr,
+                          BLOCK_R: tl.constexpr):
+    """Merge the ``num_splits`` parts of :func:`store_part` for ``BLOCK_R`` rows of one
+    (batch row, head): ``lse = log sum_s exp(lse_s)``, ``out = sum_s exp(lse_s - lse) out_s``."""
     i_r = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = (i_bh // Hq).to(tl.int64)
     i_h = i_bh % Hq
     o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)
     o_d = tl.arange(0, HEAD_DIM)
-    m_r = o_r < Nq
+    m_r = o_r < N
     BH = tl.num_programs(1)
     m = tl.full([BLOCK_R], float("-inf"), tl.float32)
     for s in range(num_splits):
-        m = tl.maximum(m, tl.load(LsePart + (s * BH + i_bh).to(tl.int64) * Nq + o_r, mask=m_r,
+        m = tl.maximum(m, tl.load(LsePart + (s * BH + i_bh).to(tl.int64) * N + o_r, mask=m_r,
                                   other=float("-inf")))
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     den = tl.zeros([BLOCK_R], tl.float32)
     acc = tl.zeros([BLOCK_R, HEAD_DIM], tl.float32)
     for s in range(num_splits):
-        row = (s * BH + i_bh).to(tl.int64) * Nq + o_r
+        row = (s * BH + i_bh).to(tl.int64) * N + o_r
         w = tl.exp2((tl.load(LsePart + row, mask=m_r, other=float("-inf")) - m_safe)
                     * 1.4426950408889634)
         den += w
@@ -136,21 +128,21 @@ def _combine_splits(OutPart, LsePart, Out, Lse, Nq, Hq, num_splits, stride_ob, s
 # ---------------------------------------------------------------------------------------------
 
 
-def split_buffers(num_splits: int, B: int, Hq: int, Nq: int, D: int, device):
-    """Part buffers ``out [s, B*Hq, Nq, D]`` and ``lse [s, B*Hq, Nq]`` fp32 (every entry a
+def split_buffers(num_splits: int, B: int, Hq: int, N: int, D: int, device):
+    """Part buffers ``out [s, B*Hq, N, D]`` and ``lse [s, B*Hq, N]`` fp32 (every entry a
     valid row is written by its part; nothing else is read)."""
-    return (torch.empty((num_splits, B * Hq, Nq, D), dtype=torch.float32, device=device),
-            torch.empty((num_splits, B * Hq, Nq), dtype=torch.float32, device=device))
+    return (torch.empty((num_splits, B * Hq, N, D), dtype=torch.float32, device=device),
+            torch.empty((num_splits, B * Hq, N), dtype=torch.float32, device=device))
 
 
 def combine_splits(out_part, lse_part, out, lse):
-    """Merge the parts of :func:`store_part` into ``out [B, Nq, Hq, D]`` (its dtype) and
-    ``lse [B, Hq, Nq]`` fp32, in place; returns ``(out, lse)``."""
-    s, _, Nq, D = out_part.shape
+    """Merge the parts of :func:`store_part` into ``out [B, N, Hq, D]`` (its dtype) and
+    ``lse [B, Hq, N]`` fp32, in place; returns ``(out, lse)``."""
+    s, _, N, D = out_part.shape
     B, _, Hq, _ = out.shape
-    kwargs = {} if is_interpreted(_combine_splits) else {"num_warps": NUM_WARPS}
-    _combine_splits[(triton.cdiv(Nq, BLOCK_R), B * Hq)](
-        out_part, lse_part, out, lse, Nq, Hq, s, out.stride(0), out.stride(1), out.stride(2),
+    kwargs = {} if is_interpreted(combine_splits_kernel) else {"num_warps": NUM_WARPS}
+    combine_splits_kernel[(triton.cdiv(N, BLOCK_R), B * Hq)](
+        out_part, lse_part, out, lse, N, Hq, s, out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), HEAD_DIM=D, BLOCK_R=BLOCK_R, **kwargs)
     return out, lse
 
@@ -162,5 +154,5 @@ def device_sms(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-__all__ = ["combine_splits", "device_sms", "normalize_rows", "num_splits_for",
+__all__ = ["combine_splits", "combine_splits_kernel", "device_sms", "num_splits_for",
            "split_buffers", "store_part"]

@@ -4,11 +4,10 @@
   :func:`synchronized_events` on a :class:`~lol_kernels.RopeTable`.
 * :mod:`.stream`: :func:`stream_metrics` (L2 to sink, collapse events, collapse score).
 * :mod:`.homogenization`: per-head sink attention mass from
-  :func:`~lol_kernels.attention.page_mass.paged_attention_page_mass`.
+  :func:`.page_mass.paged_attention_page_mass`.
 * :mod:`.cli`: ``lol diagnose`` (``python -m lol_kernels.diagnostics``).
 """
 
-from ..attention.page_mass import paged_attention_page_mass
 from .coherence import (
     count_runs,
     head_fraction_above,
@@ -23,6 +22,7 @@ from .homogenization import (
     homogenization_over_blocks,
     sink_mass,
 )
+from .page_mass import paged_attention_page_mass
 from .stream import StreamMetrics, l2_to_sink, stream_metrics
 
 __all__ = ["Homogenization", "StreamMetrics", "count_runs", "head_fraction_above",

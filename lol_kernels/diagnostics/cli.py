@@ -46,6 +46,19 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from e
 
 
+#: (flag, type, default, help) of the analysis options, one row each
+_ANALYSIS_OPTIONS = (
+    ("--min-delta", int, 100, "analyse distances min_delta < Delta <= max_delta (default 100)"),
+    ("--max-delta", int, 172800, "largest distance (default 172800 = 12 h of latent frames)"),
+    ("--threshold", float, 0.55,
+     "head-averaged coherence a predicted collapse must exceed (0.55)"),
+    ("--sync-threshold", float, 0.5, "per-head coherence level of a synchronized event (0.5)"),
+    ("--min-fraction", float, 1.0,
+     "fraction of heads above --sync-threshold at once (default 1.0 = all)"),
+    ("--zoom", int, 400, "upper distance of the zoomed coherence plot (default 400)"),
+)
+
+
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("RoPE configuration")
     g.add_argument("--head-dim", type=int, default=128, help="head dim D (default 128, Wan)")
@@ -58,21 +71,11 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("analysis")
     g.add_argument("--sigmas", type=_floats, default=[0.0, 0.1, 0.5, 0.8, 0.9],
                    help="jitter sweep, comma-separated (default 0,0.1,0.5,0.8,0.9)")
-    g.add_argument("--min-delta", type=int, default=100,
-                   help="analyse distances min_delta < Delta <= max_delta (default 100)")
-    g.add_argument("--max-delta", type=int, default=172800,
-                   help="largest distance (default 172800 = 12 h of latent frames)")
-    g.add_argument("--threshold", type=float, default=0.55,
-                   help="head-averaged coherence a predicted collapse must exceed (0.55)")
-    g.add_argument("--sync-threshold", type=float, default=0.5,
-                   help="per-head coherence level of a synchronized event (0.5)")
-    g.add_argument("--min-fraction", type=float, default=1.0,
-                   help="fraction of heads above --sync-threshold at once (default 1.0 = all)")
-    g.add_argument("--zoom", type=int, default=400,
-                   help="upper distance of the zoomed coherence plot (default 400)")
+    for flag, typ, default, text in _ANALYSIS_OPTIONS:
+        g.add_argument(flag, type=typ, default=default, help=text)
     g = p.add_argument_group("latent stream")
     g.add_argument("--latents", type=Path, default=None,
-                   help="latent frames [F, C, H, W] (.pt or .safetensors) to measure")
+                   help="latent frames [F, Cz, H, W] (.pt or .safetensors) to measure")
     g.add_argument("--sink-frames", type=_ints, default=[0, 1, 2],
                    help="sink frame indices, comma-separated (default 0,1,2)")
     g.add_argument("--out", type=Path, default=Path("results/diagnose"),
@@ -92,7 +95,7 @@ def add_diagnose_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def load_latents(path: Path) -> torch.Tensor:
-    """Read ``[F, C, H, W]`` latents from ``.pt`` / ``.safetensors`` (a tensor or a dict).
+    """Read ``[F, Cz, H, W]`` latents from ``.pt`` / ``.safetensors`` (a tensor or a dict).
 
     A dict must hold one tensor or a ``"latents"`` key; a leading batch axis of size 1 is
     dropped.
@@ -119,7 +122,7 @@ def load_latents(path: Path) -> torch.Tensor:
     if obj.dim() == 5 and obj.shape[0] == 1:
         obj = obj[0]
     if obj.dim() != 4:
-        raise ValueError(f"latents in {path} must have shape [F, C, H, W], got {list(obj.shape)}")
+        raise ValueError(f"latents in {path} must have shape [F, Cz, H, W], got {list(obj.shape)}")
     return obj
 
 

@@ -2,7 +2,7 @@
 
 LoL's Figure 3: at a collapse, many heads put most of their attention on the sink frames at the
 same time. Given the per-entry attention mass of one block
-(:func:`~lol_kernels.attention.page_mass.paged_attention_page_mass`, ``[B, Hq, Nq, M + 1]``)
+(:func:`~lol_kernels.attention.page_mass.paged_attention_page_mass`, ``[B, Hq, N, M + 1]``)
 and which page-table entries hold sink pages, this module reports the per-head sink mass of the
 block and the fraction of heads above a threshold; stacking blocks gives the curve over a stream.
 """
@@ -61,7 +61,7 @@ def sink_mass(mass: torch.Tensor, sink_entries: Sequence[int] | torch.Tensor) ->
     """Per-head attention mass on the sink entries, averaged over the block's queries.
 
     Args:
-        mass: ``[B, Hq, Nq, M + 1]`` float, per-entry mass (last column = new keys); rows that
+        mass: ``[B, Hq, N, M + 1]`` float, per-entry mass (last column = new keys); rows that
             see no key are all zeros and are left out of the average.
         sink_entries: which of the ``M`` page-table entries hold sink pages: int indices (the
             same for every batch row) or a bool mask ``[M]`` / ``[B, M]``.
@@ -70,12 +70,12 @@ def sink_mass(mass: torch.Tensor, sink_entries: Sequence[int] | torch.Tensor) ->
         ``[B, Hq]`` float64 in ``[0, 1]`` (0 for a head none of whose rows sees a key).
     """
     if not isinstance(mass, torch.Tensor) or mass.dim() != 4 or not mass.is_floating_point():
-        raise ValueError("mass must be a float tensor [B, Hq, Nq, M + 1], got "
+        raise ValueError("mass must be a float tensor [B, Hq, N, M + 1], got "
                          f"{getattr(mass, 'shape', type(mass).__name__)}")
     B, _, _, M1 = mass.shape
     sink = _sink_mask(sink_entries, B, M1 - 1, mass.device)  # [B, M + 1]
     m = mass.to(torch.float64)
-    per_row = (m * sink[:, None, None, :]).sum(-1)  # [B, Hq, Nq]
+    per_row = (m * sink[:, None, None, :]).sum(-1)  # [B, Hq, N]
     seen = m.sum(-1) > 0
     n = seen.sum(-1)
     return (per_row * seen).sum(-1) / n.clamp_min(1)
@@ -90,7 +90,7 @@ def homogenization(mass: torch.Tensor, sink_entries: Sequence[int] | torch.Tenso
     attention itself rather than predicted from the RoPE table).
 
     Args:
-        mass: ``[B, Hq, Nq, M + 1]`` per-entry mass of one block.
+        mass: ``[B, Hq, N, M + 1]`` per-entry mass of one block.
         sink_entries: sink entries (see :func:`sink_mass`).
         threshold: in ``[0, 1]``, strict ``sink_mass > threshold``.
 
@@ -110,7 +110,7 @@ def homogenization_over_blocks(masses: Sequence[torch.Tensor],
     """:func:`homogenization` of a stream of blocks, stacked on a leading block axis.
 
     Args:
-        masses: ``n`` per-block masses ``[B, Hq, Nq_k, M_k + 1]`` (``Nq``, ``M`` may vary).
+        masses: ``n`` per-block masses ``[B, Hq, Nq_k, M_k + 1]`` (``N``, ``M`` may vary).
         sink_entries: sink entries, the same for every block.
 
     Returns:

@@ -1,4 +1,4 @@
-"""Sink-collapse metrics on a generated latent stream ``[F, C, H, W]``.
+"""Sink-collapse metrics on a generated latent stream ``[F, Cz, H, W]``.
 
 LoL measures sink-collapse by the normalized L2 distance of each generated latent frame to the
 sink frames: when the video snaps back to its beginning that distance drops sharply. The paper
@@ -68,7 +68,7 @@ def _check_latents(latents) -> torch.Tensor:
     if not isinstance(latents, torch.Tensor):
         raise TypeError(f"latents must be a torch.Tensor, got {type(latents).__name__}")
     if latents.dim() != 4:
-        raise ValueError(f"latents must have shape [F, C, H, W], got {list(latents.shape)}")
+        raise ValueError(f"latents must have shape [F, Cz, H, W], got {list(latents.shape)}")
     if not latents.is_floating_point():
         raise TypeError(f"latents must be a floating tensor, got {latents.dtype}")
     if latents.shape[0] < 2:
@@ -86,7 +86,7 @@ def l2_to_sink(latents: torch.Tensor, sink_frames: Sequence[int] | torch.Tensor,
     statistics sits near ``sqrt(2)``.
 
     Args:
-        latents: ``[F, C, H, W]`` float (any dtype / device).
+        latents: ``[F, Cz, H, W]`` float (any dtype / device).
         sink_frames: indices of the sink frames (e.g. ``[0, 1, 2]``).
 
     Returns:
@@ -130,7 +130,7 @@ def stream_metrics(latents: torch.Tensor, sink_frames: Sequence[int] | torch.Ten
       frames (0 if no frame is scored). Both lie in ``[0, 1]``; lower is better.
 
     Args:
-        latents: ``[F, C, H, W]`` float latent frames, in generation order.
+        latents: ``[F, Cz, H, W]`` float latent frames, in generation order.
         sink_frames: indices of the sink frames kept in the cache (e.g. ``[0, 1, 2]``).
         window: frames in the trailing baseline (LongLive's cache: 12).
         min_history: earlier non-sink frames needed before a frame is scored.

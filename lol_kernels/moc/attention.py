@@ -16,30 +16,14 @@ import math
 
 import torch
 
-from .._checks import (
-    check_backend,
-    check_positions_fit,
-    check_shape,
-    check_tensor,
-    lazy_backend,
-)
+from .._checks import check_positions_fit, check_shape, check_tensor
+from .._dispatch import resolve_backend, triton_kernel
 from ..attention.op import POS_LIMIT, validate_paged_inputs
 from ..rope.table import RopeTable
-from .attention_reference import moc_attention_torch
+from .attention_cpu import moc_attention_torch
+from .route import moc_route
 
 TILE_MULTIPLE = 16  # smallest query block of the kernel (tl.dot needs >= 16 rows)
-
-
-def _triton_impl():
-    return lazy_backend(".attention_triton", "moc_attention_triton", __package__)
-
-
-def triton_available() -> bool:
-    try:
-        _triton_impl()
-        return True
-    except RuntimeError:
-        return False
 
 
 @torch.library.custom_op("lol::moc_attention", mutates_args=())
@@ -51,7 +35,7 @@ def _moc_attention_op(q: torch.Tensor, q_pos: torch.Tensor, cache_k: torch.Tenso
                       chunk_shift: torch.Tensor | None, scale: float, tile_size: int,
                       backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     table = RopeTable.from_tensors(freqs, pair_axis)
-    fn = _triton_impl() if backend == "triton" else moc_attention_torch
+    fn = triton_kernel("moc_attention") if backend == "triton" else moc_attention_torch
     out, lse = fn(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table, table,
                   chunk_pages=chunk_pages, routed=routed, k_new=k_new, v_new=v_new,
                   causal=causal, page_shift=page_shift, chunk_shift=chunk_shift, scale=scale,
@@ -162,7 +146,8 @@ def moc_attention(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table, t
             ``c`` (a chunk is read at one shift, as a frame is under every position policy).
         scale: softmax scale, default ``D ** -0.5``.
         tile_size: query tokens per routing tile, a multiple of 16 (default 128; module doc).
-        backend: ``"auto"`` (Triton on CUDA, torch otherwise), ``"torch"``, ``"triton"``.
+        backend: ``"auto"`` (Triton on CUDA, torch otherwise), ``"torch"``, ``"triton"`` (fp64
+            and head dims the kernel lacks run the torch path; docs/design.md §3).
 
     Returns:
         ``out [B, N, Hq, D]`` in q's dtype and ``lse [B, Hq, N]`` fp32, the natural-log softmax
@@ -181,9 +166,7 @@ def moc_attention(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table, t
     scale = validate_moc_inputs(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table,
                                 table, chunk_pages, routed, k_new, v_new, causal, page_shift,
                                 chunk_shift, scale, tile_size)
-    check_backend(backend, ("auto", "torch", "triton"))
-    if backend == "auto":
-        backend = "triton" if q.is_cuda and triton_available() else "torch"
+    backend = resolve_backend("moc_attention", backend, q)
     t = table.to(q.device)
     return _moc_attention_op(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table,
                              t.freqs, t.pair_axis, chunk_pages, routed, k_new, v_new, causal,
@@ -203,14 +186,6 @@ def tile_means(q: torch.Tensor, tile_size: int = 128) -> torch.Tensor:
     count = torch.full((T,), float(tile_size), device=q.device)
     count[-1] = tile_size - pad
     return sums / count.view(1, T, 1, 1)
-
-
-def _router():
-    try:
-        from .route import moc_route
-    except ImportError:
-        return None
-    return moc_route
 
 
 def moc_route_tiles(q, chunk_mean, k, *, tile_size=128, chunk_valid=None, causal_limit=None,
@@ -238,7 +213,5 @@ def moc_route_tiles(q, chunk_mean, k, *, tile_size=128, chunk_valid=None, causal
         raise ValueError(f"chunk_mean must have shape [B={B}, C, Hc, D={D}] with Hq={Hq} a "
                          f"multiple of Hc, got {list(chunk_mean.shape)}")
     cm = chunk_mean.float().repeat_interleave(Hq // chunk_mean.shape[2], dim=2)
-    route = _router()
-    if route is None:
-        raise RuntimeError("lk.moc_route is not available (lol_kernels/moc/route.py missing)")
-    return route(qm, cm, k, chunk_valid=chunk_valid, causal_limit=causal_limit, backend=backend)
+    return moc_route(qm, cm, k, chunk_valid=chunk_valid, causal_limit=causal_limit,
+                     backend=backend)

@@ -1,94 +1,25 @@
-"""Public ``moc_route``: validation, backend dispatch, the ``lol::moc_route`` custom op and the
-loader of the C++/CUDA extension ``lol_kernels._C`` (op ``lol_C::moc_route``, csrc/moc/)."""
+"""Public ``moc_route``: validation, backend dispatch and the ``lol::moc_route`` custom op over
+the C++/CUDA extension ``lol_kernels._C`` (op ``lol_C::moc_route``, csrc/moc/; loaded by
+:mod:`lol_kernels._dispatch`, which also decides the backend)."""
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-import warnings
-
 import torch
 
-from .._checks import check_backend, check_same_device, check_shape, check_tensor
+from .._checks import check_same_device, check_shape, check_tensor
+from .._dispatch import (
+    ExtensionFallbackWarning,
+    extension_error,
+    extension_has_cuda,
+    resolve_backend,
+)
 from .reference import moc_route_reference
 
 MAX_K = 64  # the CUDA kernel keeps 64 candidates per warp; every backend shares the limit
 MAX_D = 8192  # the CUDA kernel keeps one fp32 query row in shared memory
-BACKENDS = ("auto", "torch", "cpp", "cuda")
-EXTENSION = "lol_kernels._C"
 
-
-class ExtensionFallbackWarning(RuntimeWarning):
-    """``backend="auto"`` runs the PyTorch reference because the C++ extension is missing."""
-
-
-def _load_extension() -> None:
-    """Load ``lol_kernels._C`` (built by setup.py) into ``torch.ops``; raise if impossible."""
-    spec = importlib.util.find_spec(EXTENSION)
-    if spec is None or spec.origin is None:
-        raise ImportError(f"{EXTENSION} is not built (installed with LOL_NO_EXTENSION=1 or "
-                          "without a C++ compiler)")
-    torch.ops.load_library(spec.origin)
-    torch.ops.lol_C.moc_route  # noqa: B018  (raises if the library registered no router)
-
-
-@functools.cache
-def extension_error() -> str | None:
-    """Why the extension cannot be used (``None`` when it is loaded)."""
-    try:
-        _load_extension()
-    except Exception as e:  # any failure (missing file, ABI mismatch) means "fall back"
-        return f"{type(e).__name__}: {e}"
-    return None
-
-
-def extension_has_cuda() -> bool:
-    """Whether the loaded extension has the CUDA kernel (built against a CUDA torch)."""
-    return extension_error() is None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "lol_C::moc_route", "CUDA")
-
-
-_warned = False
-
-
-def _fallback_warning(reason: str) -> None:
-    global _warned
-    if not _warned:
-        _warned = True
-        warnings.warn(f"lk.moc_route: the C++ extension {EXTENSION} is unavailable ({reason}); "
-                      "backend='auto' falls back to the PyTorch reference (slow). Rebuild with "
-                      "`pip install --no-build-isolation -e .`.",
-                      ExtensionFallbackWarning, stacklevel=4)
-
-
-@torch.compiler.assume_constant_result
-def _resolve_backend(backend: str, is_cuda: bool) -> str:
-    """Concrete backend for a call (evaluated once per compiled graph under torch.compile)."""
-    err = extension_error()
-    if backend == "auto":
-        if err is not None:
-            _fallback_warning(err)
-            return "torch"
-        if is_cuda and not extension_has_cuda():
-            _fallback_warning("it was built without CUDA")
-            return "torch"
-        return "cuda" if is_cuda else "cpp"
-    if backend == "torch":
-        return backend
-    if err is not None:
-        raise RuntimeError(f"moc_route(backend={backend!r}) needs the C++ extension {EXTENSION}, "
-                           f"which could not be loaded: {err}. Rebuild it with "
-                           "`pip install --no-build-isolation -e .`")
-    if backend == "cpp" and is_cuda:
-        raise ValueError("backend='cpp' runs on CPU tensors; q_mean is on a CUDA device "
-                         "(use backend='cuda' or 'auto')")
-    if backend == "cuda":
-        if not is_cuda:
-            raise ValueError("backend='cuda' needs CUDA tensors; q_mean is on the CPU")
-        if not extension_has_cuda():
-            raise RuntimeError(f"moc_route(backend='cuda'): {EXTENSION} was built without CUDA "
-                               "(torch had no CUDA at build time)")
-    return backend
+__all__ = ["MAX_D", "MAX_K", "ExtensionFallbackWarning", "extension_error", "extension_has_cuda",
+           "moc_route"]
 
 
 @torch.library.custom_op("lol::moc_route", mutates_args=())
@@ -156,6 +87,5 @@ def moc_route(q_mean: torch.Tensor, chunk_mean: torch.Tensor, k: int, *,
         check_shape("causal_limit", causal_limit, (B, T), "[B, T]")
     check_same_device("q_mean", q_mean, chunk_mean=chunk_mean, chunk_valid=chunk_valid,
                       causal_limit=causal_limit)
-    check_backend(backend, BACKENDS)
-    resolved = _resolve_backend(backend, q_mean.is_cuda)
-    return _moc_route_op(q_mean, chunk_mean, k, chunk_valid, causal_limit, resolved)
+    backend = resolve_backend("moc_route", backend, q_mean)
+    return _moc_route_op(q_mean, chunk_mean, k, chunk_valid, causal_limit, backend)

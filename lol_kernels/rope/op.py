@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import (
-    check_backend,
-    check_positions_fit,
-    check_same_device,
-    check_tensor,
-    lazy_backend,
-)
-from .reference import apply_rope_torch
+from .._checks import check_positions_fit, check_same_device, check_tensor
+from .._dispatch import resolve_backend, triton_kernel
+from .rope_cpu import apply_rope_torch
 from .table import RopeTable
 
 
@@ -29,17 +24,12 @@ def check_table(table, num_heads: int | None, head_dim: int, num_axes: int | Non
         raise ValueError(f"positions have A={num_axes} axes but table needs {table.num_axes}")
 
 
-def _triton_apply_rope():
-    return lazy_backend(".triton_kernel", "apply_rope_triton", __package__)
-
-
 @torch.library.custom_op("lol::apply_rope", mutates_args=())
 def _apply_rope_op(x: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor,
                    pair_axis: torch.Tensor, backend: str) -> torch.Tensor:
     table = RopeTable.from_tensors(freqs, pair_axis)
-    if backend == "triton":
-        return _triton_apply_rope()(x, pos, table)
-    return apply_rope_torch(x, pos, table)
+    fn = triton_kernel("apply_rope") if backend == "triton" else apply_rope_torch
+    return fn(x, pos, table)
 
 
 @_apply_rope_op.register_fake
@@ -56,7 +46,8 @@ def apply_rope(x: torch.Tensor, pos: torch.Tensor, table: RopeTable, *,
         pos: ``[..., N, A]`` integer positions, ``A >= table.num_axes`` (``t, h, w`` for video);
             leading dims equal to those of ``x``.
         table: :class:`RopeTable` with ``H`` rows (one per head of ``x``).
-        backend: ``"auto"`` (Triton on CUDA when available, else torch), ``"torch"``, ``"triton"``.
+        backend: ``"auto"`` (Triton on CUDA when available, else torch), ``"torch"``, ``"triton"``
+            (fp64 and head dims the kernel lacks run the torch path; docs/design.md §3).
 
     Returns:
         ``[..., N, H, D]`` in ``x.dtype``: pair ``j`` of head ``h`` rotated by
@@ -77,16 +68,6 @@ def apply_rope(x: torch.Tensor, pos: torch.Tensor, table: RopeTable, *,
     check_same_device("x", x, pos=pos)
     check_table(table, x.shape[-2], x.shape[-1], pos.shape[-1])
     check_positions_fit("pos", pos)
-    check_backend(backend, ("auto", "torch", "triton"))
-    if backend == "auto":
-        backend = "triton" if x.is_cuda and _has_triton_kernel() else "torch"
+    backend = resolve_backend("apply_rope", backend, x)
     t = table.to(x.device)
     return _apply_rope_op(x, pos, t.freqs, t.pair_axis, backend)
-
-
-def _has_triton_kernel() -> bool:
-    try:
-        _triton_apply_rope()
-        return True
-    except RuntimeError:
-        return False

@@ -1,8 +1,9 @@
-"""PyTorch RoPE paths: the float64 reference, the accurate fast path, and the naive one.
+"""Plain RoPE formulas: angles, the pair rotation, the float64 reference and the naive one.
 
-Precision (DESIGN.md §5): at temporal position ``p ~ 2^24`` a float32 product ``p * omega``
+No state and no fast-path tricks; the CPU path (:mod:`.rope_cpu`) is tested against these.
+Precision (docs/design.md §5): at temporal position ``p ~ 2^24`` a float32 product ``p * omega``
 has an absolute error of about ``p * 2^-24`` rad, i.e. up to 1 rad; at 172,800 (12 h of latent
-frames) about 0.01 rad. The fast path therefore forms ``p * omega`` in float64 (exact to ~1e-9
+frames) about 0.01 rad. Every path therefore forms ``p * omega`` in float64 (exact to ~1e-9
 rad for ``p < 2^24``), reduces it modulo ``2 pi`` there, and only then drops to the compute
 dtype for ``cos``/``sin`` and the rotation. :func:`rope_naive_fp32` is kept only so tests can
 show the failure it avoids.
@@ -49,48 +50,6 @@ def rope_cos_sin(pos: torch.Tensor, table: RopeTable, dtype: torch.dtype):
     return torch.cos(ang), torch.sin(ang)
 
 
-def rope_factors(pos: torch.Tensor, table: RopeTable, dtype: torch.dtype, *,
-                 head_major: bool = False):
-    """Per-axis complex rotation factors ``exp(i * pos * omega)`` for the fast path.
-
-    Angles are formed once per *distinct* position of each axis (a video block has few distinct
-    ``t``, ``h``, ``w`` values), in float64 and reduced mod 2 pi, then gathered per token. An
-    axis whose frequencies are equal across heads gets a broadcast head dimension of 1.
-
-    Returns:
-        list of ``(start, end, factor [..., N, H or 1, end - start])`` complex tensors, one per
-        axis, covering pairs ``start:end``; with ``head_major`` the factors are
-        ``[..., H or 1, N, end - start]``, to rotate a head-major ``[..., H, N, D]`` tensor with
-        both operands read in memory order.
-    """
-    t = table.to(pos.device)
-    cdt = torch.complex128 if dtype == torch.float64 else torch.complex64
-    out, start = [], 0
-    for a, n in enumerate(table.axes):
-        end = start + n // 2
-        u, inv = torch.unique(pos[..., a], return_inverse=True)
-        f = t.freqs[:, start:end]
-        if table.axis_shared(a):
-            f = f[:1]
-        ang = torch.remainder(u.to(torch.float64)[:, None, None] * f, TWO_PI).to(dtype)
-        fac = torch.complex(torch.cos(ang), torch.sin(ang)).to(cdt)  # [U, H', n]
-        if head_major:  # [H', ..., N, n] gathered in memory order, then heads moved in place
-            out.append((start, end, fac.transpose(0, 1)[:, inv].movedim(0, -3)))
-        else:
-            out.append((start, end, fac[inv]))
-        start = end
-    return out
-
-
-def rotate_(x: torch.Tensor, factors) -> torch.Tensor:
-    """Rotate ``x`` **in place** by :func:`rope_factors`: ``x [..., N, H, D]``, or
-    ``[..., H, N, D]`` with head-major factors. The last dim must be contiguous."""
-    xc = torch.view_as_complex(x.unflatten(-1, (-1, 2)))
-    for start, end, fac in factors:
-        xc[..., start:end] *= fac
-    return x
-
-
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """RoPE is computed in fp32 for fp16/bf16/fp32 inputs and fp64 for fp64 inputs."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -100,13 +59,6 @@ def apply_rope_reference(x: torch.Tensor, pos: torch.Tensor, table: RopeTable) -
     """Float64 ground truth: ``x [..., N, H, D]`` rotated, returned in float64."""
     cos, sin = rope_cos_sin(pos, table, torch.float64)
     return rotate_pairs(x.to(torch.float64), cos, sin)
-
-
-def apply_rope_torch(x: torch.Tensor, pos: torch.Tensor, table: RopeTable) -> torch.Tensor:
-    """Accurate fast path: float64 angles mod 2 pi, fp32 rotation, output in ``x.dtype``."""
-    ct = compute_dtype(x.dtype)
-    y = x.to(ct, memory_format=torch.contiguous_format, copy=True)
-    return rotate_(y, rope_factors(pos, table, ct)).to(x.dtype)
 
 
 def rope_naive_fp32(x: torch.Tensor, pos: torch.Tensor, table: RopeTable) -> torch.Tensor:

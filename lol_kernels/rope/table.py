@@ -1,4 +1,4 @@
-"""Per-head jittered 3D RoPE frequency tables (DESIGN.md §2, §4).
+"""Per-head jittered 3D RoPE frequency tables (docs/design.md §4).
 
 The head dimension ``D`` splits into ``D // 2`` interleaved channel pairs: pair ``j`` is channels
 ``(2j, 2j + 1)``, rotated as one complex number. Pairs are grouped by position axis, axes in

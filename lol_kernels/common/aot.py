@@ -1,13 +1,16 @@
-"""Ahead-of-time sm_90 compile of the Triton kernels on a machine without a GPU.
+"""Ahead-of-time sm_90 compile of every Triton kernel on a machine without a GPU.
 
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` runs the whole Triton
 pipeline down to a cubin with the ``ptxas`` shipped in the triton wheel; ``cuobjdump`` (also in
 the wheel) then reports registers, shared/local memory and stack, and disassembles the SASS.
-Used by ``tests/test_triton_aot.py`` and ``benchmarks/kernel_report.py``.
+Used by ``tests/test_triton_aot.py``, ``tests/test_moc_attention.py`` and
+``benchmarks/kernel_report.py``.
 
-:func:`sm90_report` compiles in ``spawn`` worker processes started with ``TRITON_INTERPRET=0``,
-so it works inside a test session that runs the kernels in the interpreter;
-:func:`compiled_module` gives the JIT functions themselves (for inspection) in any process.
+One signature builder (:func:`attention_signature`) serves both attention kernels
+(:data:`ATTENTION_KERNELS`); :func:`sm90_report` compiles in ``spawn`` worker processes started
+with ``TRITON_INTERPRET=0``, so it works inside a test session that runs the kernels in the
+interpreter; :func:`compiled_module` gives the JIT functions themselves (for inspection) in any
+process.
 """
 
 from __future__ import annotations
@@ -21,14 +24,32 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-_KERNEL_MODULES = ("lol_kernels._triton_common", "lol_kernels.attention.triton_split",
-                   "lol_kernels.attention.triton_kernel", "lol_kernels.rope.triton_kernel")
-_DTYPES = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
-_SCALARS = {"Nq", "N_new", "M", "Hq", "qk_scale", "num_splits"}
+import torch
+
+from .triton_attention import CONFIGS, dot_precision
+
+#: every module that defines ``@triton.jit`` functions, helpers first: :func:`compiled_module`
+#: re-imports them all, so a compiled kernel never calls an interpreted helper
+KERNEL_MODULES = ("lol_kernels.common.triton_rope", "lol_kernels.common.triton_attention",
+                  "lol_kernels.attention.triton_split", "lol_kernels.attention.triton_kernel",
+                  "lol_kernels.moc.attention_triton", "lol_kernels.rope.triton_kernel")
+#: the attention kernels :func:`compile_attention_config` compiles: jit name -> its module
+ATTENTION_KERNELS = {"paged_rope_attn_fwd": "lol_kernels.attention.triton_kernel",
+                     "moc_attn_fwd": "lol_kernels.moc.attention_triton"}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+#: runtime scalars of the attention kernels (i32, except the fp32 qk_scale)
+SCALARS = {"N", "N_new", "M", "T", "Hq", "num_splits"}
+#: strides that are multiples of 16 in any contiguous launch (head strides, row strides of
+#: [.., H, D] tensors); the JIT marks the same ones divisible
+ALIGNED_STRIDES = {"stride_qb", "stride_qn", "stride_kp", "stride_ks", "stride_vp", "stride_vs",
+                   "stride_knb", "stride_knn", "stride_vnb", "stride_vnn", "stride_ob",
+                   "stride_on"}
+HEAD_STRIDES = {"stride_qh", "stride_kh", "stride_vh", "stride_knh", "stride_vnh", "stride_oh"}
 
 
 @contextmanager
-def _interpret(flag: str):
+def interpret_flag(flag: str):
+    """Set ``TRITON_INTERPRET`` to ``flag`` inside the block, restoring it afterwards."""
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = flag
     try:
@@ -40,16 +61,24 @@ def _interpret(flag: str):
             os.environ["TRITON_INTERPRET"] = old
 
 
-def compiled_module(name: str = "lol_kernels.attention.triton_kernel"):
-    """A private copy of a kernel module whose ``@triton.jit`` functions are real JITFunctions,
-    whatever ``TRITON_INTERPRET`` says; ``sys.modules`` is left as it was."""
-    saved = {m: sys.modules.pop(m) for m in _KERNEL_MODULES if m in sys.modules}
+def compiled_module(name: str):
+    """A private copy of the kernel module ``name`` (one of :data:`KERNEL_MODULES`) whose
+    ``@triton.jit`` functions are real JITFunctions, whatever ``TRITON_INTERPRET`` says;
+    ``sys.modules`` and the parent packages' attributes are left as they were."""
+    saved = {m: sys.modules.pop(m) for m in KERNEL_MODULES if m in sys.modules}
     try:
-        with _interpret("0"):
+        with interpret_flag("0"):
             return importlib.import_module(name)
     finally:
-        for m in _KERNEL_MODULES:
+        for m in KERNEL_MODULES:
             sys.modules.pop(m, None)
+            parent, child = m.rsplit(".", 1)
+            pkg = sys.modules.get(parent)
+            if pkg is not None:  # the import bound the package attribute to the copy
+                if m in saved:
+                    setattr(pkg, child, saved[m])
+                else:
+                    pkg.__dict__.pop(child, None)
         sys.modules.update(saved)
 
 
@@ -61,36 +90,33 @@ def tool(name: str) -> str:
 
 def attention_signature(kernel, dtype: str, *, head_dim: int, group: int = 1, num_axes: int = 3,
                         has_shift: bool = True, has_new: bool = True, causal: bool = False,
-                        page_size: int = 64, block_m: int, block_n: int):
-    """Signature, constexprs and alignment attributes of a typical paged-attention launch:
-    contiguous fp16/bf16 tensors, int32 positions/page ids, int64 turns."""
-    t = _DTYPES[dtype]
+                        page_size: int = 64, tile: int = 128, block_m: int, block_n: int):
+    """Signature, constexprs and alignment attributes of a typical launch of an attention
+    kernel (:data:`ATTENTION_KERNELS`): contiguous ``dtype`` tensors, int32 positions, page
+    ids and page lists, int64 turns. ``tile``: the MoC routing tile (kernels with ``TILE``)."""
+    t = dtype
     ptr = {"Q": f"*{t}", "K": f"*{t}", "V": f"*{t}", "KNew": f"*{t}", "VNew": f"*{t}",
            "Out": f"*{t}", "Lse": "*fp32", "OutPart": "*fp32", "LsePart": "*fp32",
            "Turns": "*i64"}
-    const = {"HEAD_DIM": head_dim, "PAGE_SIZE": page_size, "GROUP": group, "NUM_AXES": num_axes, "HAS_SHIFT": has_shift,
-             "HAS_NEW": has_new, "IS_CAUSAL": causal,
-             "DOT_PREC": "tf32x3" if dtype == "fp32" else "tf32", "FAST_TRIG": True,
-             "BLOCK_M": block_m,
+    const = {"HEAD_DIM": head_dim, "PAGE_SIZE": page_size, "GROUP": group, "NUM_AXES": num_axes,
+             "HAS_SHIFT": has_shift, "HAS_NEW": has_new, "IS_CAUSAL": causal,
+             "DOT_PREC": dot_precision(DTYPES[dtype]), "FAST_TRIG": True, "BLOCK_M": block_m,
              "BLOCK_N": block_n}
-    # strides that are multiples of 16 in any contiguous launch (head strides, row strides of
-    # [.., H, D] tensors); the JIT marks the same ones divisible
-    aligned = {"stride_qb", "stride_qn", "stride_kp", "stride_ks", "stride_vp", "stride_vs",
-               "stride_knb", "stride_knn", "stride_vnb", "stride_vnn", "stride_ob", "stride_on"}
-    head = {"stride_qh", "stride_kh", "stride_vh", "stride_knh", "stride_vnh", "stride_oh"}
+    if "TILE" in kernel.arg_names:
+        const["TILE"] = tile
     signature, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
         if name in const:
             signature[name] = "constexpr"
-        elif name not in _SCALARS and name[0].isupper():
-            signature[name] = ptr.get(name, "*i32")
-            attrs[(i,)] = [["tt.divisibility", 16]]
         elif name == "qk_scale":
             signature[name] = "fp32"
-        else:
+        elif name in SCALARS or name.startswith("stride"):
             signature[name] = "i32"
-            if name in aligned or (name in head and head_dim % 16 == 0):
+            if name in ALIGNED_STRIDES or (name in HEAD_STRIDES and head_dim % 16 == 0):
                 attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = ptr.get(name, "*i32")
+            attrs[(i,)] = [["tt.divisibility", 16]]
     return signature, const, attrs
 
 
@@ -101,7 +127,7 @@ def compile_sm90(kernel, signature, constexprs, attrs=None, *, num_warps: int, n
 
     src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs,
                                     attrs=attrs)
-    with _interpret("0"):  # parts of the front end (static_range, ...) consult the knob
+    with interpret_flag("0"):  # parts of the front end (static_range, ...) consult the knob
         return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": num_warps, "num_stages": num_stages,
                                        "enable_fp_fusion": True})
@@ -177,29 +203,34 @@ def loop_sizes(sass: str) -> list[tuple[int, int, int]]:
     return sizes
 
 
-def compile_attention_config(dtype: str, head_dim: int, config, *, causal: bool = True,
-                             group: int = 3, module=None, **signature_kw) -> dict:
-    """Compile one ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` config of the paged-attention
-    kernel for sm_90; returns its static resources (``registers``, ``shared`` = static +
-    dynamic bytes per CTA, ``stack``, ``local``) and SASS counts (``hgmma``, ``local_ldst``,
-    ``mufu``, ``calls``)."""
-    mod = module or compiled_module()
-    bm, bn, warps, stages = config
-    sig, const, attrs = attention_signature(mod._paged_rope_attn_fwd, dtype, head_dim=head_dim,
-                                            group=group, causal=causal, block_m=bm, block_n=bn,
-                                            **signature_kw)
-    ck = compile_sm90(mod._paged_rope_attn_fwd, sig, const, attrs, num_warps=warps,
-                      num_stages=stages)
+def _report(ck, kernel: str, **fields) -> dict:
+    """Static resources (``registers``, ``shared`` = static + dynamic bytes per CTA,
+    ``stack``, ``local``) and SASS counts of a compiled kernel, after ``fields``."""
     cubin = ck.asm["cubin"]
     res = resource_usage(cubin)
     res["shared"] += int(ck.metadata.shared)  # cuobjdump lists static smem; Triton's is dynamic
-    return {"kernel": "paged_rope_attn_fwd", "dtype": dtype, "head_dim": head_dim,
-            "BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages, **res,
-            **sass_summary(cubin)}
+    return {"kernel": kernel, **fields, **res, **sass_summary(cubin)}
+
+
+def compile_attention_config(dtype: str, head_dim: int, config, *,
+                             kernel: str = "paged_rope_attn_fwd", causal: bool = True,
+                             group: int = 3, module=None, **signature_kw) -> dict:
+    """Compile one ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` config of an attention kernel
+    (``kernel``: a key of :data:`ATTENTION_KERNELS`) for sm_90; returns :func:`_report`'s
+    resources and SASS counts (``hgmma``, ``local_ldst``, ``mufu``, ``calls``, loop sizes).
+    ``signature_kw``: further keywords of :func:`attention_signature`."""
+    fn = getattr(module or compiled_module(ATTENTION_KERNELS[kernel]), kernel)
+    bm, bn, warps, stages = config
+    sig, const, attrs = attention_signature(fn, dtype, head_dim=head_dim, group=group,
+                                            causal=causal, block_m=bm, block_n=bn,
+                                            **signature_kw)
+    ck = compile_sm90(fn, sig, const, attrs, num_warps=warps, num_stages=stages)
+    return _report(ck, kernel, dtype=dtype, head_dim=head_dim, BLOCK_M=bm, BLOCK_N=bn,
+                   num_warps=warps, num_stages=stages)
 
 
 def _compile_small_kernel(fn, name: str, pointers: dict, const: dict, num_warps: int,
-                          **report) -> dict:
+                          **fields) -> dict:
     """Compile a kernel whose scalars are all i32 for sm_90 (``pointers``: argument name ->
     pointer type, all 16-byte aligned) and report it like the attention configs."""
     sig, attrs = {}, {}
@@ -212,19 +243,15 @@ def _compile_small_kernel(fn, name: str, pointers: dict, const: dict, num_warps:
         else:
             sig[arg] = "i32"
     ck = compile_sm90(fn, sig, const, attrs, num_warps=num_warps, num_stages=1)
-    res = resource_usage(ck.asm["cubin"])
-    res["shared"] += int(ck.metadata.shared)
-    return {"kernel": name, **report, "num_warps": num_warps, **res,
-            **sass_summary(ck.asm["cubin"])}
+    return _report(ck, name, **fields, num_warps=num_warps)
 
 
 def compile_rope_kernel(dtype: str, head_dim: int, module=None) -> dict:
     """Compile the ``apply_rope`` kernel for sm_90; same report as above."""
     mod = module or compiled_module("lol_kernels.rope.triton_kernel")
-    t = _DTYPES[dtype]
     return _compile_small_kernel(
-        mod._apply_rope_fwd, "apply_rope_fwd",
-        {"X": f"*{t}", "Y": f"*{t}", "Turns": "*i64", "Pos": "*i32", "PairAxis": "*i32"},
+        mod.apply_rope_fwd, "apply_rope_fwd",
+        {"X": f"*{dtype}", "Y": f"*{dtype}", "Turns": "*i64", "Pos": "*i32", "PairAxis": "*i32"},
         {"HEAD_DIM": head_dim, "NUM_AXES": 3, "FAST_TRIG": True, "BLOCK_R": mod.BLOCK_R},
         mod.NUM_WARPS, dtype=dtype, head_dim=head_dim, BLOCK_R=mod.BLOCK_R)
 
@@ -233,8 +260,8 @@ def compile_combine_kernel(dtype: str, head_dim: int, module=None) -> dict:
     """Compile the split-KV merge kernel for sm_90; same report as above."""
     mod = module or compiled_module("lol_kernels.attention.triton_split")
     return _compile_small_kernel(
-        mod._combine_splits, "combine_splits",
-        {"OutPart": "*fp32", "LsePart": "*fp32", "Out": f"*{_DTYPES[dtype]}", "Lse": "*fp32"},
+        mod.combine_splits_kernel, "combine_splits",
+        {"OutPart": "*fp32", "LsePart": "*fp32", "Out": f"*{dtype}", "Lse": "*fp32"},
         {"HEAD_DIM": head_dim, "BLOCK_R": mod.BLOCK_R}, mod.NUM_WARPS, dtype=dtype,
         head_dim=head_dim, BLOCK_R=mod.BLOCK_R)
 
@@ -245,16 +272,17 @@ def _job(job):
         return compile_rope_kernel(dtype, head_dim)
     if kind == "combine":
         return compile_combine_kernel(dtype, head_dim)
-    return compile_attention_config(dtype, head_dim, config, **kw)
+    return compile_attention_config(dtype, head_dim, config, kernel=kind, **kw)
 
 
-def sm90_report(dtypes=("fp16", "bf16"), head_dims=(64, 128), *, rope: bool = True,
-                fp32_d64: bool = False, workers: int | None = None, **variant) -> list[dict]:
-    """Compile every autotune config of the attention kernel (and the apply_rope and split-KV
-    merge kernels, ``rope=True``) for
-    each dtype and head dim; ``fp32_d64`` adds the configs kept for fp32 inputs at D = 64.
-    ``variant``: keyword arguments of :func:`compile_attention_config` (``causal``, ``group``,
-    ``has_new``, ``has_shift``, ``page_size``); default: causal with new keys, shifts, GQA 3.
+def sm90_report(dtypes=("fp16", "bf16"), head_dims=(64, 128), *,
+                kernel: str = "paged_rope_attn_fwd", rope: bool = True, fp32_d64: bool = False,
+                workers: int | None = None, **variant) -> list[dict]:
+    """Compile every autotune config (:data:`CONFIGS`) of the attention kernel ``kernel`` (and
+    the apply_rope and split-KV merge kernels, ``rope=True``) for each dtype and head dim;
+    ``fp32_d64`` adds the configs kept for fp32 inputs at D = 64. ``variant``: keyword
+    arguments of :func:`compile_attention_config` (``causal``, ``group``, ``has_new``,
+    ``has_shift``, ``page_size``, ``tile``); default: causal with new keys, shifts, GQA 3.
 
     Runs in fresh ``spawn`` processes started with ``TRITON_INTERPRET=0``: a process that
     imported triton in interpreter mode has interpreted versions of triton's own library
@@ -264,13 +292,21 @@ def sm90_report(dtypes=("fp16", "bf16"), head_dims=(64, 128), *, rope: bool = Tr
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    configs = compiled_module().CONFIGS
-    jobs = [("attn", dt, d, c, variant) for dt in dtypes for d in head_dims for c in configs]
+    if kernel not in ATTENTION_KERNELS:
+        raise ValueError(f"kernel must be one of {sorted(ATTENTION_KERNELS)}, got {kernel!r}")
+    jobs = [(kernel, dt, d, c, variant) for dt in dtypes for d in head_dims for c in CONFIGS]
     if fp32_d64:
-        jobs += [("attn", "fp32", 64, c, variant) for c in configs if c[1] <= 32]
+        jobs += [(kernel, "fp32", 64, c, variant) for c in CONFIGS if c[1] <= 32]
     if rope:  # and the split-KV merge
         jobs += [(k, dt, d, None, {}) for k in ("rope", "combine") for dt in dtypes
                  for d in head_dims]
     workers = workers or max(1, min(len(jobs), os.cpu_count() or 1))
-    with _interpret("0"), ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
+    ctx = mp.get_context("spawn")
+    with interpret_flag("0"), ProcessPoolExecutor(workers, mp_context=ctx) as ex:
         return list(ex.map(_job, jobs))
+
+
+__all__ = ["ATTENTION_KERNELS", "KERNEL_MODULES", "attention_signature",
+           "compile_attention_config", "compile_combine_kernel", "compile_rope_kernel",
+           "compile_sm90", "compiled_module", "cuobjdump", "interpret_flag", "loop_sizes",
+           "resource_usage", "sass_summary", "sm90_report", "tool"]

@@ -1,4 +1,5 @@
-"""Triton pieces shared by the RoPE-in-register kernels (paged attention, apply_rope, MoC).
+"""Exact RoPE in registers: the Triton pieces of every kernel that rotates (paged and MoC
+attention, apply_rope).
 
 Exact RoPE angles without libdevice
 -----------------------------------
@@ -48,37 +49,6 @@ TWO_PI = 2.0 * math.pi
 SIGN_BIT = tl.constexpr(-2**31)
 
 
-def is_interpreted(kernel) -> bool:
-    """True when ``kernel`` (a jit function or an autotuner around one) was built under
-    ``TRITON_INTERPRET=1``, i.e. it runs on CPU tensors and cannot be compiled or autotuned."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    while not isinstance(kernel, (triton.runtime.jit.JITFunction, InterpretedFunction)):
-        kernel = kernel.fn
-    return isinstance(kernel, InterpretedFunction)
-
-
-def kernel_supports(dtype: torch.dtype, head_dim: int) -> bool:
-    """The RoPE kernels take fp16/bf16/fp32 and a power-of-two head dim in [16, 256]
-    (``tl.arange`` extents); the wrappers send anything else to the torch path."""
-    return dtype in (torch.float16, torch.bfloat16, torch.float32) and 16 <= head_dim <= 256 \
-        and head_dim & (head_dim - 1) == 0
-
-
-def check_kernel_device(kernel, x: torch.Tensor):
-    """A GPU-compiled kernel needs CUDA tensors; say so instead of Triton's driver error."""
-    if x.device.type != "cuda" and not is_interpreted(kernel):
-        raise RuntimeError(
-            f"the Triton kernel needs CUDA tensors (got {x.device}); to run it on the CPU set "
-            "TRITON_INTERPRET=1 before lol_kernels' Triton kernel modules are first imported")
-
-
-def fast_trig(kernel) -> bool:
-    """Whether a launch of ``kernel`` may use the MUFU sin/cos (compiled for a GPU), or must use
-    the portable polynomials (the interpreter runs no inline assembly)."""
-    return not is_interpreted(kernel)
-
-
 def rope_turns(freqs: torch.Tensor) -> torch.Tensor:
     """Frequencies as 64-bit fixed-point turns, the table :func:`rope_phase` reads.
 
@@ -92,6 +62,13 @@ def rope_turns(freqs: torch.Tensor) -> torch.Tensor:
     f = torch.remainder(freqs.to(torch.float64) / TWO_PI, 1.0)
     f = torch.where(f >= 0.5, f - 1.0, f)  # exact (Sterbenz); same value modulo one turn
     return torch.round(f * 2.0**64).to(torch.int64).contiguous()
+
+
+def rope_kernel_tables(table, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a RoPE kernel reads of a RopeTable: ``turns [H, D/2]`` int64 (:func:`rope_turns`)
+    and ``pair_axis [D/2]`` int32 (the position axis of each channel pair), on ``device``."""
+    t = table.to(device)
+    return rope_turns(t.freqs), t.pair_axis.to(torch.int32)
 
 
 @triton.jit
@@ -170,7 +147,7 @@ def sincos_phase(phase, FAST_TRIG: tl.constexpr = False):
 def rope_cos_sin(pos, turns_hi, turns_lo, FAST_TRIG: tl.constexpr = False,
                  RELATIVE: tl.constexpr = False):
     """``cos, sin`` float32 of ``pos * omega``; ``pos`` int32 ``[R, D/2]``, turns uint32.
-    ``FAST_TRIG``: see :func:`sincos_phase` (pass :func:`fast_trig` of the kernel);
+    ``FAST_TRIG``: see :func:`sincos_phase` (pass ``triton_utils.fast_trig`` of the kernel);
     ``RELATIVE``: see :func:`rope_phase`."""
     return sincos_phase(rope_phase(pos, turns_hi, turns_lo, RELATIVE), FAST_TRIG)
 
@@ -234,3 +211,30 @@ def rope_rotate(x, cos, sin):
 def interleave(xe, xo):
     """Inverse of the split in :func:`rope_rotate`: ``[R, D/2] x 2 -> [R, D]`` interleaved."""
     return tl.reshape(tl.join(xe, xo), (xe.shape[0], 2 * xe.shape[1]))
+
+
+
+@triton.jit
+def load_head_rope(Turns, PairAxis, i_h, HALF: tl.constexpr):
+    """Head ``i_h``'s RoPE constants: the pair axes ``[D/2]`` int32 and the high and low words
+    ``[D/2]`` uint32 of its :func:`rope_turns` row (``HALF = D/2``)."""
+    o_j = tl.arange(0, HALF)
+    b_axis = tl.load(PairAxis + o_j)
+    b_thi, b_tlo = split_turns(tl.load(Turns + i_h * HALF + o_j))
+    return b_axis, b_thi, b_tlo
+
+
+@triton.jit
+def rotate_tile(x, pos, turns_hi, turns_lo, FAST_TRIG: tl.constexpr = False,
+                RELATIVE: tl.constexpr = False):
+    """``x [R, D]`` rotated at the per-pair positions ``pos [R, D/2]`` with one head's words
+    ``turns_hi, turns_lo [D/2]`` (:func:`load_head_rope`): ``[R, D]`` float32, the pairs back
+    in place (a register relabeling). ``FAST_TRIG``, ``RELATIVE``: see :func:`rope_cos_sin`."""
+    cos, sin = rope_cos_sin(pos, turns_hi[None, :], turns_lo[None, :], FAST_TRIG, RELATIVE)
+    xe, xo = rope_rotate(x, cos, sin)
+    return interleave(xe, xo)
+
+
+__all__ = ["SIGN_BIT", "TWO_PI", "interleave", "load_head_rope", "load_pair_positions",
+           "rope_cos_sin", "rope_kernel_tables", "rope_phase", "rope_rotate", "rope_turns",
+           "rotate_tile", "sincos_phase", "split_turns"]

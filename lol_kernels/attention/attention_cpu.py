@@ -1,0 +1,171 @@
+"""The CPU paths of ``paged_attention`` and ``rope_attention`` (what ``backend="torch"`` runs).
+
+Same outputs as :func:`~lol_kernels.attention.reference.paged_attention_reference`, but built
+for speed: the pool is gathered straight into a head-major ``[B, Hq, N, D]`` buffer, rotated in
+place with complex factors formed once per distinct position (:mod:`lol_kernels.rope.rope_cpu`),
+and attended by one fused flash-attention call that also returns the log-sum-exp
+(``aten._scaled_dot_product_flash_attention_for_cpu``).
+
+Thread safety: the large temporaries live in scratch buffers owned by the calling thread
+(:func:`scratch`), never returned and never shared between threads; nothing else is kept
+between calls, and torch's thread settings are left alone. Several Python threads may call
+these functions at once.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from ..rope.reference import compute_dtype, rope_cos_sin, rotate_pairs
+from ..rope.rope_cpu import rope_factors, rotate_
+from ..rope.table import RopeTable
+from .reference import gather_index, rotate_keys
+
+_SCRATCH = threading.local()  # per-thread scratch buffers: .buffers maps a role to a tensor
+
+
+def scratch(role: str, shape, dtype, device) -> torch.Tensor:
+    """A scratch tensor for the temporaries of one call, owned by the calling thread.
+
+    Large fresh allocations are returned to the OS when freed (mmap), so every call would pay
+    page faults on tens of MB (10 % of a paged call at the benchmark shape); one buffer per role
+    and thread avoids that. Callers never return it, and another thread never sees it.
+    """
+    n = 1
+    for d in shape:
+        n *= d
+    buffers = getattr(_SCRATCH, "buffers", None)
+    if buffers is None:
+        buffers = _SCRATCH.buffers = {}
+    key = (role, dtype, str(device))
+    buf = buffers.get(key)
+    if buf is None or buf.numel() < n:
+        buf = buffers[key] = torch.empty(n, dtype=dtype, device=device)
+    return buf[:n].view(shape)
+
+
+def attention_with_lse(qr, kr, vv, bias, scale):
+    """Softmax attention that also returns the log-sum-exp.
+
+    ``qr [B, H, N, D]``, ``kr, vv [B, H, Nk, D]`` (already rotated, same heads), ``bias``
+    additive ``[..., N, Nk]`` in q's dtype or ``None``. On the CPU one fused flash call; elsewhere
+    the plain formula with an fp32 softmax (fp64 for fp64). Returns ``out [B, H, N, D]`` and
+    ``lse [B, H, N]``.
+    """
+    if qr.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qr, kr, vv, attn_mask=bias, scale=scale)
+    s = (qr @ kr.transpose(-1, -2)).to(compute_dtype(qr.dtype)) * scale
+    if bias is not None:
+        s = s + bias.to(s.dtype)
+    lse = torch.logsumexp(s, dim=-1)
+    return torch.softmax(s, dim=-1).to(qr.dtype) @ vv, lse
+
+
+def empty_result(q: torch.Tensor):
+    """What a block that sees no key returns: zeros ``[B, N, Hq, D]`` and ``lse = -inf``."""
+    B, N, Hq, _ = q.shape
+    return q.new_zeros(q.shape), q.new_full((B, Hq, N), float("-inf"), dtype=torch.float32)
+
+
+def gather_heads(pool, idx, new, kpos, table, Hq, ct, rotate, role):
+    """Keys/values a block reads, as one ``[B, Hq, L + N, D]`` :func:`scratch` buffer in ``ct``.
+
+    Gathered straight into the head-major layout the fused attention call reads best (one
+    ``index_select`` per query head from KV head ``h // g``: GQA needs no separate expand),
+    the block's own keys appended, then rotated in place when ``rotate``.
+    """
+    B, L = idx.shape
+    P, S, Hkv, D = pool.shape
+    g = Hq // Hkv
+    Nn = 0 if new is None else new.shape[1]
+    buf = scratch(role, (B, Hq, L + Nn, D), ct, pool.device)
+    flat = pool.reshape(P * S, Hkv, D)
+    for b in range(B):
+        for h in range(Hq):
+            if pool.dtype == ct:
+                torch.index_select(flat[:, h // g], 0, idx[b], out=buf[b, h, :L])
+            else:
+                buf[b, h, :L] = flat[:, h // g].index_select(0, idx[b])
+    if Nn:
+        buf[:, :, L:] = new.repeat_interleave(g, dim=2).transpose(1, 2)
+    if rotate:
+        rotate_(buf, rope_factors(kpos, table, ct, head_major=True))
+    return buf
+
+
+def paged_attention_torch(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table,
+                          table: RopeTable, *, k_new=None, v_new=None, causal=False,
+                          page_shift=None, scale=None):
+    """CPU path of :func:`lol_kernels.paged_attention`: one gather, one in-place RoPE pass,
+    one fused flash call. Shapes, dtypes and outputs as there.
+
+    Keys are gathered straight into one head-major scratch buffer (cache slots, then the
+    block's own keys) and rotated in place with per-axis complex factors computed once per distinct
+    position (:func:`rope_factors`); the fused call then reads contiguous ``[B, H, N, D]``
+    tensors like a plain SDPA call.
+    """
+    B, N, Hq, D = q.shape
+    dt = q.dtype
+    ct = compute_dtype(dt)
+    scale = D**-0.5 if scale is None else scale
+    table = table.to(q.device)
+    idx, _, kpos, valid = gather_index(cache_pos, page_len, page_table, page_shift)
+    L = idx.shape[1]
+    Nk = L + (0 if k_new is None else N)
+    if Nk == 0:
+        return empty_result(q)
+    if k_new is not None:
+        kpos = torch.cat([kpos, q_pos.long()], dim=1)
+    kr = gather_heads(cache_k, idx, k_new, kpos, table, Hq, ct, True, "k").to(dt)
+    vv = gather_heads(cache_v, idx, v_new, kpos, table, Hq, dt, False, "v")
+    qr = scratch("q", (B, Hq, N, D), ct, q.device)
+    qr.copy_(q.transpose(1, 2))
+    qr = rotate_(qr, rope_factors(q_pos, table, ct, head_major=True)).to(dt)
+    mask = None
+    if valid is not None or causal:
+        mask = torch.ones(B, N, Nk, dtype=torch.bool, device=q.device)
+        if valid is not None:
+            mask[:, :, :L] = valid.unsqueeze(1)
+        if causal:
+            mask[:, :, L:] = torch.ones(N, N, dtype=torch.bool, device=q.device).tril()
+    bias = None
+    if mask is not None:
+        bias = torch.zeros(mask.shape, dtype=dt, device=q.device)
+        bias = bias.masked_fill_(~mask, float("-inf")).unsqueeze(1)
+    out, lse = attention_with_lse(qr, kr, vv, bias, scale)
+    out = out.transpose(1, 2)
+    lse = lse.float()
+    if mask is not None:  # a row with no visible key: zeros and lse = -inf (the kernel gives 0)
+        empty = ~mask.any(dim=-1)  # [B, N]
+        if bool(empty.any()):
+            out = out.masked_fill(empty[:, :, None, None], 0.0)
+            lse = lse.masked_fill(empty[:, None, :], float("-inf"))
+    return out.to(dt), lse
+
+
+def rope_attention_torch(q, k, v, q_pos, k_pos, table: RopeTable, *, causal=False, scale=None):
+    """CPU path of :func:`lol_kernels.rope_attention`: RoPE in fp32 (fp64 for fp64), then one
+    fused attention call.
+
+    Returns ``out [B, N, Hq, D]`` in q.dtype and ``lse [B, Hq, N]`` fp32.
+    """
+    B, N, Hq, D = q.shape
+    Nk, Hkv = k.shape[1], k.shape[2]
+    dt, ct = q.dtype, compute_dtype(q.dtype)
+    scale = D**-0.5 if scale is None else scale
+    if Nk == 0:
+        return empty_result(q)
+    table = table.to(q.device)
+    cos, sin = rope_cos_sin(q_pos, table, ct)
+    qr = rotate_pairs(q.to(ct), cos, sin).to(dt).transpose(1, 2)
+    kr = rotate_keys(k, k_pos, table, Hq, ct).to(dt).transpose(1, 2)
+    vv = v.repeat_interleave(Hq // Hkv, dim=2).transpose(1, 2)
+    bias = None
+    if causal:  # query i sees keys j <= i (top-left, as SDPA's is_causal)
+        vis = torch.ones(N, Nk, dtype=torch.bool, device=q.device).tril()
+        bias = torch.zeros(N, Nk, dtype=dt, device=q.device).masked_fill_(~vis, float("-inf"))
+    out, lse = attention_with_lse(qr, kr, vv, bias, scale)
+    return out.transpose(1, 2).to(dt), lse.float()
