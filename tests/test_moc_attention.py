@@ -411,15 +411,16 @@ except Exception as e:  # triton missing
 
 @pytest.mark.skipif(AOT_SKIP is not None, reason=str(AOT_SKIP))
 def test_sm90_compile_no_spills_hgmma():
-    """Every autotune config at D = 64 and 128 (bf16) compiles for sm_90 (no GPU needed): no
+    """Every autotune config at D = 64 and 128 (bf16), and the narrow config fp32 inputs keep
+    at D = 64 (3xTF32 products, as the paged kernel), compiles for sm_90 (no GPU needed): no
     stack or local memory, tensor-core HGMMA, no calls. About a minute on 2 cores."""
     from lol_kernels.common.aot import sm90_report
     from lol_kernels.common.triton_attention import CONFIGS
     report = sm90_report(("bf16",), (64, 128), kernel="moc_attn_fwd", rope=False, causal=False,
-                         page_size=256)
-    assert len(report) == 2 * len(CONFIGS)
+                         page_size=256, fp32_d64=True)
+    assert len(report) == 2 * len(CONFIGS) + sum(c[1] <= 32 for c in CONFIGS)
     for r in report:
-        name = f"D{r['head_dim']}-M{r['BLOCK_M']}-N{r['BLOCK_N']}-w{r['num_warps']}"
+        name = f"{r['dtype']}-D{r['head_dim']}-M{r['BLOCK_M']}-N{r['BLOCK_N']}-w{r['num_warps']}"
         assert r["stack"] == 0 and r["local"] == 0 and r["local_ldst"] == 0, f"{name} spills"
         assert r["hgmma"] > 0, f"{name} has no HGMMA"
         assert r["calls"] == 0 and r["registers"] <= 255, name
