@@ -3,8 +3,13 @@
 Each benchmark is a script in ``benchmarks/`` that takes ``--out DIR`` and writes ``<name>.json``
 and ``<name>.md`` there. This module runs the ones that exist (each in its own process, so one
 failure does not stop the others), merges their JSON into ``bench.json`` with the machine and
-library versions, and writes ``bench.md``; ``--update-readme`` puts that table into README.md
+library versions, and writes ``bench.md``; ``--update-readme`` puts the tables into README.md
 between ``<!-- bench:start -->`` and ``<!-- bench:end -->``.
+
+The README block holds one section per benchmark, from its ``## <name>`` heading to the next
+benchmark's. ``--update-readme`` replaces only the sections of the benchmarks that ran
+successfully in this run (each with the machine it was measured on) and keeps every other
+section as it was: a failed, missing or unselected benchmark never changes the README.
 """
 
 from __future__ import annotations
@@ -73,18 +78,22 @@ def run_benchmarks(names, *, out_dir: Path, bench_dir: Path, quick: bool) -> dic
             entry["stderr_tail"] = proc.stderr[-2000:]
             print(f"[lol bench] {name} failed ({proc.returncode}):\n{proc.stderr[-800:]}",
                   flush=True)
-        entry["results"] = {p.stem: json.loads(p.read_text()) for p in sorted(sub.glob("*.json"))}
+        entry["results"] = {}
+        for p in sorted(sub.glob("*.json")):
+            try:
+                entry["results"][p.stem] = json.loads(p.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:  # one bad file, not the run
+                entry["status"] = "failed"
+                entry.setdefault("errors", []).append(f"{p}: not valid JSON ({e})")
+                print(f"[lol bench] {name}: {p} is not valid JSON ({e}); marked failed",
+                      flush=True)
         entry["tables"] = [p.read_text() for p in sorted(sub.glob("*.md"))]
         report[name] = entry
     return report
 
 
 def render_markdown(report: dict, info: dict) -> str:
-    lines = ["# lol-kernels benchmark report", "",
-             f"Machine: {info.get('cpu') or info['machine']}"
-             + (f", GPU {info['cuda_device']}" if info.get("cuda_device") else ", no GPU")
-             + f"; Python {info['python']}, torch {info['torch']}, triton {info.get('triton')}, "
-               f"diffusers {info.get('diffusers')}.", ""]
+    lines = ["# lol-kernels benchmark report", "", machine_line(info), ""]
     for name, entry in report.items():
         if entry["status"] != "ok":
             lines += [f"## {name}", "", f"*{entry['status']}*", ""]
@@ -94,15 +103,54 @@ def render_markdown(report: dict, info: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_readme(readme: Path, table: str) -> None:
+def machine_line(info: dict) -> str:
+    return (f"Machine: {info.get('cpu') or info['machine']}"
+            + (f", GPU {info['cuda_device']}" if info.get("cuda_device") else ", no GPU")
+            + f"; Python {info['python']}, torch {info['torch']}, triton {info.get('triton')}, "
+              f"diffusers {info.get('diffusers')}.")
+
+
+def split_sections(block: str) -> tuple[str, dict[str, str]]:
+    """``(head, {name: section})`` of a README bench block: a section runs from a
+    ``## <benchmark name>`` line to the next one; ``head`` is the text before the first."""
+    head, sections, name = [], {}, None
+    for line in block.splitlines():
+        title = line[3:].strip() if line.startswith("## ") else None
+        if title in BENCHMARKS:
+            name = title
+            sections[name] = []
+        (sections[name] if name else head).append(line)
+    return "\n".join(head).strip(), {k: "\n".join(v).strip() for k, v in sections.items()}
+
+
+def update_readme(readme: Path, report: dict, info: dict) -> list[str]:
+    """Replace the README sections of the benchmarks whose status is ``ok``; keep the others.
+    Returns the names updated (the file is not written when there are none)."""
+    ok = [n for n, e in report.items() if e["status"] == "ok" and e["tables"]]
+    if not ok:
+        return []
     text = readme.read_text()
     start, end = "<!-- bench:start -->", "<!-- bench:end -->"
-    block = f"{start}\n{table.replace('# lol-kernels benchmark report', '').strip()}\n{end}"
-    if start in text and end in text:
+    inside = start in text and end in text
+    head, sections = split_sections(text[text.index(start) + len(start): text.index(end)]
+                                     if inside else "")
+    for name in ok:
+        body = "\n\n".join(t.strip() for t in report[name]["tables"])
+        if not body.startswith(f"## {name}"):
+            body = f"## {name}\n\n{body}"
+        title, _, rest = body.partition("\n")
+        sections[name] = f"{title}\n\n*{machine_line(info)}*\n\n{rest.strip()}"
+    if head.startswith("Machine:") and all("\n*Machine:" in v for v in sections.values()):
+        head = ""  # every section now names its own machine
+    order = [n for n in BENCHMARKS if n in sections] + [n for n in sections if n not in BENCHMARKS]
+    parts = ([head] if head else []) + [sections[n] for n in order]
+    block = start + "\n" + "\n\n".join(parts) + "\n" + end
+    if inside:
         text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
     else:
         text = text.rstrip() + "\n\n## Latest benchmarks\n\n" + block + "\n"
     readme.write_text(text)
+    return ok
 
 
 def add_bench_parser(subparsers) -> None:
@@ -137,6 +185,8 @@ def run_bench(args) -> int:
     (out / "bench.md").write_text(md)
     print(md)
     if args.update_readme:
-        update_readme(bench_dir.parent / "README.md", md)
+        done = update_readme(bench_dir.parent / "README.md", report, info)
+        print(f"[lol bench] README.md: updated {', '.join(done) or 'nothing'}; other "
+              f"benchmarks' tables kept as they were")
     print(f"[lol bench] wrote {out / 'bench.json'} and {out / 'bench.md'}")
     return 0 if all(e["status"] in ("ok", "missing") for e in report.values()) else 1

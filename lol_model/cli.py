@@ -22,6 +22,19 @@ import os
 import sys
 import time
 
+from .guard import (
+    MAX_LATENT_FRAMES,
+    SEED_RANGE,
+    GenerationError,
+    RunLock,
+    bounded_int,
+    check_device,
+    check_input_path,
+    check_writable_dir,
+    check_writable_file,
+    finite_float,
+)
+
 SUBCOMMANDS = [
     ("lol_kernels.diagnostics.cli", "add_diagnose_parser", "diagnose"),
     ("lol_model.bench", "add_bench_parser", "bench"),
@@ -43,10 +56,20 @@ def _size(text: str) -> tuple[int, int]:
 
 def _timesteps(text: str) -> tuple[float, ...]:
     try:
-        return tuple(float(t) for t in text.split(","))
+        ts = tuple(float(t) for t in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"timesteps must be comma-separated numbers, got "
                                          f"{text!r}") from None
+    if not all(math.isfinite(t) for t in ts):
+        raise argparse.ArgumentTypeError(f"timesteps must be finite, got {text!r}")
+    return ts
+
+
+class Parser(argparse.ArgumentParser):
+    """One-line errors: ``lol: error: argument --shift: ...`` and exit 2 (no usage dump)."""
+
+    def error(self, message: str):
+        self.exit(2, f"lol: error: {message}\n")
 
 
 def add_generate_parser(sub) -> argparse.ArgumentParser:
@@ -58,10 +81,12 @@ def add_generate_parser(sub) -> argparse.ArgumentParser:
                    help="prompt or schedule, e.g. 'a cat[10s] | a dog[20s#]' ('#': KV flush + "
                         "RoPE cut; otherwise the window is recached with the new prompt)")
     n = p.add_mutually_exclusive_group()
-    n.add_argument("--blocks", type=int, help=f"blocks to generate (default: the schedule's "
-                                              f"length, else {DEFAULT_BLOCKS})")
-    n.add_argument("--seconds", type=float, help="seconds of video (4 latent frames a second, "
-                                                  "rounded up to whole blocks)")
+    n.add_argument("--blocks", type=bounded_int(1),
+                   help=f"blocks to generate (default: the schedule's length, else "
+                        f"{DEFAULT_BLOCKS})")
+    n.add_argument("--seconds", type=finite_float(0, lo_open=True),
+                   help="seconds of video (4 latent frames a second, rounded up to whole "
+                        "blocks)")
     p.add_argument("--out", default="outputs/lol.mp4", help="output mp4 (default %(default)s)")
     p.add_argument("--checkpoint", help="model weights (diffusers or Wan/Self-Forcing/LongLive "
                                         "layout); default: a random model of --preset")
@@ -72,25 +97,30 @@ def add_generate_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", help="float32, bf16, fp16 or float64")
     p.add_argument("--cache", default="sink-window",
                    help="cache configuration: sink-window, relativistic, growing, ...")
-    p.add_argument("--sink-frames", type=int, help="override the cache's sink frames")
-    p.add_argument("--window-frames", type=int, help="override the cache's window frames")
-    p.add_argument("--jitter-sigma", type=float, default=0.0,
+    p.add_argument("--sink-frames", type=bounded_int(0),
+                   help="override the cache's sink frames")
+    p.add_argument("--window-frames", type=bounded_int(0),
+                   help="override the cache's window frames")
+    p.add_argument("--jitter-sigma", type=finite_float(0, 1, hi_open=True), default=0.0,
                    help="LoL multi-head RoPE jitter sigma in [0, 1) (paper: 0.8)")
-    p.add_argument("--jitter-seed", type=int, default=0, help="seed of the per-head jitter draw")
+    p.add_argument("--jitter-seed", type=bounded_int(*SEED_RANGE), default=0,
+                   help="seed of the per-head jitter draw")
     p.add_argument("--size", type=_size, default=(128, 128),
                    help="video WIDTHxHEIGHT (default 128x128; Wan: 832x480)")
-    p.add_argument("--steps", type=int, default=4, help="denoising steps per block")
-    p.add_argument("--shift", type=float, default=5.0, help="flow-matching timestep shift")
+    p.add_argument("--steps", type=bounded_int(1), default=4, help="denoising steps per block")
+    p.add_argument("--shift", type=finite_float(0, lo_open=True), default=5.0,
+                   help="flow-matching timestep shift")
     p.add_argument("--timesteps", type=_timesteps,
                    help="explicit timesteps, e.g. 1000,937.5,833.33,625 (overrides --steps)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=bounded_int(*SEED_RANGE), default=0,
+                   help="noise seed, in [-2**63, 2**64 - 1]")
     p.add_argument("--text-encoder", help="umT5 folder or prompt-embedding file "
                                           "(.safetensors/.pt); default: tiny random umT5")
     p.add_argument("--vae", help="diffusers AutoencoderKLWan folder; default: tiny random VAE")
     p.add_argument("--no-decode", action="store_true", help="latents only, no mp4")
     p.add_argument("--save-latents", action="store_true",
                    help="also save clean latents to <out>.latents/seg_*.safetensors")
-    p.add_argument("--checkpoint-every", type=int, default=0,
+    p.add_argument("--checkpoint-every", type=bounded_int(0), default=0,
                    help="save the stream state every N blocks (0: never). The mp4 is "
                         "written as segments in <out>.segments/ closed at every checkpoint "
                         "(every 25 blocks without checkpoints), so what was written stays "
@@ -98,9 +128,12 @@ def add_generate_parser(sub) -> argparse.ArgumentParser:
                         "the end")
     p.add_argument("--checkpoint-dir", help="state folder (default <out>.ckpt)")
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
-    p.add_argument("--threads", type=int,
-                   help="torch CPU threads (default: 1 for the tiny preset on the CPU, whose ops "
-                        "are too small to gain from threads; else torch's default)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh even though --out holds a previous run's checkpoint or "
+                        "segments (they are deleted); without it such a run is refused")
+    p.add_argument("--threads", type=bounded_int(0),
+                   help="torch CPU threads (default or 0: 1 for the tiny preset on the CPU, "
+                        "whose ops are too small to gain from threads; else torch's default)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_generate)
     return p
@@ -114,12 +147,12 @@ def settings_from_args(args):
     block_frames = 3
     blocks = args.blocks
     if args.seconds is not None:
-        if args.seconds <= 0:
-            raise ValueError(f"--seconds must be > 0, got {args.seconds}")
+        if not math.isfinite(args.seconds) or args.seconds <= 0:
+            raise ValueError(f"--seconds must be a finite number > 0, got {args.seconds}")
         blocks = max(1, math.ceil(args.seconds * LATENT_FPS / block_frames))
     if blocks is None:
-        blocks = parse_schedule(args.prompt, block_frames=block_frames).total_blocks \
-            or DEFAULT_BLOCKS
+        blocks = _named("--prompt", parse_schedule, args.prompt,
+                        block_frames=block_frames).total_blocks or DEFAULT_BLOCKS
     preset = args.preset or ("wan-1.3b" if args.checkpoint else "tiny")
     return StreamSettings(
         prompt=args.prompt, blocks=blocks, preset=preset, checkpoint=args.checkpoint,
@@ -131,15 +164,102 @@ def settings_from_args(args):
         vae=args.vae, decode=not args.no_decode)
 
 
+def _named(option: str, check, *a, **kw):
+    """Run ``check``; a ``ValueError`` it raises is re-raised naming ``option``."""
+    try:
+        return check(*a, **kw)
+    except ValueError as e:
+        raise ValueError(f"{option}: {e}") from None
+
+
+def check_generate_args(args, s, ckpt: str) -> None:
+    """Every check that needs no model: refuse bad options before any work starts."""
+    from .caches import get_cache_config
+    from .config import ModelConfig
+    from .generate import DTYPES
+    from .sampling import sigmas_from_timesteps
+    from .schedule import parse_schedule
+
+    if s.dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {s.dtype!r}")
+    check_device(s.device)
+    if args.lora and not args.checkpoint:
+        raise ValueError("--lora needs --checkpoint (the LoRA is merged into its weights)")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+    for option, path in (("--checkpoint", args.checkpoint), ("--lora", args.lora),
+                         ("--text-encoder", args.text_encoder), ("--vae", args.vae)):
+        check_input_path(option, path)
+    _named("--prompt", parse_schedule, s.prompt, block_frames=s.block_frames)
+    _named("--preset", ModelConfig.preset, s.preset)
+    _named("--cache", get_cache_config, s.cache, sink_frames=s.sink_frames,
+           window_frames=s.window_frames)
+    if s.timesteps:
+        _named("--timesteps", sigmas_from_timesteps, s.timesteps)
+    if s.blocks * s.block_frames > MAX_LATENT_FRAMES:
+        raise ValueError(f"--blocks/--seconds/--prompt durations ask for {s.blocks:.3g} "
+                         f"blocks; at most {MAX_LATENT_FRAMES // s.block_frames} fit the "
+                         f"frame-time range")
+    if s.decode and not args.out.endswith(".mp4"):
+        raise ValueError(f"--out must end in .mp4 (or pass --no-decode), got {args.out!r}")
+    check_writable_file("--out", args.out)
+    if os.path.isfile(ckpt) and (args.checkpoint_every or not args.resume):
+        raise ValueError(f"--checkpoint-dir {ckpt} is a file, not a folder")
+    check_writable_dir("--checkpoint-dir", ckpt)
+
+
+def previous_run(args, ckpt: str) -> list[str]:
+    """Paths of an earlier run's data that a fresh run onto ``--out`` would replace or mix."""
+    import glob
+
+    from .generate import latents_folder
+    from .state import FILE
+
+    found = [p for p in [os.path.join(ckpt, FILE)] if os.path.isfile(p)]
+    if glob.glob(os.path.join(args.out + ".segments", "seg_*.mp4")):
+        found.append(args.out + ".segments")
+    lat = latents_folder(args.out)
+    if args.save_latents and glob.glob(os.path.join(lat, "seg_*.safetensors")):
+        found.append(lat)
+    return found
+
+
+def remove_previous_run(args, ckpt: str) -> None:
+    """``--overwrite``: delete the checkpoint files and the segment folders of ``--out``."""
+    import shutil
+
+    from .generate import latents_folder
+    from .state import FILE
+
+    for name in (FILE, "stream.json"):
+        if os.path.isfile(os.path.join(ckpt, name)):
+            os.remove(os.path.join(ckpt, name))
+    for folder in (args.out + ".segments", latents_folder(args.out)):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def run_generate(args) -> dict:
-    import torch
-
-    from .generate import attach_outputs, finish, new_stream, resume_stream, run
-
-    if args.checkpoint_every < 0:
-        raise ValueError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
     ckpt = args.checkpoint_dir or args.out + ".ckpt"
     s = settings_from_args(args)
+    check_generate_args(args, s, ckpt)
+    with RunLock([args.out, ckpt]):
+        if not args.resume:
+            found = previous_run(args, ckpt)
+            if found and not args.overwrite:
+                how = "continue it with --resume" if found[0].endswith(".safetensors") else \
+                    "move it away (no checkpoint: --resume cannot continue it)"
+                raise ValueError(f"--out {args.out} holds a previous run ({', '.join(found)}); "
+                                 f"{how}, or pass --overwrite to replace it")
+            if found:
+                remove_previous_run(args, ckpt)
+        return _generate(args, s, ckpt)
+
+
+def _generate(args, s, ckpt: str) -> dict:
+    import torch
+
+    from .generate import attach_outputs, finish, keep_written, new_stream, resume_stream, run
+
     threads = args.threads or (1 if s.preset == "tiny" and s.device == "cpu" else None)
     if threads:
         torch.set_num_threads(threads)
@@ -151,8 +271,13 @@ def run_generate(args) -> dict:
         resume_stream(st, ckpt)
         print(f"resumed at block {st.block} from {ckpt}", file=sys.stderr)
     start = st.block
-    run(st, checkpoint_dir=ckpt if args.checkpoint_every else None,
-        checkpoint_every=args.checkpoint_every, progress=not args.quiet)
+    try:
+        run(st, checkpoint_dir=ckpt if args.checkpoint_every else None,
+            checkpoint_every=args.checkpoint_every, progress=not args.quiet)
+    except GenerationError as e:
+        kept = keep_written(st, ckpt if args.checkpoint_every else None,
+                            st.block if e.block is None else e.block - 1)
+        raise GenerationError(f"{e}. {kept}", block=e.block) from None
     out = finish(st, keep_segments=bool(args.checkpoint_every))
     dt = time.perf_counter() - t0
     frames = st.block * s.block_frames
@@ -168,7 +293,7 @@ def _missing(name: str, module: str, err: Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lol", description="LoL streaming video kernels and "
+    parser = Parser(prog="lol", description="LoL streaming video kernels and "
                                                              "generator")
     sub = parser.add_subparsers(dest="command", required=True)
     add_generate_parser(sub)
@@ -185,11 +310,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run ``lol``; a user-facing failure prints one ``lol: error: ...`` line: exit 2 for bad
+    options and files (checked before any work), 1 when a run stops (non-finite latents)."""
     args = build_parser().parse_args(argv)
     try:
         rc = args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"lol {args.command}: error: {e}", file=sys.stderr)
+    except GenerationError as e:
+        print(f"lol: error: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as e:
+        print(f"lol: error: {e}", file=sys.stderr)
         return 2
     return rc if isinstance(rc, int) else 0
 

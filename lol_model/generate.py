@@ -23,6 +23,7 @@ import torch
 
 from .caches import CacheConfig, get_cache_config
 from .config import ModelConfig
+from .guard import GenerationError
 from .model import CausalWanModel
 from .sampling import (
     SHIFT,
@@ -215,20 +216,37 @@ def sample_block(st: Stream) -> torch.Tensor:
     st.pending_cut = False
     x0 = denoise_block(st.model, st.latent_shape, st.text_kv, st.cache, read, st.sigmas,
                        st.generator, dtype=st.dtype, device=st.device)
+    check_finite(st, x0, st.block + 1, "sampled latents", "NaN/inf weights in --checkpoint, "
+                 "--lora or --text-encoder, or an extreme --shift/--timesteps")
     blk = write_block(st.model, x0, st.text_kv, st.cache, read)
     _keep_latents(st, blk, x0)
     st.block += 1
     return x0
 
 
+def check_finite(st: Stream, x: torch.Tensor, block: int, what: str, causes: str) -> None:
+    """Raise :class:`~lol_model.guard.GenerationError` if ``x`` holds NaN or inf, naming
+    ``block`` (1-based). One reduction and one host sync per call: once a block, not a forward."""
+    if not bool(torch.isfinite(x).all()):
+        if st.dtype in (torch.float16, torch.bfloat16):
+            causes += f", or overflow in {st.settings.dtype} (try --dtype float32)"
+        raise GenerationError(f"block {block} of {st.settings.blocks}: the {what} hold NaN or "
+                              f"inf (likely causes: {causes}); stopped before writing it",
+                              block=block)
+
+
 def emit(st: Stream, x0: torch.Tensor) -> None:
     """Decode the block (sample 0) into the mp4 and queue its latents, if enabled."""
-    if st.latent_writer is not None:
-        st.latent_writer.append(x0)
+    frames = None
     if st.decoder is not None:
         from .vae import to_uint8_frames
 
-        frames = to_uint8_frames(st.decoder.decode(x0[:1]))[0]
+        video = st.decoder.decode(x0[:1])
+        check_finite(st, video, st.block, "decoded frames", "NaN/inf weights in --vae")
+        frames = to_uint8_frames(video)[0]
+    if st.latent_writer is not None:
+        st.latent_writer.append(x0)
+    if frames is not None:
         if st.video is not None:
             st.video.append(frames)
         st.frames_out += frames.shape[0]
@@ -256,8 +274,12 @@ def attach_outputs(st: Stream, out: str | None, *, save_latents: bool = False) -
     if save_latents:
         from .video import LatentWriter
 
-        base = os.path.splitext(out)[0] if out else "latents"
-        st.latent_writer = LatentWriter(base + ".latents")
+        st.latent_writer = LatentWriter(latents_folder(out))
+
+
+def latents_folder(out: str | None) -> str:
+    """Where ``--save-latents`` writes: ``<out without .mp4>.latents``."""
+    return (os.path.splitext(out)[0] if out else "latents") + ".latents"
 
 
 def close_segments(st: Stream) -> None:
@@ -265,6 +287,27 @@ def close_segments(st: Stream) -> None:
         st.video.close_segment()
     if st.latent_writer is not None:
         st.latent_writer.close_segment()
+
+
+def keep_written(st: Stream, checkpoint_dir: str | None, good: int) -> str:
+    """After a failed block: close the open segments so the ``good`` blocks written so far stay
+    playable / loadable; returns a sentence saying where the output and last checkpoint are."""
+    try:
+        close_segments(st)
+    except Exception as e:  # keep the first error; report that the open segment was lost
+        from .files import first_line
+
+        return f"The open segment could not be closed ({first_line(e)})"
+    said = []
+    if st.video is not None and good:
+        said.append(f"the video of blocks 1-{good} is kept in {st.video.seg_dir} "
+                    f"(ffmpeg concat list: list.txt)")
+    if checkpoint_dir:
+        from .state import FILE
+
+        if os.path.isfile(os.path.join(checkpoint_dir, FILE)):
+            said.append(f"the last good checkpoint in {checkpoint_dir} is intact (--resume)")
+    return ("Kept: " + "; ".join(said)) if said else "Nothing was written"
 
 
 def finish(st: Stream, *, keep_segments: bool = False) -> str | None:

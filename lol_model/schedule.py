@@ -18,10 +18,12 @@ Grammar (segments separated by ``|``)::
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
 LATENT_FPS = 4.0  # 16 video fps / VAE temporal stride 4
+MAX_DURATION = 1e12  # seconds or blocks of a segment: beyond any run, far inside float
 
 _TAG = re.compile(r"\[\s*(?:(?P<num>\d+(?:\.\d*)?|\.\d+)\s*(?P<unit>[sb]?))?\s*(?P<cut>#)?\s*\]\s*$")
 
@@ -75,6 +77,9 @@ def parse_schedule(text: str, *, block_frames: int = 3) -> PromptSchedule:
             prompt = part[: m.start()].strip()
             if m.group("num") is not None:
                 num = float(m.group("num"))
+                if not math.isfinite(num) or num > MAX_DURATION:
+                    raise ValueError(f"{where}: duration {m.group('num')[:24]} is out of range "
+                                     f"(at most {MAX_DURATION:g})")
                 if m.group("unit") == "s":
                     blocks = max(1, round(num * LATENT_FPS / block_frames))
                 else:

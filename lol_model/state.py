@@ -24,6 +24,8 @@ import os
 
 import torch
 
+from .files import first_line
+
 FORMAT = "lol-stream/2"
 READABLE = (FORMAT,)  # formats load_checkpoint accepts
 FILE = "stream.safetensors"
@@ -88,7 +90,8 @@ def load_checkpoint(folder: str) -> tuple[dict, dict[str, torch.Tensor]]:
             header = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for corrupt files
-        raise ValueError(f"{path} is not a readable safetensors checkpoint: {e}") from None
+        raise ValueError(f"{path} is not a readable safetensors checkpoint: {first_line(e)}") \
+            from None
     if "lol" not in header:
         raise ValueError(f"{path} is a safetensors file but not a lol stream checkpoint "
                          f"(no 'lol' metadata)")

@@ -19,6 +19,8 @@ import os
 
 import torch
 
+from .files import first_line, load_tensor_file
+
 
 class ByteTokenizer:
     """Deterministic byte-level tokenizer: UTF-8 byte ``b`` -> id ``b + 3``; 0 = pad, 1 = EOS."""
@@ -77,8 +79,12 @@ class TextEncoder:
                              f"tokenizer, got {path!r}")
         sub = [os.path.join(path, s) for s in ("text_encoder", "tokenizer")]
         mpath, tpath = (sub if all(os.path.isdir(s) for s in sub) else [path, path])
-        model = UMT5EncoderModel.from_pretrained(mpath, local_files_only=True)
-        tok = AutoTokenizer.from_pretrained(tpath, local_files_only=True)
+        try:
+            model = UMT5EncoderModel.from_pretrained(mpath, local_files_only=True)
+            tok = AutoTokenizer.from_pretrained(tpath, local_files_only=True)
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:  # truncated files
+            raise ValueError(f"--text-encoder {path} is not a readable umT5 encoder + tokenizer "
+                             f"folder: {first_line(e)}") from None
 
         def tokenize(prompts, max_length):
             enc = tok(prompts, padding="max_length", truncation=True, max_length=max_length,
@@ -106,12 +112,8 @@ class PrecomputedText:
                  dtype=torch.float32):
         if not os.path.isfile(path):
             raise ValueError(f"prompt embedding file {path!r} does not exist")
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            table = load_file(path)
-        elif path.endswith((".pt", ".pth")):
-            table = torch.load(path, map_location="cpu", weights_only=True)
+        if path.endswith((".safetensors", ".pt", ".pth")):
+            table = load_tensor_file(path, "prompt embedding file")
         else:
             raise ValueError(f"prompt embedding file must end in .safetensors or .pt, got {path!r}")
         if not isinstance(table, dict) or not table:

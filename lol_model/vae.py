@@ -46,10 +46,16 @@ def load_vae(spec: str | None, *, seed: int = 0, dtype=torch.float32, device="cp
 
     from diffusers import AutoencoderKLWan
 
+    from .files import first_line
+
     if not os.path.isdir(spec):
         raise ValueError(f"vae must be 'tiny' or a diffusers AutoencoderKLWan folder, got {spec!r}")
     sub = "vae" if os.path.isdir(os.path.join(spec, "vae")) else None
-    vae = AutoencoderKLWan.from_pretrained(spec, subfolder=sub, local_files_only=True)
+    try:
+        vae = AutoencoderKLWan.from_pretrained(spec, subfolder=sub, local_files_only=True)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:  # truncated / garbage
+        raise ValueError(f"--vae {spec} is not a readable diffusers AutoencoderKLWan folder: "
+                         f"{first_line(e)}") from None
     return _place(vae, dtype, device)
 
 

@@ -23,11 +23,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Mapping
 
 import torch
 
 from .config import ModelConfig
+from .files import first_line, load_tensor_file
 from .model import CausalWanModel
 
 # diffusers -> original, applied in order to each key
@@ -91,13 +93,16 @@ def to_original_layout(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 # ---------------------------------------------------------------------- reading files
 def _load_safetensors(path: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-    return load_file(path, device="cpu")
+    return load_tensor_file(path, "weight file")
 
 
 def _load_index(index_path: str) -> dict[str, torch.Tensor]:
-    with open(index_path) as f:
-        weight_map = json.load(f).get("weight_map")
+    try:
+        with open(index_path) as f:
+            weight_map = json.load(f).get("weight_map")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise ValueError(f"weight index {index_path} is not a JSON object: {first_line(e)}") \
+            from None
     if not isinstance(weight_map, dict) or not weight_map:
         raise ValueError(f"{index_path} has no 'weight_map' of tensor name -> shard file")
     root, sd = os.path.dirname(index_path), {}
@@ -111,12 +116,7 @@ def _load_index(index_path: str) -> dict[str, torch.Tensor]:
 
 
 def _torch_load(path: str):
-    try:  # weights_only: a checkpoint is tensors in dicts; never run pickled code
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path} cannot be read as a torch checkpoint of tensors in dicts "
-                         f"(loaded with weights_only=True; re-save other objects apart): "
-                         f"{type(e).__name__}: {str(e)[:200]}") from e
+    return load_tensor_file(path, "weight file")
 
 
 def _load_torch(path: str, key: str | None) -> dict[str, torch.Tensor]:
@@ -316,4 +316,9 @@ def load_model(path, preset_or_config: str | ModelConfig = "wan-1.3b", *, lora=N
     for name, p in model.named_parameters():
         keep = half and any(part in _KEEP_FP32 for part in name.split("."))
         p.data = p.data.to(device=device, dtype=torch.float32 if keep else dtype)
+    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        where = os.fspath(path) if isinstance(path, (str, os.PathLike)) else "the state dict"
+        warnings.warn(f"{where}: NaN or inf in {len(bad)} weight tensor(s) ({_few(bad, 4)}); "
+                      f"the stream will stop at its first block", stacklevel=2)
     return model.eval().requires_grad_(False)

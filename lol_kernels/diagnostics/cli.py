@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -27,16 +28,27 @@ from .coherence import (
     predict_collapse,
     synchronized_events,
 )
-from .stream import stream_metrics
+from .stream import nonfinite_frames, stream_metrics
 
 _PRINT_MAX = 24  # predicted indices printed per line (the JSON has them all)
 
 
 def _floats(text: str) -> list[float]:
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        xs = [float(x) for x in text.split(",") if x.strip()]
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from e
+    if not all(math.isfinite(x) for x in xs):
+        raise argparse.ArgumentTypeError(f"expected finite numbers, got {text!r}")
+    return xs
+
+
+def _finite(text: str) -> float:
+    """argparse type: one finite float (``inf``, ``nan`` and ``1e999`` are refused)."""
+    xs = _floats(text)
+    if len(xs) != 1:
+        raise argparse.ArgumentTypeError(f"expected one number, got {text!r}")
+    return xs[0]
 
 
 def _ints(text: str) -> list[int]:
@@ -50,10 +62,10 @@ def _ints(text: str) -> list[int]:
 _ANALYSIS_OPTIONS = (
     ("--min-delta", int, 100, "analyse distances min_delta < Delta <= max_delta (default 100)"),
     ("--max-delta", int, 172800, "largest distance (default 172800 = 12 h of latent frames)"),
-    ("--threshold", float, 0.55,
+    ("--threshold", _finite, 0.55,
      "head-averaged coherence a predicted collapse must exceed (0.55)"),
-    ("--sync-threshold", float, 0.5, "per-head coherence level of a synchronized event (0.5)"),
-    ("--min-fraction", float, 1.0,
+    ("--sync-threshold", _finite, 0.5, "per-head coherence level of a synchronized event (0.5)"),
+    ("--min-fraction", _finite, 1.0,
      "fraction of heads above --sync-threshold at once (default 1.0 = all)"),
     ("--zoom", int, 400, "upper distance of the zoomed coherence plot (default 400)"),
 )
@@ -63,8 +75,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("RoPE configuration")
     g.add_argument("--head-dim", type=int, default=128, help="head dim D (default 128, Wan)")
     g.add_argument("--heads", type=int, default=12, help="attention heads H (default 12)")
-    g.add_argument("--theta", type=float, default=10000.0, help="RoPE base (default 10000)")
-    g.add_argument("--jitter-sigma", type=float, default=0.8,
+    g.add_argument("--theta", type=_finite, default=10000.0, help="RoPE base (default 10000)")
+    g.add_argument("--jitter-sigma", type=_finite, default=0.8,
                    help="sigma of the 'with jitter' curves (default 0.8, LoL's best)")
     g.add_argument("--seed", type=int, default=0, help="jitter draw seed (default 0)")
     g.add_argument("--axis", type=int, default=0, help="position axis to analyse (0 = time)")
@@ -101,13 +113,22 @@ def load_latents(path: Path) -> torch.Tensor:
     dropped.
     """
     path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        obj = load_file(str(path))
-    elif path.suffix in (".pt", ".pth"):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    else:
-        raise ValueError(f"--latents must be a .pt or .safetensors file, got {path}")
+    if not path.is_file():
+        raise ValueError(f"--latents {path} does not exist or is not a file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            obj = load_file(str(path))
+        elif path.suffix in (".pt", ".pth"):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            raise ValueError(f"--latents must be a .pt or .safetensors file, got {path}")
+    except ValueError:
+        raise
+    except Exception as e:  # safetensors / pickle raise their own types for corrupt files
+        first = (str(e).strip().splitlines() or [""])[0][:200]  # one-line error
+        raise ValueError(f"--latents {path} cannot be read (truncated or corrupt?): "
+                         f"{type(e).__name__}: {first}") from None
     if isinstance(obj, dict):
         tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
         if "latents" in tensors:
@@ -123,7 +144,40 @@ def load_latents(path: Path) -> torch.Tensor:
         obj = obj[0]
     if obj.dim() != 4:
         raise ValueError(f"latents in {path} must have shape [F, Cz, H, W], got {list(obj.shape)}")
+    bad = nonfinite_frames(obj) if obj.is_floating_point() else []
+    if bad:
+        raise ValueError(f"--latents {path}: NaN or inf in {len(bad)} of {obj.shape[0]} frames "
+                         f"(first: {bad[:8]}); a broken stream, not a measurable one")
     return obj
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation (Linux ``MemAvailable``; else free pages)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_memory(args) -> None:
+    """``ValueError`` naming ``--min-delta`` / ``--max-delta`` when the analysed range is empty
+    or cannot fit in memory: the coherence of every head over every distance is held at once,
+    ``[H, N]`` float64, plus per-distance curves (an estimate, refused before any work)."""
+    if args.min_delta < 0 or args.max_delta <= args.min_delta:
+        raise ValueError(f"--min-delta {args.min_delta} and --max-delta {args.max_delta}: need "
+                         f"0 <= --min-delta < --max-delta")
+    n = args.max_delta - args.min_delta
+    sigmas = len({0.0, *args.sigmas, args.jitter_sigma})
+    need = 8 * n * (2 * max(args.heads, 1) + sigmas + 4)
+    have = available_memory()
+    if need > have:
+        raise ValueError(f"--max-delta {args.max_delta} (with --min-delta {args.min_delta}, "
+                         f"--heads {args.heads}) needs about {need / 2**30:.1f} GiB; "
+                         f"{have / 2**30:.1f} GiB is available: lower --max-delta")
 
 
 def _fmt_list(xs: list[int]) -> str:
@@ -232,6 +286,8 @@ def run_diagnose(args) -> dict:
 
     Returns the summary dict (also written to ``args.out / "summary.json"``).
     """
+    check_memory(args)  # refuse bad input before any work
+    lat = load_latents(args.latents) if args.latents is not None else None
     sigmas = list(dict.fromkeys([0.0, *args.sigmas, args.jitter_sigma]))
     tables = {sg: rope_frequencies(args.head_dim, args.heads, theta=args.theta,
                                    jitter_sigma=sg, jitter_axes=(args.axis,), seed=args.seed)
@@ -277,7 +333,6 @@ def run_diagnose(args) -> dict:
 
     stream = None
     if args.latents is not None:
-        lat = load_latents(args.latents)
         m = stream_metrics(lat, args.sink_frames)
         plots["l2_to_sink"] = out / "l2_to_sink.png"
         _plot_stream(plots["l2_to_sink"], m, args.sink_frames)
@@ -316,5 +371,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["diagnose"]:
         argv = argv[1:]
-    run_diagnose(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    try:
+        run_diagnose(args)
+    except (ValueError, OSError) as e:
+        print(f"lol diagnose: error: {e}", file=sys.stderr)
+        return 2
     return 0

@@ -73,7 +73,23 @@ def _check_latents(latents) -> torch.Tensor:
         raise TypeError(f"latents must be a floating tensor, got {latents.dtype}")
     if latents.shape[0] < 2:
         raise ValueError(f"latents must hold at least 2 frames, got F = {latents.shape[0]}")
+    bad = nonfinite_frames(latents)
+    if bad:
+        raise ValueError(f"latents hold NaN or inf in {len(bad)} of {latents.shape[0]} frames "
+                         f"(first: {bad[:8]}): the stream is broken, not measurable; "
+                         f"regenerate it (lol generate stops at the first non-finite block)")
     return latents
+
+
+def nonfinite_frames(latents: torch.Tensor) -> list[int]:
+    """Indices of the frames of ``latents [F, ...]`` holding NaN or inf, checked a chunk of
+    frames at a time (no full-size mask)."""
+    F = latents.shape[0]
+    x = latents.reshape(F, -1)
+    step = max(1, _CHUNK_ELEMS // max(1, x.shape[1]))
+    bad = [torch.isfinite(x[a : a + step]).all(dim=1).logical_not().nonzero().flatten() + a
+           for a in range(0, F, step)]
+    return [int(f) for f in torch.cat(bad).cpu()] if bad else []
 
 
 def l2_to_sink(latents: torch.Tensor, sink_frames: Sequence[int] | torch.Tensor, *,

@@ -1,0 +1,405 @@
+"""Reliability of the ``lol`` command line (issue 11), one parametrized test per class:
+
+* bad options and files: one ``lol: error:`` line naming the option or file, exit 2, nothing
+  written (checked before any work);
+* non-finite latents: the run stops at the block that went wrong, exit 1, nothing black written;
+  what was written before stays playable and the last checkpoint stays resumable;
+* ``lol diagnose`` refuses non-finite latents;
+* two runs, one output: the second fails while the first holds the lock; a dead holder's lock
+  does not block;
+* a fresh run onto a previous run's data is refused without ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lol_model.cli import main
+from lol_model.config import ModelConfig
+from lol_model.generate import StreamSettings, attach_outputs, new_stream, run
+from lol_model.guard import GenerationError, RunLock
+from lol_model.model import CausalWanModel
+from lol_model.state import load_checkpoint
+
+FAST = ["--quiet", "--threads", "1", "--size", "64x64"]
+
+
+def lol(argv, capsys) -> tuple[int, str]:
+    """Run ``lol argv`` in-process: ``(exit code, stderr)`` (argparse errors raise SystemExit)."""
+    try:
+        rc = main(argv)
+    except SystemExit as e:
+        rc = e.code
+    return rc, capsys.readouterr().err
+
+
+def error_line(err: str) -> str:
+    """The single ``lol: error:`` line of ``err`` (progress bars and warnings aside)."""
+    lines = [ln for ln in err.splitlines() if ln.startswith("lol") and "error:" in ln]
+    assert len(lines) == 1 and lines[0].startswith("lol: error: "), err
+    return lines[0]
+
+
+def tiny_weights(path, *, poison: str | None = None, value=float("nan")) -> str:
+    """A tiny-preset checkpoint; ``poison``: a parameter name whose first entry is ``value``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        sd = CausalWanModel(ModelConfig.preset("tiny")).state_dict()
+    sd = {k: v.clone().contiguous() for k, v in sd.items()}
+    if poison is not None:
+        sd[poison].view(-1)[0] = value
+    save_file(sd, str(path))
+    return str(path)
+
+
+# --------------------------------------------------------------------------- bad options
+def _garbage(d, name, data=b"\x00garbage, not a tensor file" * 8):
+    p = d / name
+    p.write_bytes(data)
+    return str(p)
+
+
+def _truncated(d):
+    full = tiny_weights(d / "full.safetensors")
+    data = open(full, "rb").read()
+    return _garbage(d, "cut.safetensors", data[: len(data) // 2])
+
+
+def _garbage_vae(d):
+    v = d / "vae"
+    v.mkdir()
+    (v / "config.json").write_text('{"_class_name": "AutoencoderKLWan", "base_dim": 8, '
+                                   '"z_dim": 16}')
+    _garbage(v, "diffusion_pytorch_model.safetensors")
+    return str(v)
+
+
+def _file(d):
+    (d / "plain").write_text("x")
+    return str(d / "plain")
+
+
+NINES = "9" * 400
+# (id, argv builder given a scratch folder, text the error line must contain); builders that
+# return a path in the message use "{path}" in the expected text
+BAD = [
+    ("shift-inf", lambda d: ["--shift", "inf"], "--shift"),
+    ("shift-nan", lambda d: ["--shift", "nan"], "--shift"),
+    ("shift-overflow", lambda d: ["--shift", "1e999"], "--shift"),
+    ("shift-negative", lambda d: ["--shift", "-1"], "--shift"),
+    ("seconds-inf", lambda d: ["--seconds", "inf"], "--seconds"),
+    ("seconds-nan", lambda d: ["--seconds", "nan"], "--seconds"),
+    ("seconds-zero", lambda d: ["--seconds", "0"], "--seconds"),
+    ("seconds-huge", lambda d: ["--seconds", "1e300"], "--seconds"),
+    ("schedule-overflow", lambda d: ["--prompt", f"a[{NINES}s] | b"], "--prompt"),
+    ("schedule-huge", lambda d: ["--prompt", "a[999999999999b] | b[99999999999b]"], "--prompt"),
+    ("schedule-cut-first", lambda d: ["--prompt", "a[3#] | b"], "--prompt"),
+    ("timesteps-nan", lambda d: ["--timesteps", "1000,nan"], "--timesteps"),
+    ("timesteps-inf", lambda d: ["--timesteps", "inf,500"], "--timesteps"),
+    ("timesteps-order", lambda d: ["--timesteps", "500,1000"], "--timesteps"),
+    ("jitter-nan", lambda d: ["--jitter-sigma", "nan"], "--jitter-sigma"),
+    ("jitter-one", lambda d: ["--jitter-sigma", "1"], "--jitter-sigma"),
+    ("blocks-zero", lambda d: ["--blocks", "0"], "--blocks"),
+    ("steps-zero", lambda d: ["--steps", "0"], "--steps"),
+    ("threads-negative", lambda d: ["--threads", "-2"], "--threads"),
+    ("checkpoint-every-negative", lambda d: ["--checkpoint-every", "-1"], "--checkpoint-every"),
+    ("sink-negative", lambda d: ["--sink-frames", "-1"], "--sink-frames"),
+    ("seed-too-big", lambda d: ["--seed", str(2**64)], "--seed"),
+    ("seed-too-small", lambda d: ["--seed", str(-(2**63) - 1)], "--seed"),
+    ("jitter-seed-too-big", lambda d: ["--jitter-seed", str(2**70)], "--jitter-seed"),
+    ("device-garbage", lambda d: ["--device", "bogus"], "--device"),
+    ("device-absent", lambda d: ["--device", "cuda:99"], "--device"),
+    ("device-meta", lambda d: ["--device", "meta"], "--device"),
+    ("dtype", lambda d: ["--dtype", "int8"], "--dtype"),
+    ("preset", lambda d: ["--preset", "nope"], "--preset"),
+    ("cache", lambda d: ["--cache", "nope"], "--cache"),
+    ("lora-without-checkpoint", lambda d: ["--lora", _file(d)], "--lora"),
+    ("resume-and-overwrite", lambda d: ["--resume", "--overwrite"], "--overwrite"),
+    ("out-is-dir", lambda d: ["--out", str(d)], "--out"),
+    ("out-under-file", lambda d: ["--out", os.path.join(_file(d), "x.mp4")], "--out"),
+    ("out-not-mp4", lambda d: ["--out", str(d / "x.avi")], "--out"),
+    ("ckpt-is-file", lambda d: ["--checkpoint-dir", _file(d), "--checkpoint-every", "1"],
+     "--checkpoint-dir"),
+    ("ckpt-under-file", lambda d: ["--checkpoint-dir", os.path.join(_file(d), "c"),
+                                   "--checkpoint-every", "1"], "--checkpoint-dir"),
+    ("checkpoint-missing", lambda d: ["--checkpoint", str(d / "none.safetensors")],
+     "--checkpoint"),
+    ("vae-missing", lambda d: ["--vae", str(d / "none")], "--vae"),
+    ("checkpoint-garbage-safetensors",
+     lambda d: ["--preset", "tiny", "--checkpoint", _garbage(d, "w.safetensors")], "{path}"),
+    ("checkpoint-garbage-pt", lambda d: ["--preset", "tiny", "--checkpoint", _garbage(d, "w.pt")],
+     "{path}"),
+    ("checkpoint-truncated", lambda d: ["--preset", "tiny", "--checkpoint", _truncated(d)],
+     "{path}"),
+    ("lora-garbage", lambda d: ["--preset", "tiny", "--checkpoint",
+                                tiny_weights(d / "ok.safetensors"), "--lora",
+                                _garbage(d, "l.safetensors")], "{path}"),
+    ("text-garbage-safetensors", lambda d: ["--text-encoder", _garbage(d, "t.safetensors")],
+     "{path}"),
+    ("text-garbage-pt", lambda d: ["--text-encoder", _garbage(d, "t.pt")], "{path}"),
+    ("vae-garbage", lambda d: ["--vae", _garbage_vae(d)], "{path}"),
+]
+
+
+@pytest.mark.parametrize("build,expect", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_option_is_one_line_error(tmp_path, capsys, build, expect):
+    scratch = tmp_path / "in"
+    scratch.mkdir()
+    argv = build(scratch)
+    out = tmp_path / "run" / "x.mp4"
+    if "--out" not in argv:
+        argv += ["--out", str(out)]
+    rc, err = lol(["generate", "--blocks", "1", *FAST, *argv]
+                  if "--blocks" not in argv and "--seconds" not in argv and "--prompt" not in argv
+                  else ["generate", *FAST, *argv], capsys)
+    line = error_line(err)
+    assert rc == 2 and err.strip().splitlines()[-1] == line, err  # nothing after the line
+    path = next((a for a in reversed(argv) if a.startswith(str(scratch)) and os.path.exists(a)),
+                "")
+    assert expect.replace("{path}", os.path.basename(path)) in line, line
+    assert not out.exists() and not list(tmp_path.glob("run/*.segments"))  # nothing written
+    assert not list(tmp_path.glob("run/*.lock"))  # and the lock released
+
+
+def _read_only_folder(tmp_path) -> str:
+    """A folder this process cannot write: a chmod-ed one, or for root ``/proc/1``."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    for d in (str(ro), "/proc/1"):
+        if os.path.isdir(d) and not os.access(d, os.W_OK):
+            return d
+    pytest.skip("no folder here is read-only for this user")
+
+
+@pytest.mark.parametrize("option", ["--out", "--checkpoint-dir"])
+def test_unwritable_folder_is_refused(tmp_path, capsys, option):
+    ro = _read_only_folder(tmp_path)
+    target = os.path.join(ro, "x.mp4" if option == "--out" else "ck")
+    extra = ["--out", str(tmp_path / "y.mp4"), "--checkpoint-every", "1"] \
+        if option != "--out" else []
+    rc, err = lol(["generate", "--blocks", "1", *FAST, option, target, *extra], capsys)
+    line = error_line(err)
+    assert rc == 2 and option in line and "not writable" in line
+
+
+# --------------------------------------------------------------------------- non-finite latents
+def _nan_text(d):
+    dim = ModelConfig.preset("tiny").text_dim
+    p = d / "emb.safetensors"
+    save_file({"0": torch.full((4, dim), float("nan"))}, str(p))
+    return ["--text-encoder", str(p)]
+
+
+def _nan_vae(d):
+    from lol_model.vae import tiny_vae
+
+    vae = tiny_vae()
+    with torch.no_grad():
+        next(vae.decoder.parameters()).view(-1)[0] = float("nan")
+    vae.save_pretrained(str(d / "vae"))
+    return ["--vae", str(d / "vae")]
+
+
+NONFINITE = [
+    ("nan-checkpoint", lambda d: ["--preset", "tiny", "--checkpoint",
+                                  tiny_weights(d / "w.safetensors", poison="head.head.weight")],
+     "sampled latents"),
+    ("inf-checkpoint", lambda d: ["--preset", "tiny", "--checkpoint",
+                                  tiny_weights(d / "w.safetensors", poison="blocks.0.ffn.0.bias",
+                                               value=float("inf"))], "sampled latents"),
+    ("nan-prompt-embedding", _nan_text, "sampled latents"),
+    ("nan-vae", _nan_vae, "decoded frames"),
+]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("build,what", [b[1:] for b in NONFINITE], ids=[b[0] for b in NONFINITE])
+def test_nonfinite_latents_stop_the_run(tmp_path, capsys, build, what):
+    out = tmp_path / "x.mp4"
+    rc, err = lol(["generate", "--blocks", "2", *FAST, "--out", str(out), *build(tmp_path)],
+                  capsys)
+    line = error_line(err)
+    assert rc == 1 and f"block 1 of 2: the {what} hold NaN or inf" in line, line
+    assert not out.exists()  # no all-black video
+    assert "Nothing was written" in line  # block 1 failed: there was nothing to keep
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_nonfinite_weights_warn(tmp_path, value):
+    from lol_model.weights import load_model
+
+    path = tiny_weights(tmp_path / "w.safetensors", poison="blocks.0.self_attn.q.weight",
+                        value=value)
+    with pytest.warns(UserWarning, match=r"NaN or inf in 1 weight tensor\(s\) \(blocks.0.self"):
+        load_model(path, "tiny")
+
+
+def test_nonfinite_block_keeps_what_was_written(tmp_path):
+    """A block going non-finite after two good ones: the two blocks stay playable and the
+    checkpoint after them stays resumable."""
+    import imageio.v3 as iio
+
+    from lol_model.generate import keep_written
+
+    st = new_stream(StreamSettings(blocks=2, latent_height=8, latent_width=8))
+    out, ck = str(tmp_path / "x.mp4"), str(tmp_path / "ck")
+    attach_outputs(st, out)
+    run(st, checkpoint_dir=ck, checkpoint_every=1, progress=False)
+    with torch.no_grad():
+        st.model.head.head.weight.fill_(float("nan"))
+    st.settings.blocks = 4
+    with pytest.raises(GenerationError, match="block 3 of 4: the sampled latents"):
+        run(st, checkpoint_dir=ck, checkpoint_every=1, progress=False)
+    assert st.block == 2 and "intact" in keep_written(st, ck, 2)
+    assert load_checkpoint(ck)[0]["block"] == 2
+    segs = sorted((tmp_path / "x.mp4.segments").glob("seg_?????.mp4"))
+    assert len(segs) == 2 and sum(iio.imread(p).shape[0] for p in segs) == 1 + 4 * 5
+
+
+# --------------------------------------------------------------------------- lol diagnose
+@pytest.mark.parametrize("poison", ["all-nan", "one-nan-frame", "pos-inf", "neg-inf"])
+def test_diagnose_refuses_nonfinite_latents(tmp_path, capsys, poison):
+    from lol_kernels.diagnostics import stream_metrics
+
+    z = torch.randn(12, 4, 8, 8)
+    {"all-nan": lambda: z.fill_(float("nan")), "one-nan-frame": lambda: z[7, 1, 2].fill_(
+        float("nan")), "pos-inf": lambda: z[3].fill_(float("inf")),
+     "neg-inf": lambda: z[11, 0, 0, 0].fill_(float("-inf"))}[poison]()
+    path = tmp_path / "lat.safetensors"
+    save_file({"latents": z}, str(path))
+    rc, err = lol(["diagnose", "--latents", str(path), "--out", str(tmp_path / "d"),
+                   "--max-delta", "200"], capsys)
+    line = error_line(err)
+    assert rc == 2 and "lat.safetensors" in line and "NaN or inf" in line, line
+    assert not (tmp_path / "d" / "summary.json").exists()
+    with pytest.raises(ValueError, match="NaN or inf"):
+        stream_metrics(z, [0, 1, 2])
+
+
+def _latent_file(d, name="lat.safetensors", cut=None):
+    p = d / name
+    save_file({"latents": torch.randn(8, 4, 4, 4)}, str(p))
+    if cut:
+        p.write_bytes(p.read_bytes()[:cut])
+    return str(p)
+
+
+DIAGNOSE_BAD = [
+    ("latents-garbage", lambda d: ["--latents", _garbage(d, "z.safetensors")], "z.safetensors"),
+    ("latents-garbage-pt", lambda d: ["--latents", _garbage(d, "z.pt")], "z.pt"),
+    ("latents-truncated", lambda d: ["--latents", _latent_file(d, cut=300)], "lat.safetensors"),
+    ("latents-missing", lambda d: ["--latents", str(d / "none.pt")], "--latents"),
+    ("latents-suffix", lambda d: ["--latents", _garbage(d, "z.npy")], "--latents"),
+    ("theta-inf", lambda d: ["--theta", "inf"], "--theta"),
+    ("threshold-nan", lambda d: ["--threshold", "nan"], "--threshold"),
+    ("jitter-overflow", lambda d: ["--jitter-sigma", "1e999"], "--jitter-sigma"),
+    ("sigmas-nan", lambda d: ["--sigmas", "0,nan"], "--sigmas"),
+    ("range-beyond-memory", lambda d: ["--max-delta", str(10**14)], "--max-delta"),
+    ("range-empty", lambda d: ["--min-delta", "50", "--max-delta", "50"], "--max-delta"),
+    ("range-negative", lambda d: ["--min-delta", "-5"], "--min-delta"),
+]
+
+
+@pytest.mark.parametrize("build,expect", [b[1:] for b in DIAGNOSE_BAD],
+                         ids=[b[0] for b in DIAGNOSE_BAD])
+def test_diagnose_bad_option_is_one_line_error(tmp_path, capsys, build, expect):
+    rc, err = lol(["diagnose", "--out", str(tmp_path / "d"), *build(tmp_path)], capsys)
+    line = error_line(err)
+    assert rc == 2 and expect in line and err.strip().splitlines()[-1] == line, err
+    assert not (tmp_path / "d").exists()  # refused before any work
+
+
+# --------------------------------------------------------------------------- one output, two runs
+HOLD = ("import sys, time; from lol_model.guard import RunLock; "
+        "RunLock(sys.argv[1:]).acquire(); print('locked', flush=True); time.sleep(120)")
+
+
+@pytest.mark.parametrize("shared", ["out", "checkpoint-dir"])
+def test_second_run_on_a_locked_output_fails(tmp_path, capsys, shared):
+    first = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "a.mp4"),
+                              str(tmp_path / "ck")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().strip() == "locked"
+        out = tmp_path / ("a.mp4" if shared == "out" else "b.mp4")
+        rc, err = lol(["generate", "--blocks", "1", *FAST, "--out", str(out),
+                       "--checkpoint-every", "1", "--checkpoint-dir", str(tmp_path / "ck")],
+                      capsys)
+        line = error_line(err)
+        assert rc == 2 and f"pid {first.pid}" in line and "in use by another lol run" in line
+        assert not (tmp_path / "ck" / "stream.safetensors").exists()
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    # the holder died without unlinking its lock files: the kernel released them
+    assert list(tmp_path.glob("*.lock"))
+    RunLock([str(tmp_path / "a.mp4"), str(tmp_path / "ck")]).acquire().release()
+    assert not list(tmp_path.glob("*.lock"))
+
+
+def test_real_second_generate_fails_while_the_first_runs(tmp_path, capsys):
+    out = tmp_path / "a.mp4"
+    cmd = [sys.executable, "-m", "lol_model.cli", "generate", "--blocks", "200", *FAST,
+           "--out", str(out)]
+    first = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "a.mp4.segments").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        rc, err = lol(["generate", "--blocks", "1", *FAST, "--out", str(out)], capsys)
+        assert rc == 2 and "in use by another lol run" in error_line(err)
+        assert first.poll() is None  # the first run goes on, its segments untouched
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+
+
+# --------------------------------------------------------------------------- previous run data
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished checkpointed run (checkpoint and segments kept) to copy from."""
+    d = tmp_path_factory.mktemp("prev")
+    assert main(["generate", "--blocks", "2", *FAST, "--checkpoint-every", "1",
+                 "--save-latents", "--out", str(d / "x.mp4")]) == 0
+    return d
+
+
+def _previous(kind, d, finished):
+    import shutil
+
+    if kind == "checkpoint":
+        shutil.copytree(finished / "x.mp4.ckpt", d / "x.mp4.ckpt")
+        return d / "x.mp4.ckpt" / "stream.safetensors", []
+    if kind == "segments":  # a killed run without checkpoints: only its closed segments
+        shutil.copytree(finished / "x.mp4.segments", d / "x.mp4.segments")
+        return d / "x.mp4.segments" / "seg_00000.mp4", []
+    shutil.copytree(finished / "x.latents", d / "x.latents")
+    return d / "x.latents" / "seg_00000.safetensors", ["--save-latents"]
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "segments", "latents"])
+def test_fresh_run_onto_previous_run_is_refused(tmp_path, capsys, finished, kind):
+    kept, extra = _previous(kind, tmp_path, finished)
+    before = kept.read_bytes()
+    rc, err = lol(["generate", "--blocks", "1", *FAST, "--out", str(tmp_path / "x.mp4"),
+                   *extra], capsys)
+    line = error_line(err)
+    assert rc == 2 and "previous run" in line and "--overwrite" in line
+    assert ("continue it with --resume" in line) == (kind == "checkpoint")
+    assert kept.read_bytes() == before
+
+
+def test_overwrite_replaces_previous_run(tmp_path, capsys, finished):
+    kept, _ = _previous("checkpoint", tmp_path, finished)
+    argv = ["generate", "--blocks", "1", *FAST, "--out", str(tmp_path / "x.mp4"),
+            "--checkpoint-every", "1", "--overwrite"]
+    assert lol(argv, capsys)[0] == 0
+    assert load_checkpoint(str(kept.parent))[0]["block"] == 1
