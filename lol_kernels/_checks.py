@@ -6,6 +6,7 @@ device or range) with a message that names the argument and states what was expe
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -58,6 +59,9 @@ def check_keys_values(q: torch.Tensor, k_name: str, k: torch.Tensor, v_name: str
     """Keys ``k [..., Hkv, D]`` (checked by the caller) and values ``v`` shaped like them, both
     in q's dtype, with ``Hq = q.shape[2]`` a whole multiple of ``Hkv`` (GQA groups)."""
     Hq, Hkv = q.shape[2], k.shape[2]
+    if Hkv == 0:
+        raise ValueError(f"{k_name} must have at least one head (Hkv >= 1), got shape "
+                         f"{list(k.shape)}")
     if Hq % Hkv:
         raise ValueError(f"q heads Hq={Hq} must be a multiple of {k_name} heads Hkv={Hkv} (GQA)")
     check_tensor(v_name, v, ndim=k.dim(), kind="float")
@@ -66,12 +70,61 @@ def check_keys_values(q: torch.Tensor, k_name: str, k: torch.Tensor, v_name: str
 
 
 def check_scale(scale, head_dim: int) -> float:
-    """The softmax scale: ``head_dim ** -0.5`` when ``None``, else a positive number."""
+    """The softmax scale: ``head_dim ** -0.5`` when ``None``, else a finite positive number."""
     if scale is None:
         return head_dim**-0.5
-    if not isinstance(scale, (int, float)) or not scale > 0:
-        raise ValueError(f"scale must be a positive number, got {scale!r}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a number, got {type(scale).__name__}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
     return float(scale)
+
+
+def check_page_ids(name: str, ids: torch.Tensor, num_pages: int, what: str = "page"):
+    """``ids [B, X]``: each ``-1`` (empty) or an id in ``[0, num_pages)``, no id twice in a row
+    (a page listed twice would be attended twice). One host sync; skipped under compile."""
+    if not value_checks_enabled() or not ids.numel():
+        return
+    srt = ids.sort(dim=-1).values
+    twice = ((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any()
+    lo, hi, dup = torch.stack([srt.min().long(), srt.max().long(), twice.long()]).tolist()
+    if lo < -1 or hi >= num_pages:
+        raise ValueError(f"{name} holds {what} ids in [{lo}, {hi}]; expected -1 (empty) or a "
+                         f"{what} in [0, {num_pages})")
+    if dup:
+        row = int(((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any(dim=1).nonzero()[0])
+        raise ValueError(f"{name}[{row}] lists a {what} twice; each may appear once per row "
+                         f"(it would be attended twice)")
+
+
+def forward_only_error(name: str) -> RuntimeError:
+    return RuntimeError(f"{name} is forward-only (an inference kernel with no backward): call "
+                        f"it under torch.no_grad() / torch.inference_mode(), or detach its inputs")
+
+
+def register_forward_only(op, name: str) -> None:
+    """Give custom op ``op`` (``name``, e.g. ``"lol::paged_attention"``) an autograd formula
+    that refuses clearly: ``.backward()`` through it raises ``RuntimeError("<name> is
+    forward-only ...")`` instead of torch's generic message (see :func:`check_no_grad_transform`
+    for ``torch.func.grad``)."""
+
+    def setup_context(ctx, inputs, output):
+        pass
+
+    def backward(ctx, *grads):
+        raise forward_only_error(name)
+
+    op.register_autograd(backward, setup_context=setup_context)
+
+
+def check_no_grad_transform(name: str, *tensors) -> None:
+    """Under ``torch.func.grad``/``vjp``/``jacrev`` the custom op's generated autograd function
+    fails with a message about ``setup_context``; say "forward-only" before it is reached."""
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        return
+    if torch._C._are_functorch_transforms_active() and any(
+            isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
+        raise forward_only_error(name)
 
 
 def value_checks_enabled() -> bool:
@@ -80,8 +133,27 @@ def value_checks_enabled() -> bool:
     return not torch.compiler.is_compiling()
 
 
-def check_positions_fit(name: str, pos: torch.Tensor, limit: int = 2**31 - 1):
-    """Positions must fit int32 arithmetic in the kernels (and be finite integers)."""
-    if value_checks_enabled() and pos.numel() and (pos.max().item() > limit or pos.min().item() < -limit):
-        raise ValueError(f"{name} must hold positions in [-{limit}, {limit}] (int32), "
-                         f"got range [{pos.min().item()}, {pos.max().item()}]")
+#: stored positions and page shifts each stay within +-POS_LIMIT (and their sum within int32)
+POS_LIMIT = 2**30
+INT32_MAX = 2**31 - 1
+
+
+def check_positions_fit(name: str, pos: torch.Tensor, limit: int = INT32_MAX) -> int:
+    """Positions must fit int32 arithmetic in the kernels: ``|pos| <= limit``. Returns the
+    largest ``|pos|`` (0 when empty or while torch.compile traces: nothing is read then)."""
+    if not value_checks_enabled() or not pos.numel():
+        return 0
+    lo, hi = (int(v) for v in torch.aminmax(pos))
+    if hi > limit or lo < -limit:
+        raise ValueError(f"{name} must hold positions in [-{limit}, {limit}] (int32 in the "
+                         f"kernels), got range [{lo}, {hi}]")
+    return max(hi, -lo)
+
+
+def check_shifted_fit(pos_name: str, pos_abs: int, shift_name: str, shift_abs: int):
+    """A stored position plus a shift is formed in int32 by the kernels: ``|pos| + |shift|``
+    (the maxima :func:`check_positions_fit` returned) must stay within int32."""
+    if pos_abs + shift_abs > INT32_MAX:
+        raise ValueError(f"{pos_name} + {shift_name} overflows int32 in the kernels: largest "
+                         f"|{pos_name}| {pos_abs} + largest |{shift_name}| {shift_abs} > "
+                         f"{INT32_MAX}")

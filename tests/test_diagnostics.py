@@ -218,8 +218,8 @@ def _paged_inputs(dtype, *, causal, with_new, with_shift):
     cpos = torch.randint(0, 300, (P, S, A))
     page_len = torch.randint(1, S + 1, (P,))
     page_len[2] = 0  # an allocated but empty page
-    pt = torch.tensor([[0, 3, -1, 5, 2], [1, 1, 4, -1, 6], [-1, -1, -1, -1, -1]],
-                      dtype=torch.int32)  # row 1 reads page 1 twice; row 2 reads no page
+    pt = torch.tensor([[0, 3, -1, 5, 2], [1, 0, 4, -1, 6], [-1, -1, -1, -1, -1]],
+                      dtype=torch.int32)  # rows share pages; row 2 reads no page
     shift = torch.randint(-50, 50, (B, M, A)) if with_shift else None
     kn = torch.randn(B, N, Hkv, D, dtype=dtype) if with_new else None
     vn = torch.randn(B, N, Hkv, D, dtype=dtype) if with_new else None

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import torch
 
+from .._checks import check_no_grad_transform, register_forward_only
 from .._dispatch import resolve_backend, triton_kernel
 from ..rope.table import RopeTable
-from .attention_cpu import rope_attention_torch
+from .attention_cpu import empty_result, rope_attention_torch
 from .op import validate_dense_inputs
 
 
@@ -21,6 +22,8 @@ def _rope_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos:
                        k_pos: torch.Tensor, freqs: torch.Tensor, pair_axis: torch.Tensor,
                        causal: bool, scale: float,
                        backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if q.numel() == 0:  # B, N or Hq is 0 (the CPU flash kernel dies on 0 queries)
+        return empty_result(q)
     table = RopeTable.from_tensors(freqs, pair_axis)
     fn = triton_kernel("rope_attention") if backend == "triton" else rope_attention_torch
     out, lse = fn(q, k, v, q_pos, k_pos, table, causal=causal, scale=scale)
@@ -31,6 +34,9 @@ def _rope_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos:
 def _(q, k, v, q_pos, k_pos, freqs, pair_axis, causal, scale, backend):
     B, N, Hq, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((B, Hq, N), dtype=torch.float32)
+
+
+register_forward_only(_rope_attention_op, "lol::rope_attention")
 
 
 def rope_attention(q, k, v, q_pos, k_pos, table, *, causal=False, scale=None, backend="auto",
@@ -54,7 +60,8 @@ def rope_attention(q, k, v, q_pos, k_pos, table, *, causal=False, scale=None, ba
         return_lse: also return ``lse [B, Hq, N]`` fp32 (natural-log softmax denominator).
 
     Returns:
-        ``out [B, N, Hq, D]`` in q's dtype (and ``lse`` if asked).
+        ``out [B, N, Hq, D]`` in q's dtype (and ``lse`` if asked); with ``Nk = 0`` zeros and
+        ``lse = -inf``. Forward-only: ``backward`` and ``torch.func.grad`` raise.
 
     Example:
         >>> table = lk.rope_frequencies(128, 12, jitter_sigma=0.8)
@@ -63,6 +70,7 @@ def rope_attention(q, k, v, q_pos, k_pos, table, *, causal=False, scale=None, ba
     scale = validate_dense_inputs(q, k, v, q_pos, k_pos, table, causal, scale)
     backend = resolve_backend("rope_attention", backend, q)
     t = table.to(q.device)
+    check_no_grad_transform("lol::rope_attention", q, k, v)
     out, lse = _rope_attention_op(q, k, v, q_pos, k_pos, t.freqs, t.pair_axis, causal, scale,
                                   backend)
     return (out, lse) if return_lse else out

@@ -7,21 +7,24 @@ from __future__ import annotations
 import torch
 
 from .._checks import (
+    POS_LIMIT,
     check_keys_values,
+    check_no_grad_transform,
+    check_page_ids,
     check_positions_fit,
     check_same_device,
     check_same_dtype,
     check_scale,
     check_shape,
+    check_shifted_fit,
     check_tensor,
+    register_forward_only,
     value_checks_enabled,
 )
 from .._dispatch import resolve_backend, triton_kernel
 from ..rope.op import check_table
 from ..rope.table import RopeTable
-from .attention_cpu import paged_attention_torch
-
-POS_LIMIT = 2**30  # stored position + page_shift must still fit int32 in the kernels
+from .attention_cpu import empty_result, paged_attention_torch
 
 
 @torch.library.custom_op("lol::paged_attention", mutates_args=())
@@ -31,6 +34,8 @@ def _paged_attention_op(q: torch.Tensor, q_pos: torch.Tensor, cache_k: torch.Ten
                         k_new: torch.Tensor | None, v_new: torch.Tensor | None, causal: bool,
                         page_shift: torch.Tensor | None, scale: float,
                         backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if q.numel() == 0:  # B, N or Hq is 0 (the CPU flash kernel dies on 0 queries)
+        return empty_result(q)
     table = RopeTable.from_tensors(freqs, pair_axis)
     fn = triton_kernel("paged_attention") if backend == "triton" else paged_attention_torch
     out, lse = fn(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table, table,
@@ -43,6 +48,9 @@ def _(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table, freqs, pair_a
       v_new, causal, page_shift, scale, backend):
     B, N, Hq, _ = q.shape
     return torch.empty_like(q), q.new_empty((B, Hq, N), dtype=torch.float32)
+
+
+register_forward_only(_paged_attention_op, "lol::paged_attention")
 
 
 def validate_paged_inputs(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table, table,
@@ -84,18 +92,15 @@ def validate_paged_inputs(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_
                       page_len=page_len, page_table=page_table, page_shift=page_shift,
                       k_new=k_new, v_new=v_new)
     check_table(table, Hq, D, A, heads_name="q")
-    if value_checks_enabled() and page_table.numel():
-        lo, hi = page_table.min().item(), page_table.max().item()
-        if lo < -1 or hi >= P:
-            raise ValueError(f"page_table holds page ids in [{lo}, {hi}]; expected -1 (empty) "
-                             f"or a page of the pool [0, {P})")
+    check_page_ids("page_table", page_table, P)
     if value_checks_enabled() and page_len.numel() and (page_len.min().item() < 0 or page_len.max().item() > S):
         raise ValueError(f"page_len must be in [0, S={S}], got [{page_len.min().item()}, "
                          f"{page_len.max().item()}]")
     check_positions_fit("q_pos", q_pos, POS_LIMIT)
-    check_positions_fit("cache_pos", cache_pos, POS_LIMIT)
+    stored = check_positions_fit("cache_pos", cache_pos, POS_LIMIT)
     if page_shift is not None:
-        check_positions_fit("page_shift", page_shift, POS_LIMIT)
+        shift = check_positions_fit("page_shift", page_shift, POS_LIMIT)
+        check_shifted_fit("cache_pos", stored, "page_shift", shift)
     return check_scale(scale, D)
 
 
@@ -148,7 +153,16 @@ def paged_attention(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table,
     Returns:
         ``out [B, N, Hq, D]`` in q's dtype and ``lse [B, Hq, N]`` fp32: the natural-log
         softmax denominator of the scaled scores, ``log sum_k exp(scale * q.k)``. A query row
-        that sees no key returns zeros and ``lse = -inf``.
+        that sees no key returns zeros and ``lse = -inf``. Empty ``B``, ``N`` or ``Hq`` give
+        empty outputs; an empty pool, table or ``S`` leaves only the new keys.
+
+    Raises ``ValueError`` on bad input: page ids outside ``[-1, P)`` or listed twice in a row,
+    positions beyond ``+-2^30`` or ``|cache_pos| + |page_shift| >= 2^31`` (int32 in the
+    kernels), a ``scale`` that is not finite and positive. Under ``torch.compile`` these value
+    checks are skipped (compiled code cannot read values): a bad page id then fails inside the
+    backend (a raw ``IndexError`` on the CPU) or reads the wrong page, so build tables with
+    :meth:`~lol_kernels.PagedKVCache.read`, which validates at the cache boundary. Forward-only:
+    ``backward`` and ``torch.func.grad`` raise ``RuntimeError``.
 
     Example:
         >>> out, lse = lk.paged_attention(q, q_pos, cache.k[layer], cache.v[layer], cache.pos,
@@ -159,6 +173,7 @@ def paged_attention(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table,
                                   table, k_new, v_new, causal, page_shift, scale)
     backend = resolve_backend("paged_attention", backend, q)
     t = table.to(q.device)
+    check_no_grad_transform("lol::paged_attention", q, cache_k, cache_v, k_new, v_new)
     return _paged_attention_op(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table,
                                t.freqs, t.pair_axis, k_new, v_new, causal, page_shift, scale,
                                backend)

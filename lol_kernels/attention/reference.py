@@ -37,6 +37,12 @@ def gather_keys(cache_k, cache_v, cache_pos, page_len, page_table, page_shift):
     return k, v, pos, valid
 
 
+def page_fill(page_len: torch.Tensor) -> torch.Tensor:
+    """``page_len`` as int64, looked up at clamped page ids (``-1`` -> 0); an empty pool gets
+    one empty page so that its all ``-1`` tables index something."""
+    return page_len.long() if page_len.numel() else page_len.new_zeros(1, dtype=torch.long)
+
+
 def gather_index(cache_pos, page_len, page_table, page_shift):
     """Where the keys of :func:`gather_keys` come from, in table order.
 
@@ -52,7 +58,7 @@ def gather_index(cache_pos, page_len, page_table, page_shift):
     ent_ok = pt >= 0
     ids = pt.clamp(min=0)
     slots = torch.arange(S, device=pt.device)
-    fill = page_len.long()[ids]  # [B, M]
+    fill = page_fill(page_len)[ids]  # [B, M]
     ok = (ent_ok.unsqueeze(-1) & (slots < fill.unsqueeze(-1))).reshape(B, M * S)
     flat = (ids.unsqueeze(-1) * S + slots).reshape(B, M * S)
     counts = ok.sum(dim=1)

@@ -31,11 +31,11 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from .._checks import check_shape, check_tensor
+from .._checks import POS_LIMIT, check_positions_fit, check_shape, check_tensor
 from .policies import read_cache
 from .read import CacheRead
 
@@ -53,10 +53,13 @@ class Frame:
 
 @dataclass
 class FrameBlock:
-    """Frames allocated by one :meth:`PagedKVCache.append_frames` call, ready to be written."""
+    """Frames allocated by one :meth:`PagedKVCache.append_frames` call (or named by
+    :meth:`~PagedKVCache.rewrite_block`), ready to be written; only ``owner`` accepts it."""
 
     frames: list[Frame]
     slots: torch.Tensor  # [B, F * Nf] flat slot index (page * S + slot) of every token
+    owner: object = field(default=None, repr=False, compare=False)  # the cache that made it
+    epoch: int = -1  # the owner's epoch when made (reset and load_state_dict start a new one)
 
 
 class PagedKVCache:
@@ -122,6 +125,8 @@ class PagedKVCache:
         self.frames_written = 0
         self.next_t = 0
         self.page_len.zero_()
+        self.slot_serial: dict[int, int] | None = {}
+        self.epoch = getattr(self, "epoch", -1) + 1
 
     def frames(self) -> list[Frame]:
         """Cached frames in read order: sink frames, then window frames oldest to newest."""
@@ -162,9 +167,41 @@ class PagedKVCache:
 
     def rewrite_block(self, frames) -> FrameBlock:
         """A :class:`FrameBlock` over cached ``frames``: :meth:`write` with it recomputes their
-        K/V in place (LongLive recache); their pages and positions are kept."""
-        frames = list(frames)
-        return FrameBlock(frames, torch.cat([self._token_slots(fr.pages) for fr in frames], 1))
+        K/V in place (LongLive recache); their pages and positions are kept. ``ValueError`` if a
+        frame is not cached here (evicted, or another cache's)."""
+        live = {(fr.fid, fr.serial): fr for fr in self.frames()}
+        own = []
+        for fr in frames:
+            key = (getattr(fr, "fid", None), getattr(fr, "serial", None))
+            if key not in live:
+                raise ValueError(f"frames must be frames cached here (cache.frames()); frame slot "
+                                 f"{key[0]} serial {key[1]} is not (evicted, or another cache's)")
+            own.append(live[key])  # this cache's record: its pages, not the caller's copy
+        if not own:
+            raise ValueError("frames must name at least one cached frame")
+        slots = torch.cat([self._token_slots(fr.pages) for fr in own], 1)
+        return FrameBlock(own, slots, self, self.epoch)
+
+    def check_block(self, block) -> None:
+        """Refuse a :class:`FrameBlock` that :meth:`write` must not write: one made by another
+        cache, or a stale one, some frame slot of which was reallocated since (its pages now
+        hold a newer frame). A frame evicted whose slot is still free may still be written."""
+        if not isinstance(block, FrameBlock):
+            raise TypeError(f"block must be a FrameBlock (append_frames / rewrite_block), got "
+                            f"{type(block).__name__}")
+        if block.owner is not self:
+            raise ValueError("block was not made by this cache (append_frames / rewrite_block "
+                             "of another cache, or built by hand); it would overwrite our pages")
+        if block.epoch != self.epoch:
+            raise ValueError("block is stale: it was made before the cache was reset or loaded "
+                             "(load_state_dict); its frames are gone")
+        owners = self.slot_owners()
+        for fr in block.frames:
+            if owners.get(fr.fid, -1) != fr.serial:
+                raise ValueError(f"block is stale: frame {fr.serial} (slot {fr.fid}, t={fr.t}) "
+                                 f"was evicted and its pages now hold frame "
+                                 f"{owners.get(fr.fid, -1)}; write a block right after its "
+                                 f"append_frames, or use rewrite_block(cache.frames()[...])")
 
     def _token_slots(self, pages: torch.Tensor) -> torch.Tensor:
         """``[B, Nf]`` flat slot (``page * S + slot``) of every token of a frame on ``pages``."""
@@ -204,6 +241,8 @@ class PagedKVCache:
         self.free_pages = deque(state["free_pages"].tolist())
         self.free_fids = deque(state["free_fids"].tolist())
         self.frames_written, self.next_t = int(state["frames_written"]), int(state["next_t"])
+        self.slot_serial = None  # rebuilt from the frames on first use (subclasses add groups)
+        self.epoch += 1
 
     def _pack_frames(self, group: str, frames) -> dict[str, torch.Tensor]:
         rows = [[fr.fid, fr.t, fr.serial, int(fr.sink)] for fr in frames]
@@ -256,7 +295,8 @@ class PagedKVCache:
 
         Args:
             pos: ``[B, F * Nf, A]`` int positions of the new tokens, frame-major; all tokens of a
-                frame share one temporal position ``pos[..., 0]``.
+                frame share one temporal position ``pos[..., 0]``. Each within ``+-2^30``
+                (stored int32; the ops add a page shift of the same range in int32).
 
         Returns:
             :class:`FrameBlock` to pass to :meth:`write` for every layer.
@@ -268,6 +308,7 @@ class PagedKVCache:
         F = pos.shape[1] // Nf
         if not 1 <= F <= self.block_frames:
             raise ValueError(f"pos holds {F} frames; append 1..block_frames={self.block_frames}")
+        check_positions_fit("pos", pos, POS_LIMIT)  # before the int32 cast would wrap them
         pos = pos.to(self.device, torch.int32).view(B, F, Nf, A)
         t = pos[..., 0]
         if bool((t != t[:, :, :1]).any()) or bool((t[:, :, 0] != t[:1, :, 0]).any()):
@@ -283,6 +324,7 @@ class PagedKVCache:
             fr = Frame(self.free_fids.popleft(), int(t[0, f, 0]), pages, self.frames_written,
                        sink=len(self.sink) < self.sink_frames)
             self.frames_written += 1
+            self.claim_slot(fr)
             flat = self._token_slots(pages)  # [B, Nf]
             self.pos.view(-1, A)[flat.reshape(-1)] = pos[:, f].reshape(-1, A)
             self.page_len[pages.reshape(-1)] = S
@@ -293,13 +335,26 @@ class PagedKVCache:
             self.next_t = max(self.next_t, fr.t + 1)
         while len(self.window) > self.window_frames:
             self._evict(self.window.popleft())
-        return FrameBlock(frames, torch.cat(slots, dim=1))
+        return FrameBlock(frames, torch.cat(slots, dim=1), self, self.epoch)
+
+    def claim_slot(self, fr: Frame) -> None:
+        """Record ``fr`` as the owner of its frame slot (and so of its pages: slots and pages
+        are handed out and freed together, one frame's worth at a time)."""
+        self.slot_owners()[fr.fid] = fr.serial
+
+    def slot_owners(self) -> dict[int, int]:
+        """Frame slot -> serial of the frame it was last given to (absent: never), the
+        generation counter that tells a stale :class:`FrameBlock` from a live one."""
+        if self.slot_serial is None:  # after load_state_dict: the slot owners are the frames
+            self.slot_serial = {fr.fid: fr.serial for fr in self.frames()}
+        return self.slot_serial
 
     def write(self, layer: int, block: FrameBlock, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write the un-rotated ``k, v [B, F * Nf, Hkv, D]`` of ``block`` into ``layer``'s pool
         and update each frame's chunk summary (mean key per head, fp32)."""
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"layer must be in [0, {self.num_layers}), got {layer}")
+        self.check_block(block)
         n = block.slots.shape[1]
         want = (self.batch_size, n, self.num_kv_heads, self.head_dim)
         for name, t in (("k", k), ("v", v)):

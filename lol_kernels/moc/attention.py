@@ -16,9 +16,20 @@ import math
 
 import torch
 
-from .._checks import check_positions_fit, check_shape, check_tensor
+from .._checks import (
+    POS_LIMIT,
+    check_no_grad_transform,
+    check_page_ids,
+    check_positions_fit,
+    check_shape,
+    check_shifted_fit,
+    check_tensor,
+    register_forward_only,
+    value_checks_enabled,
+)
 from .._dispatch import resolve_backend, triton_kernel
-from ..attention.op import POS_LIMIT, validate_paged_inputs
+from ..attention.attention_cpu import empty_result
+from ..attention.op import validate_paged_inputs
 from ..rope.table import RopeTable
 from .attention_cpu import moc_attention_torch
 from .route import moc_route
@@ -34,6 +45,8 @@ def _moc_attention_op(q: torch.Tensor, q_pos: torch.Tensor, cache_k: torch.Tenso
                       v_new: torch.Tensor | None, causal: bool, page_shift: torch.Tensor | None,
                       chunk_shift: torch.Tensor | None, scale: float, tile_size: int,
                       backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if q.numel() == 0:  # B, N or Hq is 0 (the CPU flash kernel dies on 0 queries)
+        return empty_result(q)
     table = RopeTable.from_tensors(freqs, pair_axis)
     fn = triton_kernel("moc_attention") if backend == "triton" else moc_attention_torch
     out, lse = fn(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table, table,
@@ -48,6 +61,9 @@ def _(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table, freqs, pair_a
       routed, k_new, v_new, causal, page_shift, chunk_shift, scale, tile_size, backend):
     B, N, Hq, _ = q.shape
     return torch.empty_like(q), q.new_empty((B, Hq, N), dtype=torch.float32)
+
+
+register_forward_only(_moc_attention_op, "lol::moc_attention")
 
 
 def check_tile_size(tile_size) -> int:
@@ -72,15 +88,14 @@ def validate_moc_inputs(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_ta
         raise ValueError(f"chunk_pages must have shape [B={B}, C, Pc], got "
                          f"{list(chunk_pages.shape)}")
     C = chunk_pages.shape[1]
-    if chunk_pages.numel():
-        lo, hi = chunk_pages.min().item(), chunk_pages.max().item()
-        if lo < -1 or hi >= P:
-            raise ValueError(f"chunk_pages holds page ids in [{lo}, {hi}]; expected -1 (empty) "
-                             f"or a page of the pool [0, {P})")
+    # ids in [-1, P) and no page in two chunks of a row (it would be attended twice)
+    check_page_ids("chunk_pages", chunk_pages.reshape(B, C * chunk_pages.shape[2]), P)
     if chunk_shift is not None:
         check_tensor("chunk_shift", chunk_shift, ndim=3, kind="int")
         check_shape("chunk_shift", chunk_shift, (B, C, A), "[B, C, A]")
-        check_positions_fit("chunk_shift", chunk_shift, POS_LIMIT)
+        shift = check_positions_fit("chunk_shift", chunk_shift, POS_LIMIT)
+        stored = check_positions_fit("cache_pos", cache_pos, POS_LIMIT)
+        check_shifted_fit("cache_pos", stored, "chunk_shift", shift)
     check_tensor("routed", routed, ndim=4, kind="int")
     T = math.ceil(N / tile_size)
     check_shape("routed", routed, (B, T, Hq, None),
@@ -89,7 +104,7 @@ def validate_moc_inputs(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_ta
                     ("routed", routed)):
         if t is not None and t.device != q.device:
             raise ValueError(f"{name} must be on {q.device} like q, got {t.device}")
-    if routed.numel():
+    if value_checks_enabled() and routed.numel():
         lo, hi = routed.min().item(), routed.max().item()
         if lo < -1 or hi >= C:
             raise ValueError(f"routed holds chunk ids in [{lo}, {hi}]; expected -1 (none) or a "
@@ -98,7 +113,7 @@ def validate_moc_inputs(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_ta
         if bool(((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)).any()):
             raise ValueError("routed lists a chunk twice for one (tile, head); each chunk may be "
                              "selected once (lk.moc_route never repeats a chunk)")
-    if chunk_pages.numel() and page_table.numel():
+    if value_checks_enabled() and chunk_pages.numel() and page_table.numel():
         for b in range(B):  # a page both mandatory and routed would be attended twice
             cp = chunk_pages[b][chunk_pages[b] >= 0]
             if bool(torch.isin(cp, page_table[b][page_table[b] >= 0]).any()):
@@ -154,6 +169,10 @@ def moc_attention(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table, t
         denominator ``log sum_k exp(scale * q.k)`` over the keys the row sees. A row that sees
         no key returns zeros and ``lse = -inf``.
 
+    Raises ``ValueError`` as :func:`lol_kernels.paged_attention` (also for a page in two chunks
+    and ``|cache_pos| + |chunk_shift| >= 2^31``); the same value checks are skipped under
+    ``torch.compile``, where only tables built by the cache are safe. Forward-only.
+
     Example:
         >>> rd = cache.read(3, routed=True)
         >>> idx = lk.moc_route_tiles(q, rd.chunk_mean(layer), 8, chunk_valid=rd.chunk_valid)
@@ -168,6 +187,7 @@ def moc_attention(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table, t
                                 chunk_shift, scale, tile_size)
     backend = resolve_backend("moc_attention", backend, q)
     t = table.to(q.device)
+    check_no_grad_transform("lol::moc_attention", q, cache_k, cache_v, k_new, v_new)
     return _moc_attention_op(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table,
                              t.freqs, t.pair_axis, chunk_pages, routed, k_new, v_new, causal,
                              page_shift, chunk_shift, scale, tile_size, backend)
@@ -183,8 +203,7 @@ def tile_means(q: torch.Tensor, tile_size: int = 128) -> torch.Tensor:
     pad = T * tile_size - N
     qf = torch.nn.functional.pad(q.float(), (0, 0, 0, 0, 0, pad))
     sums = qf.view(B, T, tile_size, H, D).sum(dim=2)
-    count = torch.full((T,), float(tile_size), device=q.device)
-    count[-1] = tile_size - pad
+    count = (N - tile_size * torch.arange(T, device=q.device)).clamp(max=tile_size).float()
     return sums / count.view(1, T, 1, 1)
 
 
@@ -209,9 +228,10 @@ def moc_route_tiles(q, chunk_mean, k, *, tile_size=128, chunk_valid=None, causal
     qm = tile_means(q, tile_size)
     check_tensor("chunk_mean", chunk_mean, ndim=4, kind="float")
     B, T, Hq, D = qm.shape
-    if chunk_mean.shape[0] != B or chunk_mean.shape[3] != D or Hq % max(chunk_mean.shape[2], 1):
+    Hc = chunk_mean.shape[2]
+    if chunk_mean.shape[0] != B or chunk_mean.shape[3] != D or Hc == 0 or Hq % Hc:
         raise ValueError(f"chunk_mean must have shape [B={B}, C, Hc, D={D}] with Hq={Hq} a "
-                         f"multiple of Hc, got {list(chunk_mean.shape)}")
-    cm = chunk_mean.float().repeat_interleave(Hq // chunk_mean.shape[2], dim=2)
+                         f"multiple of Hc >= 1, got {list(chunk_mean.shape)}")
+    cm = chunk_mean.float().repeat_interleave(Hq // Hc, dim=2)
     return moc_route(qm, cm, k, chunk_valid=chunk_valid, causal_limit=causal_limit,
                      backend=backend)

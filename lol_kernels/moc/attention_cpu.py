@@ -57,7 +57,7 @@ def moc_attention_torch(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_ta
     P, S, Hkv, _ = cache_k.shape
     C, Pc = chunk_pages.shape[1:]
     used = torch.unique(routed[routed >= 0].long())
-    if Pc == 0 or used.numel() == 0:
+    if Pc == 0 or P == 0 or used.numel() == 0:  # no routed key (an empty pool has no page)
         return out_m, lse_m
     U, Lc, g, A = used.numel(), Pc * S, Hq // Hkv, cache_pos.shape[-1]
     T = routed.shape[1]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ..attention.reference import gather_keys, masked_softmax, rotated_scores
+from ..attention.reference import gather_keys, masked_softmax, page_fill, rotated_scores
 from ..rope.reference import compute_dtype
 from ..rope.table import RopeTable
 
@@ -40,9 +40,13 @@ def gather_chunks(cache_k, cache_v, cache_pos, page_len, chunk_pages, chunk_shif
     cp = chunk_pages.long()
     ids = cp.clamp(min=0)
     slots = torch.arange(S, device=cp.device)
-    fill = page_len.long()[ids]  # [B, C, Pc]
+    fill = page_fill(page_len)[ids]  # [B, C, Pc]
     valid = ((cp >= 0).unsqueeze(-1) & (slots < fill.unsqueeze(-1))).reshape(B, C, Pc * S)
     flat = (ids.unsqueeze(-1) * S + slots).reshape(B, C, Pc * S)
+    if P == 0:  # an empty pool: every chunk slot is padding, read as zeros
+        zeros = cache_k.new_zeros(B, C, Pc * S, Hkv, D)
+        pos = cache_pos.new_zeros(B, C, Pc * S, A, dtype=torch.long)
+        return zeros, zeros.clone(), pos, valid
     k = cache_k.reshape(P * S, Hkv, D)[flat]
     v = cache_v.reshape(P * S, Hkv, D)[flat]
     pos = cache_pos.reshape(P * S, A)[flat].long()
@@ -100,7 +104,7 @@ def moc_attention_reference(q, q_pos, cache_k, cache_v, cache_pos, page_len, pag
     Hkv = cache_k.shape[2]
     ks = [mk, ck.reshape(B, C * Lc, Hkv, D)]
     vs = [mv, cv.reshape(B, C * Lc, Hkv, D)]
-    ps = [mpos, cpos.reshape(B, C * Lc, -1)]
+    ps = [mpos, cpos.reshape(B, C * Lc, cache_pos.shape[-1])]
     if k_new is not None:
         ks.append(k_new)
         vs.append(v_new)

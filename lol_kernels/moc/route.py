@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_same_device, check_shape, check_tensor
+from .._checks import check_same_device, check_shape, check_tensor, register_forward_only
 from .._dispatch import (
     ExtensionFallbackWarning,
     extension_error,
@@ -36,6 +36,9 @@ def _moc_route_op(q_mean: torch.Tensor, chunk_mean: torch.Tensor, k: int,
 def _(q_mean, chunk_mean, k, chunk_valid, causal_limit, backend):
     B, T, H, _ = q_mean.shape
     return q_mean.new_empty((B, T, H, k), dtype=torch.int32)
+
+
+register_forward_only(_moc_route_op, "lol::moc_route")
 
 
 def moc_route(q_mean: torch.Tensor, chunk_mean: torch.Tensor, k: int, *,

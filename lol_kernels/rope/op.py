@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_positions_fit, check_same_device, check_tensor
+from .._checks import (
+    check_no_grad_transform,
+    check_positions_fit,
+    check_same_device,
+    check_tensor,
+    register_forward_only,
+)
 from .._dispatch import resolve_backend, triton_kernel
 from .rope_cpu import apply_rope_torch
 from .table import RopeTable
@@ -27,6 +33,8 @@ def check_table(table, num_heads: int | None, head_dim: int, num_axes: int | Non
 @torch.library.custom_op("lol::apply_rope", mutates_args=())
 def _apply_rope_op(x: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor,
                    pair_axis: torch.Tensor, backend: str) -> torch.Tensor:
+    if x.numel() == 0:  # no token, head or batch row: nothing to rotate (no backend call)
+        return x.clone()
     table = RopeTable.from_tensors(freqs, pair_axis)
     fn = triton_kernel("apply_rope") if backend == "triton" else apply_rope_torch
     return fn(x, pos, table)
@@ -35,6 +43,9 @@ def _apply_rope_op(x: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor,
 @_apply_rope_op.register_fake
 def _(x, pos, freqs, pair_axis, backend):
     return torch.empty_like(x)
+
+
+register_forward_only(_apply_rope_op, "lol::apply_rope")
 
 
 def apply_rope(x: torch.Tensor, pos: torch.Tensor, table: RopeTable, *,
@@ -52,7 +63,7 @@ def apply_rope(x: torch.Tensor, pos: torch.Tensor, table: RopeTable, *,
     Returns:
         ``[..., N, H, D]`` in ``x.dtype``: pair ``j`` of head ``h`` rotated by
         ``pos[..., axis(j)] * freqs[h, j]``. Angles are formed in float64 and reduced mod 2 pi,
-        so positions up to 2^24 stay accurate.
+        so positions up to 2^24 stay accurate. Forward-only (``backward`` raises).
 
     Example:
         >>> table = lk.rope_frequencies(128, 12, jitter_sigma=0.8)
@@ -70,4 +81,5 @@ def apply_rope(x: torch.Tensor, pos: torch.Tensor, table: RopeTable, *,
     check_positions_fit("pos", pos)
     backend = resolve_backend("apply_rope", backend, x)
     t = table.to(x.device)
+    check_no_grad_transform("lol::apply_rope", x)
     return _apply_rope_op(x, pos, t.freqs, t.pair_axis, backend)
