@@ -11,10 +11,9 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_no_grad_transform, register_forward_only
-from .._dispatch import resolve_backend, triton_kernel
-from ..rope.table import RopeTable
-from .attention_cpu import empty_result, rope_attention_torch
-from .op import validate_dense_inputs
+from .._dispatch import resolve_backend
+from .attention_cpu import rope_attention_torch
+from .op import run_attention, validate_dense_inputs
 
 
 @torch.library.custom_op("lol::rope_attention", mutates_args=())
@@ -22,12 +21,8 @@ def _rope_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos:
                        k_pos: torch.Tensor, freqs: torch.Tensor, pair_axis: torch.Tensor,
                        causal: bool, scale: float,
                        backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if q.numel() == 0:  # B, N or Hq is 0 (the CPU flash kernel dies on 0 queries)
-        return empty_result(q)
-    table = RopeTable.from_tensors(freqs, pair_axis)
-    fn = triton_kernel("rope_attention") if backend == "triton" else rope_attention_torch
-    out, lse = fn(q, k, v, q_pos, k_pos, table, causal=causal, scale=scale)
-    return out.contiguous(), lse.float().contiguous()  # the layouts the fake impl promises
+    return run_attention("rope_attention", backend, rope_attention_torch, q,
+                         (k, v, q_pos, k_pos), freqs, pair_axis, causal=causal, scale=scale)
 
 
 @_rope_attention_op.register_fake

@@ -27,6 +27,20 @@ from ..rope.table import RopeTable
 from .attention_cpu import empty_result, paged_attention_torch
 
 
+def run_attention(op: str, backend: str, torch_fn, q: torch.Tensor, args: tuple,
+                  freqs: torch.Tensor, pair_axis: torch.Tensor, **kw):
+    """The body of the attention custom ops (paged, dense, MoC): ``fn(q, *args, table, **kw)``
+    of the resolved ``backend``. An empty query block (B, N or Hq is 0) returns its empty result
+    first (torch's CPU flash kernel dies on 0 queries). Outputs are contiguous, the layouts the
+    fake implementations promise."""
+    if q.numel() == 0:
+        return empty_result(q)
+    table = RopeTable.from_tensors(freqs, pair_axis)
+    fn = triton_kernel(op) if backend == "triton" else torch_fn
+    out, lse = fn(q, *args, table, **kw)
+    return out.contiguous(), lse.float().contiguous()
+
+
 @torch.library.custom_op("lol::paged_attention", mutates_args=())
 def _paged_attention_op(q: torch.Tensor, q_pos: torch.Tensor, cache_k: torch.Tensor,
                         cache_v: torch.Tensor, cache_pos: torch.Tensor, page_len: torch.Tensor,
@@ -34,13 +48,10 @@ def _paged_attention_op(q: torch.Tensor, q_pos: torch.Tensor, cache_k: torch.Ten
                         k_new: torch.Tensor | None, v_new: torch.Tensor | None, causal: bool,
                         page_shift: torch.Tensor | None, scale: float,
                         backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if q.numel() == 0:  # B, N or Hq is 0 (the CPU flash kernel dies on 0 queries)
-        return empty_result(q)
-    table = RopeTable.from_tensors(freqs, pair_axis)
-    fn = triton_kernel("paged_attention") if backend == "triton" else paged_attention_torch
-    out, lse = fn(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table, table,
-                  k_new=k_new, v_new=v_new, causal=causal, page_shift=page_shift, scale=scale)
-    return out.contiguous(), lse.float().contiguous()
+    return run_attention("paged_attention", backend, paged_attention_torch, q,
+                         (q_pos, cache_k, cache_v, cache_pos, page_len, page_table), freqs,
+                         pair_axis, k_new=k_new, v_new=v_new, causal=causal,
+                         page_shift=page_shift, scale=scale)
 
 
 @_paged_attention_op.register_fake

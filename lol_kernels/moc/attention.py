@@ -27,10 +27,8 @@ from .._checks import (
     register_forward_only,
     value_checks_enabled,
 )
-from .._dispatch import resolve_backend, triton_kernel
-from ..attention.attention_cpu import empty_result
-from ..attention.op import validate_paged_inputs
-from ..rope.table import RopeTable
+from .._dispatch import resolve_backend
+from ..attention.op import run_attention, validate_paged_inputs
 from .attention_cpu import moc_attention_torch
 from .route import moc_route
 
@@ -45,15 +43,11 @@ def _moc_attention_op(q: torch.Tensor, q_pos: torch.Tensor, cache_k: torch.Tenso
                       v_new: torch.Tensor | None, causal: bool, page_shift: torch.Tensor | None,
                       chunk_shift: torch.Tensor | None, scale: float, tile_size: int,
                       backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if q.numel() == 0:  # B, N or Hq is 0 (the CPU flash kernel dies on 0 queries)
-        return empty_result(q)
-    table = RopeTable.from_tensors(freqs, pair_axis)
-    fn = triton_kernel("moc_attention") if backend == "triton" else moc_attention_torch
-    out, lse = fn(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table, table,
-                  chunk_pages=chunk_pages, routed=routed, k_new=k_new, v_new=v_new,
-                  causal=causal, page_shift=page_shift, chunk_shift=chunk_shift, scale=scale,
-                  tile_size=tile_size)
-    return out.contiguous(), lse.float().contiguous()  # the fake impl promises contiguous
+    return run_attention("moc_attention", backend, moc_attention_torch, q,
+                         (q_pos, cache_k, cache_v, cache_pos, page_len, page_table), freqs,
+                         pair_axis, chunk_pages=chunk_pages, routed=routed, k_new=k_new,
+                         v_new=v_new, causal=causal, page_shift=page_shift,
+                         chunk_shift=chunk_shift, scale=scale, tile_size=tile_size)
 
 
 @_moc_attention_op.register_fake
