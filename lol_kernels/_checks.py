@@ -143,7 +143,7 @@ def check_positions_fit(name: str, pos: torch.Tensor, limit: int = INT32_MAX) ->
     largest ``|pos|`` (0 when empty or while torch.compile traces: nothing is read then)."""
     if not value_checks_enabled() or not pos.numel():
         return 0
-    lo, hi = (int(v) for v in torch.aminmax(pos))
+    lo, hi = torch.stack(torch.aminmax(pos)).tolist()  # one host sync
     if hi > limit or lo < -limit:
         raise ValueError(f"{name} must hold positions in [-{limit}, {limit}] (int32 in the "
                          f"kernels), got range [{lo}, {hi}]")

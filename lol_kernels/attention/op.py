@@ -104,9 +104,10 @@ def validate_paged_inputs(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_
                       k_new=k_new, v_new=v_new)
     check_table(table, Hq, D, A, heads_name="q")
     check_page_ids("page_table", page_table, P)
-    if value_checks_enabled() and page_len.numel() and (page_len.min().item() < 0 or page_len.max().item() > S):
-        raise ValueError(f"page_len must be in [0, S={S}], got [{page_len.min().item()}, "
-                         f"{page_len.max().item()}]")
+    if value_checks_enabled() and page_len.numel():
+        lo, hi = torch.stack(torch.aminmax(page_len)).tolist()  # one host sync
+        if lo < 0 or hi > S:
+            raise ValueError(f"page_len must be in [0, S={S}], got [{lo}, {hi}]")
     check_positions_fit("q_pos", q_pos, POS_LIMIT)
     stored = check_positions_fit("cache_pos", cache_pos, POS_LIMIT)
     if page_shift is not None:

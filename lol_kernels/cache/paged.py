@@ -113,6 +113,7 @@ class PagedKVCache:
         n = torch.arange(frame_tokens, device=device)
         self._tok_page, self._tok_slot = n // S, n % S
         self._last_fill = frame_tokens - (self.pages_per_frame - 1) * S
+        self.epoch = -1  # reset() starts epoch 0
         self.reset()
 
     # ----------------------------------------------------------------- state
@@ -126,7 +127,7 @@ class PagedKVCache:
         self.next_t = 0
         self.page_len.zero_()
         self.slot_serial: dict[int, int] | None = {}
-        self.epoch = getattr(self, "epoch", -1) + 1
+        self.epoch += 1
 
     def frames(self) -> list[Frame]:
         """Cached frames in read order: sink frames, then window frames oldest to newest."""
