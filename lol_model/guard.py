@@ -8,6 +8,13 @@ exits 2.
 folders of one run, so a second run with the same ``--out`` (or ``--checkpoint-dir``) fails at
 once instead of mixing its segments into the first run's. The kernel releases a flock when its
 process dies, so a killed run never leaves a lock that blocks the next one.
+
+:func:`check_memory` refuses a run whose cache, weights and activations cannot fit the device
+(an estimate from the settings alone, made before anything is allocated).
+
+Failures during a run are :class:`GenerationError` (``lol`` exits 1; :class:`SegmentError` when
+an output segment could not be written), and a Ctrl-C is :class:`Interrupted` (exit 130); both
+say what was kept.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import os
 
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 MAX_LATENT_FRAMES = 2**30  # frame times must stay far inside int32 (RoPE cuts jump ahead)
+MAX_STEPS = 1000  # denoising steps a block may take: the scheduler's 1000 timesteps
 
 
 class GenerationError(RuntimeError):
@@ -29,6 +37,16 @@ class GenerationError(RuntimeError):
     def __init__(self, message: str, *, block: int | None = None):
         super().__init__(message)
         self.block = block
+
+
+class SegmentError(GenerationError):
+    """An mp4 or latent segment could not be written or closed (ffmpeg died, disk full), or the
+    final join failed. The broken segment was discarded and never recorded, so no checkpoint
+    refers to it; ``--resume`` regenerates it."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run, with a message saying at which block and what was kept."""
 
 
 def finite_float(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
@@ -85,6 +103,8 @@ def check_device(spec: str) -> None:
             raise ValueError(f"--device {spec}: MPS is not available on this machine")
     elif dev.type != "cpu":
         raise ValueError(f"--device {spec!r} is not supported (use cpu, cuda, cuda:N or mps)")
+    elif dev.index not in (None, 0):
+        raise ValueError(f"--device {spec}: the CPU is one device (use cpu)")
 
 
 def check_writable_file(option: str, path: str) -> None:
@@ -173,3 +193,89 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+# --------------------------------------------------------------------------- memory
+def available_memory(device: str) -> tuple[int, str] | None:
+    """``(bytes, where)`` free for new allocations on ``device``: ``MemAvailable`` of
+    ``/proc/meminfo`` for the CPU, ``torch.cuda.mem_get_info`` for CUDA; ``None`` if unknown."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.mem_get_info(dev)[0], f"free on {device}"
+    if dev.type == "cpu":
+        from lol_kernels.diagnostics.cli import available_memory as host_memory
+
+        return host_memory(), "available in RAM"
+    return None
+
+
+def stream_cache_config(s):
+    """The cache configuration of settings ``s`` (its cache name with the size overrides it
+    has: ``sink_frames``, ``window_frames``, ``local_attn_size``)."""
+    from .caches import get_cache_config
+
+    sizes = ("sink_frames", "window_frames", "local_attn_size")
+    return get_cache_config(s.cache, **{k: getattr(s, k) for k in sizes if hasattr(s, k)})
+
+
+def estimate_memory(s, dtype) -> dict[str, int]:
+    """Bytes a stream with settings ``s`` (a ``StreamSettings``) needs at least, by part, with
+    weights and cache in the torch ``dtype`` (``s.dtype`` resolved by the caller).
+
+    ``cache``: K/V pages, positions and summaries of every frame the cache holds (sink + window +
+    block + slow frames; every frame of the run for a cache that never evicts), plus the kept
+    clean latents. ``weights``: the transformer's linear layers.
+    ``activations``: one block's widest layer (FFN hidden and q/k/v/o of every query token) and
+    the K/V gathered for its read. A lower bound: the VAE, the text encoder and the allocator's
+    slack come on top, so a run that is refused would certainly not fit.
+    """
+    from .caches import GrowingKVCache, default_page_size
+    from .config import ModelConfig
+
+    m = ModelConfig.preset(s.preset)
+    c = stream_cache_config(s)
+    elem, B, F = dtype.itemsize, s.batch_size, s.block_frames
+    _, ph, pw = m.patch_size
+    tokens = (s.latent_height // ph) * (s.latent_width // pw)  # per frame
+    page = default_page_size(tokens)
+    slots = -(-tokens // page) * page  # a frame fills whole pages
+    frames = c.sink_frames + c.window_for(F) + F + c.cache_kwargs.get("slow_frames", 0)
+    if issubclass(c.cache_cls, GrowingKVCache):
+        frames = c.sink_frames + (s.blocks + 1) * F
+    kv = 2 * m.num_layers * frames * B * slots * m.dim * elem
+    extra = frames * B * slots * 3 * 4 + m.num_layers * frames * B * m.dim * 4  # pos, summary
+    latents = frames * B * m.in_channels * s.latent_height * s.latent_width * elem
+    weights = m.num_layers * (8 * m.dim * m.dim + 2 * m.dim * m.ffn_dim) * elem
+    q = B * F * tokens
+    act = q * (m.ffn_dim + 4 * m.dim) * elem + 2 * B * frames * slots * m.dim * elem
+    return {"cache": kv + extra + latents, "weights": weights, "activations": act}
+
+
+def check_memory(s, dtype) -> None:
+    """``ValueError`` naming the options that size the run when :func:`estimate_memory` exceeds
+    the memory available on ``s.device`` (checked before anything is built)."""
+    have = available_memory(s.device)
+    if have is None:
+        return
+    need = estimate_memory(s, dtype)
+    total = sum(need.values())
+    if total <= have[0]:
+        return
+    from .caches import GrowingKVCache
+
+    c = stream_cache_config(s)
+    grows = issubclass(c.cache_cls, GrowingKVCache)
+    w, h = 8 * s.latent_width, 8 * s.latent_height
+    gib = 2**30
+    parts = ", ".join(f"{k} {v / gib:.1f}" for k, v in need.items())
+    lower = "--blocks/--seconds (the growing cache keeps every frame)" if grows else \
+        "--sink-size, --local-attn-size/--window-frames"
+    window = c.window_for(s.block_frames)
+    raise ValueError(
+        f"--size {w}x{h} with --cache {s.cache} ({c.sink_frames} sink + {window} window "
+        f"frames{f', {s.blocks} blocks' if grows else ''}), --preset {s.preset} and "
+        f"--dtype {s.dtype} need at least {total / gib:.1f} GiB ({parts} GiB); "
+        f"{have[0] / gib:.1f} GiB is {have[1]}: lower --size, {lower}, or use a smaller "
+        f"--dtype")

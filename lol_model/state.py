@@ -4,21 +4,32 @@ A checkpoint is ``<dir>/stream.safetensors``: the tensors (the cache's own
 ``state_dict()`` under ``cache.<key>``, the kept clean latents of the cached frames, the
 decoder's causal feature cache, the noise generator's state) and, in the safetensors metadata
 under ``"lol"``, a JSON document with the rest (format version, the cache's class, block and
-frame counters, prompt-schedule position, mp4 / latent segment counts, and the run's
+frame counters, prompt-schedule position, the closed mp4 / latent segments, and the run's
 fingerprint). It is written to ``stream.safetensors.tmp``, fsynced, then ``os.replace``-d over
 the old one, so a kill at any moment leaves either the previous or the new checkpoint, never
 half of one. ``stream.json`` beside it is a readable copy of the JSON (informational only).
 
+Checksums: the JSON holds ``"sha256"``, the SHA-256 of every tensor (of its dtype, shape and
+bytes, by name), and the metadata key ``"lol.sha256"`` the SHA-256 of the JSON text itself. So a
+changed byte anywhere in the file is refused: in the safetensors header or offsets by
+safetensors, in the JSON by its digest, in a tensor by that tensor's digest (the error names
+it). Each closed segment is recorded as ``{"file", "sha256", "frames"}`` (see
+:mod:`lol_model.video`), so ``--resume`` refuses a segment changed since the checkpoint.
+
 Format versions:
 
-* ``lol-stream/2`` (written and read): the cache is saved through its ``state_dict()`` and
-  restored in place by ``load_state_dict()``.
+* ``lol-stream/3`` (written and read): checksums as above; ``video_segments`` and
+  ``latent_segments`` are lists of segment records.
+* ``lol-stream/2`` (read, without checksums): nothing is verified; segments were recorded as a
+  count (``latent_segments``: ``[count, frames]``), so ``--resume`` keeps that many segments as
+  they are and measures them. The next checkpoint is written as ``lol-stream/3``.
 * ``lol-stream/1`` (not readable): the cache's private attributes were saved as they were; they
   no longer exist, so such a checkpoint is refused with an error that names its version.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -26,10 +37,26 @@ import torch
 
 from .files import first_line
 
-FORMAT = "lol-stream/2"
-READABLE = (FORMAT,)  # formats load_checkpoint accepts
+FORMAT = "lol-stream/3"
+UNCHECKED = "lol-stream/2"  # readable, but written before checksums
+READABLE = (FORMAT, UNCHECKED)  # formats load_checkpoint accepts
+DIGEST = "lol.sha256"  # metadata key of the JSON document's SHA-256
 FILE = "stream.safetensors"
 CACHE = "cache."  # prefix of the cache's state_dict keys among the checkpoint's tensors
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """Hex SHA-256 of a tensor's dtype, shape and bytes (any dtype, any device)."""
+    t = t.detach().to("cpu").contiguous()
+    h = hashlib.sha256(f"{t.dtype} {list(t.shape)}\n".encode())
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def sha256_text(text: str) -> str:
+    """Hex SHA-256 of ``text`` encoded as UTF-8."""
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def cache_state(cache) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -53,22 +80,30 @@ def load_cache_state(cache, meta: dict, tensors: dict[str, torch.Tensor]) -> Non
 
 
 def save_checkpoint(folder: str, meta: dict, tensors: dict[str, torch.Tensor]) -> str:
-    """Atomically write ``meta`` (JSON-able) and ``tensors`` to ``folder/stream.safetensors``."""
+    """Atomically write ``meta`` (JSON-able) and ``tensors`` to ``folder/stream.safetensors``;
+    ``OSError`` (the previous checkpoint left as it was) if the file cannot be written."""
     from safetensors.torch import save_file
 
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, FILE)
-    doc = json.dumps({"format": FORMAT, **meta})
     cpu, seen = {}, set()
     for k, v in tensors.items():
         v = v.detach().to("cpu").contiguous()
         ptr = v.untyped_storage().data_ptr()
         cpu[k] = v.clone() if ptr in seen else v  # safetensors refuses shared storage
         seen.add(ptr)
+    sums = {k: tensor_sha256(v) for k, v in sorted(cpu.items())}
+    doc = json.dumps({"format": FORMAT, **meta, "sha256": sums})
     tmp = path + ".tmp"
-    save_file(cpu, tmp, metadata={"lol": doc})
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
+    try:
+        save_file(cpu, tmp, metadata={"lol": doc, DIGEST: sha256_text(doc)})
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    except Exception as e:  # a full disk: safetensors raises its own error type
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise OSError(f"cannot write the checkpoint {path} (the previous one is intact): "
+                      f"{first_line(e)}") from None
     os.replace(tmp, path)
     with open(os.path.join(folder, "stream.json.tmp"), "w") as f:
         json.dump({"format": FORMAT, **meta}, f, indent=1)
@@ -77,8 +112,9 @@ def save_checkpoint(folder: str, meta: dict, tensors: dict[str, torch.Tensor]) -
 
 
 def load_checkpoint(folder: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """``(meta, tensors)`` of a checkpoint folder; ``ValueError`` if absent or not a stream
-    checkpoint of a readable format (:data:`READABLE`)."""
+    """``(meta, tensors)`` of a checkpoint folder; ``ValueError`` if absent, corrupt (a
+    checksum differs) or not a stream checkpoint of a readable format (:data:`READABLE`).
+    ``lol-stream/2`` metadata is returned in the current layout (segment counts for records)."""
     from safetensors import safe_open
 
     path = os.path.join(folder, FILE) if os.path.isdir(folder) else folder
@@ -95,15 +131,43 @@ def load_checkpoint(folder: str) -> tuple[dict, dict[str, torch.Tensor]]:
     if "lol" not in header:
         raise ValueError(f"{path} is a safetensors file but not a lol stream checkpoint "
                          f"(no 'lol' metadata)")
+    fix = "restore the file from a copy, or start the stream again with --overwrite"
+    doc = header["lol"]
+    if DIGEST in header and sha256_text(doc) != header[DIGEST]:
+        raise ValueError(f"{path} is corrupt: its metadata does not match its checksum; {fix}")
     try:
-        meta = json.loads(header["lol"])
+        meta = json.loads(doc)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: corrupt checkpoint metadata: {e}") from None
-    if meta.get("format") not in READABLE:
-        raise ValueError(f"{path}: checkpoint format {meta.get('format')!r} is not readable by "
-                         f"this version (readable: {', '.join(READABLE)}); resume it with the "
-                         f"version that wrote it, or start the stream again")
+        raise ValueError(f"{path}: corrupt checkpoint metadata ({e}); {fix}") from None
+    if not isinstance(meta, dict) or meta.get("format") not in READABLE:
+        got = meta.get("format") if isinstance(meta, dict) else None
+        raise ValueError(f"{path}: checkpoint format {got!r} is not readable by this version "
+                         f"(readable: {', '.join(READABLE)}); resume it with the version that "
+                         f"wrote it, or start the stream again")
+    if meta["format"] == UNCHECKED:
+        return upgrade_unchecked(meta), tensors
+    sums = meta.pop("sha256", None)
+    if DIGEST not in header or not isinstance(sums, dict):
+        raise ValueError(f"{path} is corrupt: a {FORMAT} checkpoint without its checksums; {fix}")
+    if set(sums) != set(tensors):
+        diff = sorted(set(sums) ^ set(tensors))
+        raise ValueError(f"{path} is corrupt: its tensors {diff[:4]} differ from those its "
+                         f"checksums list; {fix}")
+    for name in sorted(tensors):
+        got = tensor_sha256(tensors[name])
+        if got != sums[name]:
+            raise ValueError(f"{path} is corrupt: tensor {name!r} does not match its checksum "
+                             f"(sha256 {sums[name][:12]}... saved, {got[:12]}... read); {fix}")
     return meta, tensors
+
+
+def upgrade_unchecked(meta: dict) -> dict:
+    """A ``lol-stream/2`` document in the current layout: ``latent_segments`` ``[count,
+    frames]`` becomes the count (the writers measure count-only segments on resume)."""
+    lat = meta.get("latent_segments")
+    if isinstance(lat, list) and len(lat) == 2 and all(isinstance(x, int) for x in lat):
+        meta = {**meta, "latent_segments": lat[0]}
+    return meta
 
 
 def check_fingerprint(saved: dict, current: dict) -> None:

@@ -110,6 +110,9 @@ BAD = [
     ("blocks-zero", lambda d: ["--blocks", "0"], "--blocks"),
     ("steps-zero", lambda d: ["--steps", "0"], "--steps"),
     ("threads-negative", lambda d: ["--threads", "-2"], "--threads"),
+    ("threads-huge", lambda d: ["--threads", "100000"], "--threads 100000"),
+    ("steps-huge", lambda d: ["--steps", "1001"], "--steps 1001"),
+    ("steps-overflow", lambda d: ["--steps", NINES], "--steps"),
     ("checkpoint-every-negative", lambda d: ["--checkpoint-every", "-1"], "--checkpoint-every"),
     ("sink-negative", lambda d: ["--sink-frames", "-1"], "--sink-frames"),
     ("seed-too-big", lambda d: ["--seed", str(2**64)], "--seed"),
@@ -118,6 +121,7 @@ BAD = [
     ("device-garbage", lambda d: ["--device", "bogus"], "--device"),
     ("device-absent", lambda d: ["--device", "cuda:99"], "--device"),
     ("device-meta", lambda d: ["--device", "meta"], "--device"),
+    ("device-cpu-index", lambda d: ["--device", "cpu:1"], "--device"),
     ("dtype", lambda d: ["--dtype", "int8"], "--dtype"),
     ("preset", lambda d: ["--preset", "nope"], "--preset"),
     ("cache", lambda d: ["--cache", "nope"], "--cache"),
@@ -146,6 +150,16 @@ BAD = [
      "{path}"),
     ("text-garbage-pt", lambda d: ["--text-encoder", _garbage(d, "t.pt")], "{path}"),
     ("vae-garbage", lambda d: ["--vae", _garbage_vae(d)], "{path}"),
+    # sizes beyond any machine's memory (the estimate is checked before anything is built)
+    ("window-beyond-memory", lambda d: ["--window-frames", str(10**12)],
+     f"{10**12} window frames"),
+    ("sink-beyond-memory", lambda d: ["--cache", "relativistic", "--sink-frames", str(10**12)],
+     f"{10**12} sink"),
+    ("attn-size-beyond-memory", lambda d: ["--local-attn-size", str(10**12)],
+     f"{10**12 - 6} window frames"),
+    ("size-beyond-memory", lambda d: ["--size", f"{2**22}x{2**22}"], f"--size {2**22}x{2**22}"),
+    ("growing-beyond-memory", lambda d: ["--cache", "growing", "--blocks", str(2**28)],
+     f"{2**28} blocks"),
 ]
 
 
@@ -259,7 +273,9 @@ def test_nonfinite_block_keeps_what_was_written(tmp_path):
     st.settings.blocks = 4
     with pytest.raises(GenerationError, match="block 3 of 4: the sampled latents"):
         run(st, checkpoint_dir=ck, checkpoint_every=1, progress=False)
-    assert st.block == 2 and "intact" in keep_written(st, ck, 2)
+    kept = keep_written(st, ck)
+    assert st.block == 2 and f"the last good checkpoint (block 2) in {ck} is intact" in kept
+    assert kept.startswith(f"kept: {1 + 4 * 5} video frames in {st.video.seg_dir}"), kept
     assert load_checkpoint(ck)[0]["block"] == 2
     segs = sorted((tmp_path / "x.mp4.segments").glob("seg_?????.mp4"))
     assert len(segs) == 2 and sum(iio.imread(p).shape[0] for p in segs) == 1 + 4 * 5
@@ -285,9 +301,9 @@ def test_diagnose_refuses_nonfinite_latents(tmp_path, capsys, poison):
         stream_metrics(z, [0, 1, 2])
 
 
-def _latent_file(d, name="lat.safetensors", cut=None):
+def _latent_file(d, name="lat.safetensors", cut=None, frames=8):
     p = d / name
-    save_file({"latents": torch.randn(8, 4, 4, 4)}, str(p))
+    save_file({"latents": torch.randn(frames, 4, 4, 4)}, str(p))
     if cut:
         p.write_bytes(p.read_bytes()[:cut])
     return str(p)
@@ -306,6 +322,31 @@ DIAGNOSE_BAD = [
     ("range-beyond-memory", lambda d: ["--max-delta", str(10**14)], "--max-delta"),
     ("range-empty", lambda d: ["--min-delta", "50", "--max-delta", "50"], "--max-delta"),
     ("range-negative", lambda d: ["--min-delta", "-5"], "--min-delta"),
+    ("heads-zero", lambda d: ["--heads", "0"], "--heads 0"),
+    ("heads-negative", lambda d: ["--heads", "-3"], "--heads -3"),
+    ("heads-text", lambda d: ["--heads", "many"], "--heads"),
+    ("heads-beyond-memory", lambda d: ["--heads", str(10**9)], f"--heads {10**9}"),
+    ("head-dim-odd", lambda d: ["--head-dim", "7"], "--head-dim 7"),
+    ("head-dim-small", lambda d: ["--head-dim", "4"], "--head-dim 4"),
+    ("head-dim-zero", lambda d: ["--head-dim", "0"], "--head-dim 0"),
+    ("head-dim-beyond-memory", lambda d: ["--head-dim", str(10**10)], f"--head-dim {10**10}"),
+    ("axis-out", lambda d: ["--axis", "3"], "--axis 3"),
+    ("axis-negative", lambda d: ["--axis", "-1"], "--axis -1"),
+    ("seed-overflow", lambda d: ["--seed", str(2**70)], "--seed"),
+    ("theta-one", lambda d: ["--theta", "1"], "--theta"),
+    ("jitter-negative", lambda d: ["--jitter-sigma", "-0.1"], "--jitter-sigma"),
+    ("sigmas-one", lambda d: ["--sigmas", "0,1"], "--sigmas"),
+    ("threshold-above-one", lambda d: ["--threshold", "1.5"], "--threshold"),
+    ("sync-threshold-negative", lambda d: ["--sync-threshold", "-0.5"], "--sync-threshold"),
+    ("min-fraction-zero", lambda d: ["--min-fraction", "0"], "--min-fraction"),
+    ("zoom-zero", lambda d: ["--zoom", "0"], "--zoom"),
+    ("sink-negative", lambda d: ["--sink-frames", "-1"], "--sink-frames"),
+    ("sink-twice", lambda d: ["--sink-frames", "2,2"], "--sink-frames"),
+    ("sink-beyond-latents", lambda d: ["--latents", _latent_file(d), "--sink-frames", "0,8"],
+     "--sink-frames 0,8"),
+    ("latents-one-frame", lambda d: ["--latents", _latent_file(d, frames=1)], "--latents"),
+    ("out-is-file", lambda d: ["--out", _file(d)], "--out"),
+    ("out-under-file", lambda d: ["--out", os.path.join(_file(d), "sub")], "--out"),
 ]
 
 
@@ -403,3 +444,173 @@ def test_overwrite_replaces_previous_run(tmp_path, capsys, finished):
             "--checkpoint-every", "1", "--overwrite"]
     assert lol(argv, capsys)[0] == 0
     assert load_checkpoint(str(kept.parent))[0]["block"] == 1
+
+
+# --------------------------------------------------------------------------- memory estimate
+GiB = 2**30
+WAN480 = {"latent_height": 60, "latent_width": 104}
+# (id, settings, text of the refusal or None when the run fits in 8 GiB)
+MEMORY = [
+    ("tiny-default", {}, None),
+    ("wan-1.3b-480p-bf16", {"preset": "wan-1.3b", "dtype": "bf16", **WAN480}, None),
+    ("wan-1.3b-480p-fp32", {"preset": "wan-1.3b", "dtype": "float32", **WAN480},
+     "--preset wan-1.3b and --dtype float32"),
+    ("wan-14b-480p-bf16", {"preset": "wan-14b", "dtype": "bf16", **WAN480}, "--preset wan-14b"),
+    ("tiny-8192-fits", {"latent_height": 1024, "latent_width": 1024}, None),
+    ("tiny-16384", {"latent_height": 2048, "latent_width": 2048}, "--size 16384x16384"),
+    ("window", {"cache": "sink-window", "window_frames": 10**6}, "1000000 window frames"),
+    ("sink", {"cache": "relativistic", "sink_frames": 10**6}, "1000000 sink"),
+    ("growing", {"cache": "growing", "blocks": 10**6}, "1000000 blocks"),
+]
+
+
+@pytest.mark.parametrize("kw,expect", [m[1:] for m in MEMORY], ids=[m[0] for m in MEMORY])
+def test_run_beyond_memory_is_refused(monkeypatch, kw, expect):
+    """Against a machine with 8 GiB: the estimate refuses what cannot fit, naming the options
+    that size it, and lets through what fits."""
+    import lol_model.guard as guard
+
+    monkeypatch.setattr(guard, "available_memory", lambda device: (8 * GiB, "available in RAM"))
+    from lol_model.generate import DTYPES
+
+    s = StreamSettings(**kw)
+    need = guard.estimate_memory(s, DTYPES[s.dtype])
+    assert set(need) == {"cache", "weights", "activations"} and min(need.values()) > 0
+    if expect is None:
+        guard.check_memory(s, DTYPES[s.dtype])
+        assert sum(need.values()) <= 8 * GiB
+        return
+    with pytest.raises(ValueError, match="8.0 GiB is available in RAM") as e:
+        guard.check_memory(s, DTYPES[s.dtype])
+    assert expect in str(e.value) and "--size" in str(e.value) and "\n" not in str(e.value)
+
+
+# --------------------------------------------------------------------------- Ctrl-C
+SMALL = ["generate", "--blocks", "6", "--size", "32x32", "--quiet", "--threads", "1",
+         "--checkpoint-every", "2", "--save-latents"]
+
+
+def _raise_at(monkeypatch, target, name, when):
+    """Make ``target.name`` raise KeyboardInterrupt on the calls where ``when(call_no, *a)``
+    (``target``: a module or a class; ``"module:Class"`` in the table below)."""
+    real = getattr(target, name)
+    calls = [0]
+
+    def wrapped(*a, **kw):
+        calls[0] += 1
+        if when(calls[0], *a):
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(target, name, wrapped)
+
+
+def _at_block(k):  # sampling block k (1-based)
+    return ("lol_model.generate", "sample_block", lambda n, st: st.block == k - 1)
+
+
+# (id, extra argv, (module, function, when), expected line after "lol: ", checkpoint block)
+INTERRUPTS = [
+    ("while-building", [], ("lol_model.generate", "new_stream", lambda n, s: True),
+     "interrupted before the first block; nothing was written", None),
+    ("block-1", [], _at_block(1), "interrupted at block 1; nothing was written", None),
+    ("block-3", [], _at_block(3), "interrupted at block 3; kept: 21 video frames in {seg} "
+     "(ffmpeg concat list: list.txt); 6 latent frames in {lat}; the last good checkpoint "
+     "(block 2) in {ck} is intact (--resume continues from it)", 2),
+    ("writing-video", [], ("lol_model.video:SegmentedVideoWriter", "append",
+                           lambda n, w, f: n == 3),
+     "interrupted at block 4; kept: 21 video frames", 2),
+    ("saving-checkpoint", [], ("lol_model.state", "save_checkpoint", lambda n, *a: n == 2),
+     "interrupted at block 5; kept: 45 video frames in {seg} (ffmpeg concat list: list.txt); "
+     "12 latent frames", 2),
+    ("joining", [], ("lol_model.video:SegmentedVideoWriter", "finalize",
+                     lambda n, *a: True), "interrupted at block 6; kept: 69 video frames", 6),
+    ("latents-only", ["--no-decode"], _at_block(4),
+     "interrupted at block 4; kept: 9 latent frames in {lat}; the last good checkpoint "
+     "(block 2)", 2),
+]
+
+
+@pytest.fixture(scope="module")
+def small_latents(tmp_path_factory):
+    d = tmp_path_factory.mktemp("small")
+    assert main([*SMALL, "--no-decode", "--out", str(d / "x.mp4")]) == 0
+    from lol_model.video import load_latents
+
+    return load_latents(str(d / "x.latents"))
+
+
+@pytest.mark.parametrize("argv,patch,expect,block", [i[1:] for i in INTERRUPTS],
+                         ids=[i[0] for i in INTERRUPTS])
+def test_ctrl_c_prints_one_line_and_keeps_the_output(tmp_path, capsys, monkeypatch,
+                                                     small_latents, argv, patch, expect, block):
+    import importlib
+
+    from lol_model.video import count_video_frames, load_latents
+
+    module, _, attr = patch[0].partition(":")
+    target = importlib.import_module(module)
+    _raise_at(monkeypatch, getattr(target, attr) if attr else target, patch[1], patch[2])
+    out = tmp_path / "x.mp4"
+    paths = {"seg": f"{out}.segments", "lat": tmp_path / "x.latents", "ck": f"{out}.ckpt"}
+    rc, err = lol([*SMALL, *argv, "--out", str(out)], capsys)
+    assert rc == 130 and "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("lol")]
+    assert lines == [err.strip().splitlines()[-1]], err  # one line, the last
+    assert lines[0].startswith("lol: " + expect.format(**paths)), lines[0]
+    if block is None:
+        assert not os.path.exists(paths["ck"] + "/stream.safetensors")
+    else:
+        assert load_checkpoint(paths["ck"])[0]["block"] == block
+    for seg in sorted(tmp_path.glob("x.mp4.segments/seg_?????.mp4")):  # every kept one plays
+        assert count_video_frames(str(seg)) > 0
+    monkeypatch.undo()
+    again = "--resume" if block is not None else "--overwrite"
+    assert main([*SMALL, *argv, "--out", str(out), again]) == 0
+    assert torch.equal(load_latents(str(paths["lat"])), small_latents)
+    if "--no-decode" not in argv:
+        assert count_video_frames(str(out)) == 1 + 4 * 17
+
+
+def test_second_ctrl_c_during_cleanup_is_one_line(tmp_path, capsys, monkeypatch):
+    import lol_model.generate as gen
+    from lol_model.video import SegmentedVideoWriter
+
+    _raise_at(monkeypatch, gen, *_at_block(3)[1:])
+    _raise_at(monkeypatch, SegmentedVideoWriter, "close_segment", lambda n, w: n >= 2)
+    rc, err = lol([*SMALL, "--out", str(tmp_path / "x.mp4")], capsys)
+    assert rc == 130 and err.strip().splitlines()[-1] == "lol: interrupted", err
+    assert "Traceback" not in err and load_checkpoint(str(tmp_path / "x.mp4.ckpt"))[0]["block"] == 2
+
+
+@pytest.mark.parametrize("every", ["2", "0"], ids=["checkpoints", "segments-only"])
+def test_real_sigint_prints_one_line(tmp_path, every):
+    """A real SIGINT to ``python -m lol_model.cli``: exit 130, one line saying what was kept,
+    and every kept segment plays."""
+    import re
+
+    from lol_model.video import count_video_frames
+
+    out = tmp_path / "x.mp4"
+    cmd = [sys.executable, "-m", "lol_model.cli", *SMALL[:1], "--blocks", "400",
+           *SMALL[3:8], "--checkpoint-every", every, "--out", str(out)]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    wait_for = tmp_path / ("x.mp4.ckpt/stream.safetensors" if every != "0"
+                           else "x.mp4.segments/seg_00000.mp4")
+    deadline = time.time() + 120
+    while not wait_for.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    line = err.strip().splitlines()[-1]
+    m = re.fullmatch(r"lol: interrupted at block (\d+); kept: (\d+) video frames in \S+ "
+                     r"\(ffmpeg concat list: list.txt\)(.*)", line)
+    assert m, line
+    segs = sorted(tmp_path.glob("x.mp4.segments/seg_?????.mp4"))
+    assert sum(count_video_frames(str(p)) for p in segs) == int(m[2])
+    if every != "0":
+        block = load_checkpoint(str(tmp_path / "x.mp4.ckpt"))[0]["block"]
+        assert f"the last good checkpoint (block {block})" in m[3]
+        assert 2 <= block < int(m[1])

@@ -18,18 +18,13 @@ from lol_model.generate import (
     save_stream,
     step,
 )
-from lol_model.state import load_cache_state
+from lol_model.state import load_cache_state, load_checkpoint, save_checkpoint
 from lol_model.video import load_latents
 
 SCHEDULE = "a cat[3] | a dog[2] | a bird[#]"  # recache at block 3, flush + cut at block 5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _stream(tmp, name, blocks, cache, decode=True):
@@ -77,7 +72,7 @@ def test_bad_checkpoints(tmp_path):
     ck = tmp_path / "ck"
     save_stream(st, str(ck))
     meta = json.loads((ck / "stream.json").read_text())
-    assert meta["block"] == 1 and meta["format"] == "lol-stream/2"
+    assert meta["block"] == 1 and meta["format"] == "lol-stream/3"
 
     def fresh(**kw):
         return new_stream(StreamSettings(blocks=2, decode=False, **kw))
@@ -95,27 +90,24 @@ def test_bad_checkpoints(tmp_path):
     save_file({"x": torch.zeros(2)}, str(bad / "stream.safetensors"))
     with pytest.raises(ValueError, match="not a lol stream checkpoint"):
         resume_stream(fresh(), str(bad))
-    # a tensor of the wrong shape (e.g. a hand-edited or foreign checkpoint)
+    # a tensor of the wrong shape (a foreign checkpoint, written with valid checksums)
     tensors = load_file(str(ck / "stream.safetensors"))
-    from safetensors import safe_open
-
-    with safe_open(str(ck / "stream.safetensors"), "pt") as f:
-        header = f.metadata()
+    plain = {k: v for k, v in meta.items() if k != "format"}
     tensors["cache.k.0"] = tensors["cache.k.0"][:, :8].contiguous()
-    save_file(tensors, str(bad / "stream.safetensors"), metadata=header)
+    save_checkpoint(str(bad), plain, tensors)
     with pytest.raises(ValueError, match=r"does not fit this run's cache.*\['k\.0'\] is "
                                          r"torch.float32 \[\d+, 8, 4, 16\]; this PagedKVCache "
                                          r"needs torch.float32 \[\d+, 16, 4, 16\]"):
         resume_stream(fresh(), str(bad))
     del tensors["cache.k.0"]
-    save_file(tensors, str(bad / "stream.safetensors"), metadata=header)
+    save_checkpoint(str(bad), plain, tensors)
     with pytest.raises(ValueError, match=r"missing keys \['k\.0'\]"):
         resume_stream(fresh(), str(bad))
     # a checkpoint of the format before caches had state_dict() is refused by its version
     save_file(load_file(str(ck / "stream.safetensors")), str(bad / "stream.safetensors"),
               metadata={"lol": json.dumps({**meta, "format": "lol-stream/1"})})
     with pytest.raises(ValueError, match=r"format 'lol-stream/1' is not readable by this "
-                                         r"version \(readable: lol-stream/2\)"):
+                                         r"version \(readable: lol-stream/3, lol-stream/2\)"):
         resume_stream(fresh(), str(bad))
     other = new_stream(StreamSettings(blocks=2, decode=False, cache="slow-fast")).cache
     with pytest.raises(ValueError, match="holds a PagedKVCache cache; this run's cache is a "
@@ -188,3 +180,150 @@ def test_sigkill_then_resume(tmp_path):
     a = load_latents(str(tmp_path / "full.latents"))
     assert torch.equal(a, load_latents(str(tmp_path / "part.latents")))
     assert iio.imread(out).shape == iio.imread(tmp_path / "full.mp4").shape == (69, 64, 64, 3)
+
+
+# --------------------------------------------------------------------------- checksums
+@pytest.fixture(scope="module")
+def checkpointed(tmp_path_factory):
+    """A run of 4 blocks checkpointed every 2 (2 mp4 and 2 latent segments), and its latents."""
+    d = tmp_path_factory.mktemp("ckpt")
+    st = new_stream(StreamSettings(blocks=4, prompt=SCHEDULE, window_frames=3))
+    attach_outputs(st, str(d / "x.mp4"), save_latents=True)
+    run(st, checkpoint_dir=str(d / "ck"), checkpoint_every=2, progress=False)
+    finish(st, keep_segments=True)
+    return d
+
+
+def _regions(path):
+    """Byte ranges of a safetensors file: ``{region: [(start, stop, tensor or None)]}``."""
+    import struct
+
+    data = open(path, "rb").read()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + n])
+    text = data[8 : 8 + n]
+    doc = json.dumps(header["__metadata__"]["lol"]).encode()[1:-1]  # as escaped in the header
+    digest = header["__metadata__"]["lol.sha256"].encode()
+    d0, g0 = 8 + text.index(doc), 8 + text.index(digest)
+    tensors = [(8 + n + a, 8 + n + b, k) for k, v in header.items() if k != "__metadata__"
+               for a, b in [v["data_offsets"]] if b > a]
+    return {"length": [(0, 8, None)], "index": [(8, d0 - 20, None)],
+            "metadata": [(d0, d0 + len(doc), None)], "digest": [(g0, g0 + len(digest), None)],
+            "tensors": tensors}
+
+
+@pytest.mark.parametrize("region", ["length", "index", "metadata", "digest", "tensors"])
+def test_any_flipped_byte_is_refused(tmp_path, checkpointed, region):
+    """A changed byte anywhere (every byte of a small region, 150 of a large one, three flips
+    each; the first and last byte of every tensor) is refused with a ValueError naming the
+    file; in a tensor, the error names that tensor."""
+    import random
+
+    src = str(checkpointed / "ck" / "stream.safetensors")
+    data = open(src, "rb").read()
+    spans = _regions(src)[region]
+    rng = random.Random(region)
+    every = [o for a, z, _ in spans for o in range(a, z)]
+    offsets = every if len(every) <= 150 else sorted(rng.sample(every, 150))
+    if region == "tensors":  # the first and last byte of every tensor too
+        offsets += [o for a, b, _ in spans for o in (a, b - 1)]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    path = bad / "stream.safetensors"
+    for off in offsets:
+        for flip in (0x01, 0x80, 0xFF):
+            b = bytearray(data)
+            b[off] ^= flip
+            path.write_bytes(b)
+            with pytest.raises(ValueError) as e:
+                load_checkpoint(str(bad))
+            msg = str(e.value)
+            assert msg.startswith(str(path)) and "\n" not in msg, msg
+            assert any(s in msg for s in ("is corrupt", "not a readable safetensors",
+                                          "not a lol stream checkpoint")), msg
+            if region == "tensors":
+                name = next(k for a, z, k in spans if a <= off < z)
+                assert f"tensor {name!r} does not match its checksum" in msg, msg
+            if region == "digest" and flip == 0x01:  # still ASCII: safetensors accepts it
+                assert "metadata does not match its checksum" in msg, msg
+    assert len(offsets) >= min(150, len(every))
+    load_checkpoint(str(checkpointed / "ck"))  # the original still loads
+
+
+def _tamper(path, change):
+    data = path.read_bytes()
+    if change == "delete":
+        path.unlink()
+    elif change == "flip-byte":
+        b = bytearray(data)
+        b[len(b) // 2] ^= 0x10
+        path.write_bytes(b)
+    elif change == "truncate":
+        path.write_bytes(data[: len(data) - 1])
+    elif change == "append":
+        path.write_bytes(data + b"\0")
+    elif change == "swap":  # the next segment's file in its place
+        path.write_bytes(path.with_name(path.name.replace("00000", "00001")).read_bytes())
+
+
+@pytest.mark.parametrize("change", ["flip-byte", "truncate", "append", "swap", "delete"])
+@pytest.mark.parametrize("kind", ["video", "latent"])
+def test_changed_segment_is_refused_on_resume(tmp_path, checkpointed, kind, change):
+    import shutil
+
+    for name in ("ck", "x.mp4.segments", "x.latents"):
+        shutil.copytree(checkpointed / name, tmp_path / name)
+    folder = tmp_path / ("x.mp4.segments" if kind == "video" else "x.latents")
+    seg = folder / ("seg_00000.mp4" if kind == "video" else "seg_00000.safetensors")
+    meta, _ = load_checkpoint(str(tmp_path / "ck"))
+    rec = meta[f"{kind}_segments"][0]
+    assert rec["file"] == seg.name and len(meta[f"{kind}_segments"]) == 2
+    _tamper(seg, change)
+    before = sorted(p.name for p in folder.iterdir())
+    st = new_stream(StreamSettings(blocks=4, prompt=SCHEDULE, window_frames=3))
+    attach_outputs(st, str(tmp_path / "x.mp4"), save_latents=True)
+    if change == "delete":
+        match = rf"cannot resume the {kind}.*segment\(s\) \[0\] are missing from {folder}"
+    else:
+        match = (rf"cannot resume: {kind} segment {seg.name} in {folder} does not match the "
+                 rf"checkpoint \(sha256 {rec['sha256'][:12]}\.\.\. expected, [0-9a-f]{{12}}\.\.\. "
+                 rf"found\).*--overwrite")
+    with pytest.raises(ValueError, match=match):
+        resume_stream(st, str(tmp_path / "ck"))
+    assert sorted(p.name for p in folder.iterdir()) == before  # the refusal deleted nothing
+
+
+@pytest.mark.parametrize("decode", [False, True], ids=["latents-only", "video"])
+def test_unchecked_v2_checkpoint_still_resumes(tmp_path, decode):
+    """A ``lol-stream/2`` checkpoint (no checksums, segment counts) resumes bit-exactly; its
+    segments are kept as they are, and the next checkpoint is ``lol-stream/3``."""
+    def stream(name):
+        st = new_stream(StreamSettings(blocks=5, prompt=SCHEDULE, window_frames=3, decode=decode))
+        attach_outputs(st, str(tmp_path / f"{name}.mp4"), save_latents=True)
+        return st
+
+    full = stream("full")
+    run(full, progress=False)
+    finish(full)
+    part, ck = stream("part"), str(tmp_path / "ck")
+    for _ in range(3):
+        step(part)
+    save_stream(part, ck)
+    meta, tensors = load_checkpoint(ck)
+    v2 = {**meta, "format": "lol-stream/2",
+          "video_segments": len(meta["video_segments"]) if decode else None,
+          "latent_segments": [len(meta["latent_segments"]),
+                              sum(r["frames"] for r in meta["latent_segments"])]}
+    save_file(tensors, str(tmp_path / "ck" / "stream.safetensors"),
+              metadata={"lol": json.dumps(v2)})
+    again = stream("part")
+    resume_stream(again, ck)
+    assert again.block == 3 and again.latent_writer.segments[0]["frames"] == 9
+    run(again, checkpoint_dir=ck, checkpoint_every=1, progress=False)
+    finish(again)
+    assert load_checkpoint(ck)[0]["format"] == "lol-stream/3"
+    a = load_latents(str(tmp_path / "full.latents"))
+    b = load_latents(str(tmp_path / "part.latents"))
+    assert a.shape[1] == 15 and torch.equal(a, b)
+    if decode:
+        assert iio.imread(tmp_path / "part.mp4").shape == iio.imread(tmp_path / "full.mp4").shape

@@ -166,18 +166,76 @@ def available_memory() -> int:
 def check_memory(args) -> None:
     """``ValueError`` naming ``--min-delta`` / ``--max-delta`` when the analysed range is empty
     or cannot fit in memory: the coherence of every head over every distance is held at once,
-    ``[H, N]`` float64, plus per-distance curves (an estimate, refused before any work)."""
+    ``[H, N]`` float64, plus per-distance curves and the RoPE tables of every sigma, ``[H, D/2]``
+    float64, with their work blocks (an estimate, refused before any work)."""
     if args.min_delta < 0 or args.max_delta <= args.min_delta:
         raise ValueError(f"--min-delta {args.min_delta} and --max-delta {args.max_delta}: need "
                          f"0 <= --min-delta < --max-delta")
     n = args.max_delta - args.min_delta
     sigmas = len({0.0, *args.sigmas, args.jitter_sigma})
-    need = 8 * n * (2 * max(args.heads, 1) + sigmas + 4)
+    need = 8 * n * (2 * max(args.heads, 1) + sigmas + 4) + \
+        16 * args.heads * args.head_dim * (sigmas + 2)
     have = available_memory()
     if need > have:
         raise ValueError(f"--max-delta {args.max_delta} (with --min-delta {args.min_delta}, "
-                         f"--heads {args.heads}) needs about {need / 2**30:.1f} GiB; "
-                         f"{have / 2**30:.1f} GiB is available: lower --max-delta")
+                         f"--heads {args.heads}, --head-dim {args.head_dim}) needs about "
+                         f"{need / 2**30:.1f} GiB; {have / 2**30:.1f} GiB is available: lower "
+                         f"--max-delta, --heads or --head-dim")
+
+
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+
+
+def check_args(args) -> None:
+    """``ValueError`` naming the option of the first bad value, before any work: the ranges
+    the analysis accepts (``rope_frequencies``, the thresholds), then :func:`check_memory`."""
+    def need(ok: bool, option: str, value, rule: str) -> None:
+        if not ok:
+            raise ValueError(f"{option} {value}: {rule}")
+
+    need(args.heads >= 1, "--heads", args.heads, "must be an int >= 1")
+    need(args.head_dim >= 6 and args.head_dim % 2 == 0, "--head-dim", args.head_dim,
+         "must be an even int >= 6 (Wan's 3D RoPE gives the t, h and w axes a channel pair "
+         "each)")
+    need(args.theta > 1, "--theta", args.theta, "must be > 1")
+    need(0 <= args.jitter_sigma < 1, "--jitter-sigma", args.jitter_sigma, "must be in [0, 1)")
+    need(bool(args.sigmas) and all(0 <= x < 1 for x in args.sigmas), "--sigmas",
+         ",".join(f"{x:g}" for x in args.sigmas), "must be one or more numbers in [0, 1)")
+    need(SEED_RANGE[0] <= args.seed <= SEED_RANGE[1], "--seed", args.seed,
+         f"must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
+    need(0 <= args.axis <= 2, "--axis", args.axis, "must be 0 (time), 1 (height) or 2 (width)")
+    for option, value in (("--threshold", args.threshold),
+                          ("--sync-threshold", args.sync_threshold)):
+        need(0 <= value <= 1, option, value, "must be a coherence in [0, 1]")
+    need(0 < args.min_fraction <= 1, "--min-fraction", args.min_fraction, "must be in (0, 1]")
+    need(args.zoom >= 1, "--zoom", args.zoom, "must be an int >= 1")
+    sinks = args.sink_frames
+    need(bool(sinks) and min(sinks) >= 0 and len(set(sinks)) == len(sinks), "--sink-frames",
+         ",".join(map(str, sinks)), "must be distinct frame indices >= 0")
+    check_memory(args)
+
+
+def make_out_folder(out: Path) -> None:
+    """Create the ``--out`` folder (and its parents); ``ValueError`` naming it if impossible."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot create the folder ({e.strerror})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: the folder is not writable")
+
+
+def check_latents(lat: torch.Tensor, args) -> None:
+    """``ValueError`` naming ``--latents`` / ``--sink-frames`` unless the ``[F, Cz, H, W]``
+    stream ``lat`` has 2 frames or more and holds every sink frame."""
+    F = lat.shape[0]
+    if F < 2:
+        raise ValueError(f"--latents {args.latents}: holds {F} frame(s); at least 2 are needed")
+    if max(args.sink_frames) >= F:
+        raise ValueError(f"--sink-frames {','.join(map(str, args.sink_frames))}: --latents "
+                         f"{args.latents} has frames 0..{F - 1}")
 
 
 def _fmt_list(xs: list[int]) -> str:
@@ -286,8 +344,12 @@ def run_diagnose(args) -> dict:
 
     Returns the summary dict (also written to ``args.out / "summary.json"``).
     """
-    check_memory(args)  # refuse bad input before any work
+    check_args(args)  # refuse bad input before any work
     lat = load_latents(args.latents) if args.latents is not None else None
+    if lat is not None:
+        check_latents(lat, args)
+    out = Path(args.out)
+    make_out_folder(out)  # the last check: an empty folder is all a refusal may leave
     sigmas = list(dict.fromkeys([0.0, *args.sigmas, args.jitter_sigma]))
     tables = {sg: rope_frequencies(args.head_dim, args.heads, theta=args.theta,
                                    jitter_sigma=sg, jitter_axes=(args.axis,), seed=args.seed)
@@ -325,8 +387,6 @@ def run_diagnose(args) -> dict:
               f"{r['max_head_fraction']:>14.3f} | {r['distances_half_heads']:>13d} | "
               f"{r['first'][:5]}")
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     plots = {"coherence": out / "coherence.png", "synchronization": out / "synchronization.png"}
     _plot_coherence(plots["coherence"], args, tables, preds[0.0])
     _plot_sync(plots["synchronization"], args, sync, fracs)
@@ -377,4 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"lol diagnose: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("lol diagnose: interrupted", file=sys.stderr)
+        return 130
     return 0
