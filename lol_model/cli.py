@@ -24,12 +24,15 @@ import time
 
 from .guard import (
     MAX_LATENT_FRAMES,
+    MAX_STEPS,
     SEED_RANGE,
     GenerationError,
+    Interrupted,
     RunLock,
     bounded_int,
     check_device,
     check_input_path,
+    check_memory,
     check_writable_dir,
     check_writable_file,
     finite_float,
@@ -93,16 +96,38 @@ def add_generate_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--preset", default=None, help="model preset (tiny, wan-1.3b, ...; default "
                                                   "tiny, or wan-1.3b with --checkpoint)")
     p.add_argument("--lora", help="LoRA weights merged into --checkpoint (LongLive)")
+    p.add_argument("--lora-alpha", type=finite_float(0, lo_open=True),
+                   help="LoRA alpha (scale = alpha / rank); default: the file's, else the rank "
+                        "(LongLive: 256 = rank)")
+    p.add_argument("--ema", action="store_true",
+                   help="load the checkpoint's EMA weights ('generator_ema', Self-Forcing / "
+                        "LongLive trainer checkpoints)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", help="float32, bf16, fp16 or float64")
-    p.add_argument("--cache", default="sink-window",
-                   help="cache configuration: sink-window, relativistic, growing, ...")
-    p.add_argument("--sink-frames", type=bounded_int(0),
-                   help="override the cache's sink frames")
-    p.add_argument("--window-frames", type=bounded_int(0),
-                   help="override the cache's window frames")
-    p.add_argument("--jitter-sigma", type=finite_float(0, 1, hi_open=True), default=0.0,
-                   help="LoL multi-head RoPE jitter sigma in [0, 1) (paper: 0.8)")
+    p.add_argument("--cache", default="longlive",
+                   help="cache preset (README table): longlive (default: 3 sink + 6 cached + "
+                        "the 3-frame block), lol (longlive + jitter 0.8), self-forcing, "
+                        "self-forcing-rolling, sink-window, relativistic, slow-fast, moc, "
+                        "growing")
+    p.add_argument("--sink-size", "--sink-frames", dest="sink_frames", type=bounded_int(0),
+                   help="upstream's sink_size: the first frames, kept forever")
+    w = p.add_mutually_exclusive_group()
+    w.add_argument("--local-attn-size", type=bounded_int(-1),
+                   help="upstream's local_attn_size: frames a block attends INCLUDING its own "
+                        "(longlive: 12 = 3 sink + 6 cached + 3 new); -1 is refused (use "
+                        "--cache self-forcing or growing)")
+    w.add_argument("--window-frames", type=bounded_int(0),
+                   help="low-level: recent frames kept BESIDES the block (= local_attn_size - "
+                        "sink_size - 3)")
+    p.add_argument("--recache", choices=["longlive", "block-causal"],
+                   help="soft prompt switch: longlive (one pass, LongLive's) or block-causal "
+                        "(block by block); default: the cache preset's")
+    p.add_argument("--no-global-sink", action="store_true",
+                   help="recompute the sink under the new prompt too at a switch (LongLive "
+                        "global_sink: false)")
+    p.add_argument("--jitter-sigma", type=finite_float(0, 1, hi_open=True), default=None,
+                   help="LoL multi-head RoPE jitter sigma in [0, 1) (paper: 0.8); default: "
+                        "the cache preset's (0.8 for lol, else 0)")
     p.add_argument("--jitter-seed", type=bounded_int(*SEED_RANGE), default=0,
                    help="seed of the per-head jitter draw")
     p.add_argument("--size", type=_size, default=(128, 128),
@@ -156,8 +181,11 @@ def settings_from_args(args):
     preset = args.preset or ("wan-1.3b" if args.checkpoint else "tiny")
     return StreamSettings(
         prompt=args.prompt, blocks=blocks, preset=preset, checkpoint=args.checkpoint,
-        lora=args.lora, cache=args.cache, sink_frames=args.sink_frames,
-        window_frames=args.window_frames, jitter_sigma=args.jitter_sigma,
+        lora=args.lora, lora_alpha=args.lora_alpha, ema=args.ema, cache=args.cache,
+        sink_frames=args.sink_frames,
+        local_attn_size=args.local_attn_size, window_frames=args.window_frames,
+        recache=args.recache, global_sink=False if args.no_global_sink else None,
+        jitter_sigma=args.jitter_sigma,
         jitter_seed=args.jitter_seed, latent_height=h // 8, latent_width=w // 8,
         block_frames=block_frames, steps=args.steps, shift=args.shift, timesteps=args.timesteps,
         seed=args.seed, dtype=args.dtype, device=args.device, text_encoder=args.text_encoder,
@@ -185,6 +213,10 @@ def check_generate_args(args, s, ckpt: str) -> None:
     check_device(s.device)
     if args.lora and not args.checkpoint:
         raise ValueError("--lora needs --checkpoint (the LoRA is merged into its weights)")
+    if args.lora_alpha is not None and not args.lora:
+        raise ValueError("--lora-alpha needs --lora (the alpha of the LoRA to merge)")
+    if args.ema and not args.checkpoint:
+        raise ValueError("--ema needs --checkpoint (a trainer checkpoint with 'generator_ema')")
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
     for option, path in (("--checkpoint", args.checkpoint), ("--lora", args.lora),
@@ -192,8 +224,13 @@ def check_generate_args(args, s, ckpt: str) -> None:
         check_input_path(option, path)
     _named("--prompt", parse_schedule, s.prompt, block_frames=s.block_frames)
     _named("--preset", ModelConfig.preset, s.preset)
-    _named("--cache", get_cache_config, s.cache, sink_frames=s.sink_frames,
-           window_frames=s.window_frames)
+    _named("--cache", get_cache_config, s.cache)
+    size = "--local-attn-size" if s.local_attn_size is not None else \
+        "--window-frames" if s.window_frames is not None else "--sink-size"
+    cache_cfg = _named(size, get_cache_config, s.cache, sink_frames=s.sink_frames,
+                       local_attn_size=s.local_attn_size, window_frames=s.window_frames,
+                       recache=s.recache, global_sink=s.global_sink)
+    _named(size, cache_cfg.window_for, s.block_frames)
     if s.timesteps:
         _named("--timesteps", sigmas_from_timesteps, s.timesteps)
     if s.blocks * s.block_frames > MAX_LATENT_FRAMES:
@@ -206,6 +243,13 @@ def check_generate_args(args, s, ckpt: str) -> None:
     if os.path.isfile(ckpt) and (args.checkpoint_every or not args.resume):
         raise ValueError(f"--checkpoint-dir {ckpt} is a file, not a folder")
     check_writable_dir("--checkpoint-dir", ckpt)
+    if s.steps > MAX_STEPS:  # the sigma list alone would not fit; each step is a forward
+        raise ValueError(f"--steps {s.steps}: at most {MAX_STEPS} (Wan's timestep grid)")
+    cores = os.cpu_count() or 1
+    if args.threads and args.threads > 4 * cores:  # OpenMP aborts or crashes on absurd counts
+        raise ValueError(f"--threads {args.threads}: this machine has {cores} CPU cores; use "
+                         f"at most {4 * cores}")
+    check_memory(s, DTYPES[s.dtype])  # last: it needs every size option validated
 
 
 def previous_run(args, ckpt: str) -> list[str]:
@@ -258,6 +302,7 @@ def run_generate(args) -> dict:
 def _generate(args, s, ckpt: str) -> dict:
     import torch
 
+    from .files import first_line
     from .generate import attach_outputs, finish, keep_written, new_stream, resume_stream, run
 
     threads = args.threads or (1 if s.preset == "tiny" and s.device == "cpu" else None)
@@ -265,20 +310,32 @@ def _generate(args, s, ckpt: str) -> dict:
         torch.set_num_threads(threads)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     t0 = time.perf_counter()
-    st = new_stream(s)
-    attach_outputs(st, args.out, save_latents=args.save_latents)
-    if args.resume:
-        resume_stream(st, ckpt)
-        print(f"resumed at block {st.block} from {ckpt}", file=sys.stderr)
-    start = st.block
+    every = args.checkpoint_every
+    st = None
     try:
-        run(st, checkpoint_dir=ckpt if args.checkpoint_every else None,
-            checkpoint_every=args.checkpoint_every, progress=not args.quiet)
-    except GenerationError as e:
-        kept = keep_written(st, ckpt if args.checkpoint_every else None,
-                            st.block if e.block is None else e.block - 1)
-        raise GenerationError(f"{e}. {kept}", block=e.block) from None
-    out = finish(st, keep_segments=bool(args.checkpoint_every))
+        st = new_stream(s)
+        attach_outputs(st, args.out, save_latents=args.save_latents)
+        if args.resume:
+            resume_stream(st, ckpt)
+            print(f"resumed at block {st.block} from {ckpt}", file=sys.stderr)
+        start = st.block
+        try:
+            run(st, checkpoint_dir=ckpt if every else None, checkpoint_every=every,
+                progress=not args.quiet)
+            out = finish(st, keep_segments=bool(every))
+        except (GenerationError, OSError) as e:  # stop; say what stays (keep_written closes it)
+            kept = keep_written(st, ckpt if every else None)
+            what = str(e) if isinstance(e, GenerationError) else \
+                f"writing the output failed at block {st.block}: {first_line(e, 1000)}"
+            raise GenerationError(f"{what}. {kept[0].upper()}{kept[1:]}",
+                                  block=getattr(e, "block", None)) from None
+    except KeyboardInterrupt:
+        if st is None:
+            raise Interrupted("interrupted before the first block; nothing was written") \
+                from None
+        at = min(st.block + 1, s.blocks)
+        raise Interrupted(f"interrupted at block {at}; "
+                          f"{keep_written(st, ckpt if every else None)}") from None
     dt = time.perf_counter() - t0
     frames = st.block * s.block_frames
     print(f"{st.block - start} blocks ({frames} latent frames total, {st.frames_out} video "
@@ -311,10 +368,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """Run ``lol``; a user-facing failure prints one ``lol: error: ...`` line: exit 2 for bad
-    options and files (checked before any work), 1 when a run stops (non-finite latents)."""
+    options and files (checked before any work), 1 when a run stops (non-finite latents, a
+    failed output segment); Ctrl-C prints ``lol: interrupted ...`` (what was kept), exit 130."""
     args = build_parser().parse_args(argv)
     try:
         rc = args.func(args)
+    except Interrupted as e:
+        print(f"lol: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("lol: interrupted", file=sys.stderr)
+        return 130
     except GenerationError as e:
         print(f"lol: error: {e}", file=sys.stderr)
         return 1

@@ -53,11 +53,18 @@ class StreamSettings:
     preset: str = "tiny"
     checkpoint: str | None = None
     lora: str | None = None
-    # cache configuration (lol_model.caches) and LoL multi-head RoPE jitter
-    cache: str = "sink-window"
+    lora_alpha: float | None = None  # None: the LoRA file's alpha, else its rank
+    ema: bool = False  # the checkpoint's 'generator_ema' weights
+    # cache configuration (lol_model.caches; None keeps the configuration's value):
+    # sink_frames is upstream's sink_size; local_attn_size counts the frames a block attends
+    # including its own (upstream's); window_frames (frames kept besides the block) excludes it
+    cache: str = "longlive"
     sink_frames: int | None = None
+    local_attn_size: int | None = None
     window_frames: int | None = None
-    jitter_sigma: float = 0.0
+    recache: str | None = None  # None: the cache configuration's (lol_model.caches)
+    global_sink: bool | None = None
+    jitter_sigma: float | None = None  # LoL multi-head RoPE jitter; None: the cache's (lol 0.8)
     jitter_seed: int = 0
     # latent grid and sampling (explicit ``timesteps`` override ``steps`` and ``shift``)
     latent_height: int = 8
@@ -82,6 +89,8 @@ class StreamSettings:
         for k in ("blocks", "device"):
             d.pop(k)
         d["timesteps"] = list(self.timesteps) if self.timesteps else None
+        if self.jitter_sigma is None:  # the cache's default, so that implied and explicit match
+            d["jitter_sigma"] = get_cache_config(self.cache).jitter_sigma
         return d
 
 
@@ -103,6 +112,9 @@ class Stream:
     segment: int = 0  # schedule segment whose prompt text_kv encodes
     text_kv: object = None
     latents: dict = field(default_factory=dict)  # fid -> clean latent [B, Cz, 1, h, w]
+    # (serial, t, clean latent) of the newest generated frames, at most recache_span (LongLive
+    # recache only): it recomputes frames the cache has already evicted
+    recent: list = field(default_factory=list)
     pending_cut: bool = False
     decoder: object = None
     video: object = None
@@ -122,13 +134,15 @@ def build_model(s: StreamSettings, dtype, device) -> CausalWanModel:
     if s.checkpoint:
         from .weights import load_model
 
-        model = load_model(s.checkpoint, s.preset, lora=s.lora, dtype=dtype, device=device)
+        model = load_model(s.checkpoint, s.preset, lora=s.lora, lora_alpha=s.lora_alpha,
+                           ema=s.ema, dtype=dtype, device=device)
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(s.seed)
             model = CausalWanModel(ModelConfig.preset(s.preset))
         model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    model.configure_rope(jitter_sigma=s.jitter_sigma, seed=s.jitter_seed)
+    sigma = get_cache_config(s.cache).jitter_sigma if s.jitter_sigma is None else s.jitter_sigma
+    model.configure_rope(jitter_sigma=sigma, seed=s.jitter_seed)
     return model
 
 
@@ -144,7 +158,9 @@ def new_stream(s: StreamSettings, *, model: CausalWanModel | None = None,
     model = model if model is not None else build_model(s, dtype, device)
     gh, gw = model.grid(s.latent_height, s.latent_width)
     cache_cfg = get_cache_config(s.cache, sink_frames=s.sink_frames,
-                                 window_frames=s.window_frames)
+                                 local_attn_size=s.local_attn_size,
+                                 window_frames=s.window_frames, recache=s.recache,
+                                 global_sink=s.global_sink)
     cache = cache_cfg.new_cache(model, frame_tokens=gh * gw, block_frames=s.block_frames,
                                 batch_size=s.batch_size, dtype=dtype, device=device)
     if text_encoder is None:
@@ -168,9 +184,13 @@ def encode_text(st: Stream, segment: int):
 
 # --------------------------------------------------------------------------- step functions
 def _keep_latents(st: Stream, blk, x0: torch.Tensor) -> None:
-    """Remember each written frame's clean latent by frame slot; forget evicted frames."""
+    """Remember each written frame's clean latent by frame slot; forget evicted frames. With
+    the LongLive recache also keep the newest ``recache_span`` frames, evicted or not."""
     for f, fr in enumerate(blk.frames):
         st.latents[fr.fid] = x0[:, :, f : f + 1].clone()
+        if st.cache_cfg.recache == "longlive":
+            st.recent.append((fr.serial, fr.t, st.latents[fr.fid]))
+    del st.recent[: max(0, len(st.recent) - st.cache_cfg.recache_span(st.cache))]
     live = {fr.fid for fr in st.cache.frames()}
     for fid in [k for k in st.latents if k not in live]:
         del st.latents[fid]
@@ -178,10 +198,26 @@ def _keep_latents(st: Stream, blk, x0: torch.Tensor) -> None:
 
 @torch.no_grad()
 def recache(st: Stream) -> None:
-    """LongLive recache: recompute every cached frame's K/V in place under the current prompt
-    from the kept clean latents, in read order, ``block_frames`` at a time, each chunk
-    attending the already recomputed frames before it at their current read positions."""
+    """Recompute the cached frames' K/V under the current prompt (``st.text_kv``) from their
+    clean latents at timestep 0, as ``st.cache_cfg.recache`` says:
+
+    * ``"longlive"``: LongLive's one pass over the newest ``recache_span`` frames, evicted ones
+      included, sink kept or refilled per ``global_sink``
+      (:meth:`~lol_model.caches.CacheConfig.longlive_replay`);
+    * ``"block-causal"``: every cached frame (sink included), in read order, ``block_frames``
+      at a time, each chunk attending the already recomputed frames before it, all at their
+      current read positions.
+    """
     F = st.settings.block_frames
+    if st.cache_cfg.recache == "longlive":
+        order, read, blk = st.cache_cfg.longlive_replay(
+            st.cache, [(s, t) for s, t, _ in st.recent], F)
+        x0 = torch.cat([st.recent[i][2] for i in order], dim=2)
+        t0 = torch.zeros(x0.shape[0], x0.shape[2], dtype=torch.float32, device=st.device)
+        st.model(x0, t0, st.text_kv, st.cache, read, write=blk)
+        z = {s: latent for s, _, latent in st.recent}
+        st.latents.update({fr.fid: z[fr.serial] for fr in blk.frames})  # a refilled sink
+        return
     frames = st.cache.frames()
     frame_t = st.cache_cfg.frame_positions(st.cache, F)
     for i in range(0, len(frames), F):
@@ -203,6 +239,8 @@ def switch_prompt(st: Stream) -> None:
         st.cache_cfg.flush(st.cache)
         live = {fr.fid for fr in st.cache.frames()}
         st.latents = {k: v for k, v in st.latents.items() if k in live}
+        if st.cache_cfg.recache == "longlive":  # the history restarts from the kept frames
+            st.recent = [(fr.serial, fr.t, st.latents[fr.fid]) for fr in st.cache.frames()]
         st.pending_cut = True
     elif st.cache.num_frames:
         recache(st)
@@ -283,31 +321,52 @@ def latents_folder(out: str | None) -> str:
 
 
 def close_segments(st: Stream) -> None:
+    """Close the open mp4 and latent segments; :class:`~lol_model.guard.SegmentError` if one
+    cannot be closed (it is discarded and not recorded)."""
     if st.video is not None:
         st.video.close_segment()
     if st.latent_writer is not None:
         st.latent_writer.close_segment()
 
 
-def keep_written(st: Stream, checkpoint_dir: str | None, good: int) -> str:
-    """After a failed block: close the open segments so the ``good`` blocks written so far stay
-    playable / loadable; returns a sentence saying where the output and last checkpoint are."""
-    try:
-        close_segments(st)
-    except Exception as e:  # keep the first error; report that the open segment was lost
-        from .files import first_line
+def keep_written(st: Stream, checkpoint_dir: str | None) -> str:
+    """After a failed or interrupted block: close the open segments so what was written stays
+    playable / loadable; returns a sentence saying what was kept, where, and whether the last
+    checkpoint (which ``--resume`` continues from) is intact."""
+    from .files import first_line
 
-        return f"The open segment could not be closed ({first_line(e)})"
-    said = []
-    if st.video is not None and good:
-        said.append(f"the video of blocks 1-{good} is kept in {st.video.seg_dir} "
-                    f"(ffmpeg concat list: list.txt)")
+    said, lost = [], []
+    for writer, what in ((st.video, "video"), (st.latent_writer, "latent")):
+        if writer is None:
+            continue
+        try:
+            writer.close_segment()
+        except Exception as e:  # keep the first error; report that the open segment was lost
+            lost.append(f"the open {what} segment was lost ({first_line(e, 120)})")
+    if st.video is not None and st.video.segments:
+        said.append(f"{st.video.frames} video frames in {st.video.seg_dir} (ffmpeg concat "
+                    f"list: list.txt)")
+    if st.latent_writer is not None and st.latent_writer.segments:
+        said.append(f"{st.latent_writer.frames} latent frames in {st.latent_writer.folder}")
     if checkpoint_dir:
         from .state import FILE
 
         if os.path.isfile(os.path.join(checkpoint_dir, FILE)):
-            said.append(f"the last good checkpoint in {checkpoint_dir} is intact (--resume)")
-    return ("Kept: " + "; ".join(said)) if said else "Nothing was written"
+            said.append(f"the last good checkpoint{saved_block(checkpoint_dir)} in "
+                        f"{checkpoint_dir} is intact (--resume continues from it)")
+    text = ("kept: " + "; ".join(said)) if said else "nothing was written"
+    return "; ".join([text, *lost])
+
+
+def saved_block(checkpoint_dir: str) -> str:
+    """``" (block N)"`` from the checkpoint's readable copy ``stream.json``; ``""`` if unknown."""
+    import json
+
+    try:
+        with open(os.path.join(checkpoint_dir, "stream.json")) as f:
+            return f" (block {int(json.load(f)['block'])})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
 
 
 def finish(st: Stream, *, keep_segments: bool = False) -> str | None:
@@ -322,7 +381,9 @@ def finish(st: Stream, *, keep_segments: bool = False) -> str | None:
 
 # --------------------------------------------------------------------------- checkpoints
 def save_stream(st: Stream, folder: str) -> str:
-    """Close the output segments, then atomically save the stream state to ``folder``."""
+    """Close the output segments, then atomically save the stream state to ``folder`` (in this
+    order: a segment that fails to close raises before anything is saved, so the checkpoint
+    never records a broken segment)."""
     from .state import cache_state, save_checkpoint
 
     close_segments(st)
@@ -330,11 +391,13 @@ def save_stream(st: Stream, folder: str) -> str:
     tensors["rng.noise"] = st.generator.get_state()
     for fid, z in st.latents.items():
         tensors[f"latents.{fid}"] = z
+    for i, (_, _, z) in enumerate(st.recent):
+        tensors[f"recent.{i}"] = z
     meta = {"fingerprint": st.settings.fingerprint(), "block": st.block, "segment": st.segment,
             "pending_cut": st.pending_cut, "cache": cmeta, "frames_out": st.frames_out,
-            "latent_fids": sorted(st.latents),
-            "video_segments": st.video.closed if st.video is not None else None,
-            "latent_segments": (st.latent_writer.closed, st.latent_writer.frames)
+            "latent_fids": sorted(st.latents), "recent": [[s, t] for s, t, _ in st.recent],
+            "video_segments": list(st.video.segments) if st.video is not None else None,
+            "latent_segments": list(st.latent_writer.segments)
             if st.latent_writer is not None else None}
     if st.decoder is not None:
         dmeta, dt = st.decoder.state()
@@ -352,6 +415,8 @@ def resume_stream(st: Stream, folder: str) -> None:
     load_cache_state(st.cache, meta["cache"], tensors)
     st.generator.set_state(tensors["rng.noise"])
     st.latents = {fid: tensors[f"latents.{fid}"].to(st.device) for fid in meta["latent_fids"]}
+    st.recent = [(s, t, tensors[f"recent.{i}"].to(st.device))
+                 for i, (s, t) in enumerate(meta.get("recent", []))]
     st.block, st.pending_cut, st.frames_out = meta["block"], meta["pending_cut"], meta["frames_out"]
     if meta["segment"] != st.segment:
         st.segment = meta["segment"]
@@ -365,7 +430,7 @@ def resume_stream(st: Stream, folder: str) -> None:
     if st.latent_writer is not None:
         if meta["latent_segments"] is None:
             raise ValueError("cannot resume with --save-latents: the checkpoint saved none")
-        st.latent_writer.truncate(*meta["latent_segments"])
+        st.latent_writer.truncate(meta["latent_segments"])
 
 
 # --------------------------------------------------------------------------- driver

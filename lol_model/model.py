@@ -14,12 +14,11 @@ Parameter names follow the original Wan / Self-Forcing / LongLive layout (``self
 
 Precision: activations stay in the parameters' dtype; LayerNorms, RMSNorms, modulation and the
 residual updates with their gates are computed in fp32 (fp64 for an fp64 model), as diffusers
-does. The timestep sinusoid uses diffusers' fp32 frequency table.
+does. The timestep sinusoid is computed in float64, as Wan / Self-Forcing / LongLive.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import partial
 
@@ -64,12 +63,27 @@ def layer_norm(x, ct, eps, weight=None, bias=None):
 
 
 def timestep_sinusoid(t: torch.Tensor, dim: int, ct: torch.dtype) -> torch.Tensor:
-    """``[cos, sin](t * omega)`` of ``t [N]`` -> ``[N, dim]`` in ``ct``; omega as diffusers'
-    ``get_timestep_embedding`` (fp32 ``exp(-ln(10000) i / half)``, no frequency shift)."""
+    """Sinusoidal timestep embedding as Wan / Self-Forcing / LongLive compute it.
+
+    ``[cos(t_n * omega_i), sin(t_n * omega_i)]`` with ``omega_i = 10000 ** (-i / (dim / 2))``,
+    ``i < dim / 2``, all in float64 (``t`` cast to float64 first), then cast to ``ct``.
+
+    Args:
+        t: timesteps ``[N]`` of any dtype.
+        dim: embedding width (even).
+        ct: dtype of the result.
+
+    Returns:
+        ``[N, dim]`` in ``ct`` (cos half first, then sin).
+    """
+    if dim % 2:
+        raise ValueError(f"dim must be even, got {dim}")
+    # MPS has no float64: the same formula in float32 there
+    wide = torch.float32 if t.device.type == "mps" else torch.float64
     half = dim // 2
-    exponent = -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device)
-    ang = t.to(ct)[:, None] * torch.exp(exponent / half)[None]
-    return torch.cat([ang.cos(), ang.sin()], dim=-1)
+    omega = torch.pow(10000.0, -torch.arange(half, dtype=wide, device=t.device).div(half))
+    ang = torch.outer(t.to(wide), omega)
+    return torch.cat([ang.cos(), ang.sin()], dim=-1).to(ct)
 
 
 class RMSNorm(nn.Module):
@@ -261,7 +275,9 @@ class CausalWanModel(nn.Module):
                 tile of ``moc_tile_size`` queries and per head, the ``moc_topk`` chunks chosen
                 by the MoC router (:func:`lol_kernels.moc_attention`).
             write: when given (the clean write pass at ``t = 0``), each layer writes its
-                un-rotated normed ``k`` and ``v`` into ``cache`` at these frames.
+                un-rotated normed ``k`` and ``v`` into ``cache`` at these frames. It may name
+                fewer frames than ``x`` has: the K/V of the *last* ``len(write.frames)`` frames
+                are written, the earlier ones are only attended (LongLive recache).
             causal_within_block: token-causal attention among the block's own tokens (default:
                 every token of the block sees the whole block).
             backend: of :func:`lol_kernels.paged_attention`.
@@ -280,6 +296,12 @@ class CausalWanModel(nn.Module):
             raise TypeError(f"cache dtype {cache.dtype} must be the model's dtype {self.dtype} "
                             f"(new_cache(dtype=None) picks it)")
         pos = lk.token_positions(read.q_t, gh, gw, B).to(self.device)
+        if write is not None:
+            cache.check_block(write)  # a FrameBlock of this cache, before reading its frames
+        if write is not None and not 1 <= len(write.frames) <= Fr:
+            raise ValueError(f"write must name 1..{Fr} frames (the last frames of x), got "
+                             f"{len(write.frames)}")
+        nw = 0 if write is None else len(write.frames) * gh * gw  # written: the last nw tokens
 
         def attend(layer, q, k, v):
             args = (q, pos, cache.k[layer], cache.v[layer], cache.pos, cache.page_len,
@@ -295,7 +317,7 @@ class CausalWanModel(nn.Module):
             else:
                 out, _ = lk.paged_attention(*args, **kw)
             if write is not None:
-                cache.write(layer, write, k, v)
+                cache.write(layer, write, k[:, -nw:], v[:, -nw:])
             return out
 
         return self._run(x, timestep, text_kv, attend)

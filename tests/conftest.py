@@ -23,6 +23,15 @@ def _fresh_seed(request):
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (tiny ops: threads only add overhead on a shared box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Max absolute difference, with -inf == -inf counted as equal."""
     a, b = a.double(), b.double()

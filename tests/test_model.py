@@ -2,10 +2,12 @@
 forward, position policies, dtypes and input errors (tiny random models on the CPU)."""
 
 import contextlib
+import math
 
 import pytest
 import torch
 from diffusers import WanTransformer3DModel
+from diffusers.models import embeddings
 
 import lol_kernels as lk
 from lol_kernels.cache.slowfast import SlowFastCache
@@ -19,18 +21,35 @@ CFG = ModelConfig.preset("tiny")
 @contextlib.contextmanager
 def fp64_diffusers():
     """diffusers casts to fp32 with ``.float()`` in its norms, RoPE table and modulation even in
-    an fp64 model (about 1e-7 relative error); inside this context ``.float()`` leaves fp64
-    tensors alone, so an fp64 diffusers model really computes in fp64."""
+    an fp64 model (about 1e-7 relative error), and builds its timestep frequency table in fp32
+    (about 1e-6); inside this context ``.float()`` leaves fp64 tensors alone and the table of
+    fp64 timesteps is fp64, so an fp64 diffusers model really computes in fp64."""
     orig = torch.Tensor.float
+    orig_table = embeddings.get_timestep_embedding
 
     def keep64(self, *args, **kwargs):
         return self if self.dtype == torch.float64 else orig(self, *args, **kwargs)
 
+    def table64(timesteps, embedding_dim, flip_sin_to_cos=False, downscale_freq_shift=1,
+                scale=1, max_period=10000):
+        if timesteps.dtype != torch.float64:
+            return orig_table(timesteps, embedding_dim, flip_sin_to_cos, downscale_freq_shift,
+                              scale, max_period)
+        # diffusers' formula, exp(-ln(max_period) i / (half - shift)), evaluated in fp64
+        half = embedding_dim // 2
+        i = torch.arange(half, dtype=torch.float64, device=timesteps.device)
+        ang = scale * timesteps[:, None] * torch.exp(-math.log(max_period) * i
+                                                     / (half - downscale_freq_shift))
+        parts = [ang.cos(), ang.sin()] if flip_sin_to_cos else [ang.sin(), ang.cos()]
+        return torch.cat(parts, dim=-1)
+
     torch.Tensor.float = keep64
+    embeddings.get_timestep_embedding = table64
     try:
         yield
     finally:
         torch.Tensor.float = orig
+        embeddings.get_timestep_embedding = orig_table
 
 
 def diffusers_model(cfg: ModelConfig, dtype) -> WanTransformer3DModel:
@@ -93,6 +112,36 @@ def test_parity_with_diffusers(dtype, tol):
         many = model(x, t, model.encode_text(ctx[:1].expand(B, -1, -1)), cache,
                      lk.cache.read_cache(cache, Fr))
     assert rel_err(one, many) < tol
+
+
+def test_timestep_sinusoid_is_upstream_float64():
+    """Wan / Self-Forcing / LongLive: t cast to float64, omega_i = 10000 ** (-i / half),
+    [cos, sin] of the outer product, cast last. Angles written out in Python floats here."""
+    from diffusers.models.embeddings import get_timestep_embedding
+
+    from lol_model.model import timestep_sinusoid
+
+    dim, half = 256, 128
+    t = torch.cat([torch.tensor([0.0, 0.5, 1.0, 250.0, 937.5, 999.0, 1000.0]),
+                   torch.rand(57) * 1000])
+    ang = torch.tensor([[ti * 10000.0 ** (-i / half) for i in range(half)]
+                        for ti in t.double().tolist()], dtype=torch.float64)
+    # fp64: same angles bit for bit (cos/sin through torch: libm and torch differ by 1 ulp)
+    assert torch.equal(timestep_sinusoid(t, dim, torch.float64),
+                       torch.cat([ang.cos(), ang.sin()], dim=-1))
+    # cast to fp32: equal bit for bit to Python's libm cos/sin, from fp32 or bf16 timesteps
+    want = torch.tensor([[math.cos(a) for a in row] + [math.sin(a) for a in row]
+                         for row in ang.tolist()], dtype=torch.float64).float()
+    got = timestep_sinusoid(t, dim, torch.float32)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    tb = t.to(torch.bfloat16)
+    assert torch.equal(timestep_sinusoid(tb, dim, torch.float32),
+                       timestep_sinusoid(tb.double(), dim, torch.float32))
+    # diffusers' fp32 table rounds the angle t * omega in fp32: up to ~5e-5 off at t ~ 1000
+    table = get_timestep_embedding(t, dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+    assert 1e-5 < float((got - table).abs().max()) < 1e-3
+    with pytest.raises(ValueError, match="dim"):
+        timestep_sinusoid(t, 7, torch.float32)
 
 
 # ---------------------------------------------------------------------------- streaming

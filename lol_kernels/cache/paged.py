@@ -183,6 +183,42 @@ class PagedKVCache:
         slots = torch.cat([self._token_slots(fr.pages) for fr in own], 1)
         return FrameBlock(own, slots, self, self.epoch)
 
+    def reassign(self, frames, t, serials) -> FrameBlock:
+        """Make cached ``frames`` hold other frames of the stream (LongLive's recache without a
+        global sink refills the sink with later frames): ``frames[i]`` keeps its slot, pages and
+        group (sink or window) but becomes the frame of serial ``serials[i]`` at temporal
+        position ``t[i]`` (its tokens' stored ``pos[..., 0]`` is rewritten). Their K/V are stale
+        until :meth:`write` with the returned :class:`FrameBlock`; blocks made before for the
+        old frames are refused from now on. ``ValueError`` if a frame is not cached here, or a
+        serial is repeated or held by another cached frame."""
+        old = self.rewrite_block(frames).frames  # checks that every frame is cached here
+        t, serials = [int(x) for x in t], [int(x) for x in serials]
+        if len(t) != len(old) or len(serials) != len(old):
+            raise ValueError(f"t and serials must give one value per frame ({len(old)}), got "
+                             f"{len(t)} and {len(serials)}")
+        if any(abs(x) >= POS_LIMIT for x in t):
+            raise ValueError(f"t must lie within +-{POS_LIMIT}, got {t}")
+        if len({fr.fid for fr in old}) != len(old):
+            raise ValueError("frames must be distinct")
+        where = {id(g): (group, i) for group in (self.sink, self.window) for i, g in
+                 enumerate(group)}
+        if any(id(fr) not in where for fr in old):
+            raise ValueError("frames must be sink or window frames")
+        others = {fr.serial for fr in self.frames()} - {fr.serial for fr in old}
+        if len(set(serials)) != len(serials) or others & set(serials):
+            raise ValueError(f"serials must be distinct and not held by other cached frames, "
+                             f"got {serials}")
+        new = []
+        for fr, ti, si in zip(old, t, serials):
+            nf = Frame(fr.fid, ti, fr.pages, si, fr.sink)
+            group, i = where[id(fr)]
+            group[i] = nf
+            self.pos.view(-1, self.num_axes)[self._token_slots(fr.pages).reshape(-1), 0] = ti
+            self.claim_slot(nf)
+            self.next_t = max(self.next_t, ti + 1)
+            new.append(nf)
+        return self.rewrite_block(new)
+
     def check_block(self, block) -> None:
         """Refuse a :class:`FrameBlock` that :meth:`write` must not write: one made by another
         cache, or a stale one, some frame slot of which was reallocated since (its pages now
