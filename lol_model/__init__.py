@@ -1,7 +1,18 @@
-"""lol_model: a thin Wan2.1 streaming video generator on top of lol_kernels."""
+"""lol_model: a thin Wan2.1 streaming video generator on top of lol_kernels.
 
-from .config import PRESETS, ModelConfig
-from .model import CausalWanModel, TextKV
-from .weights import load_model, load_weights
+The names below load on first use, so that ``lol`` starts (and a Ctrl-C while torch loads is
+handled by :func:`lol_model.cli.main`) before torch is imported.
+"""
 
-__all__ = ["PRESETS", "CausalWanModel", "ModelConfig", "TextKV", "load_model", "load_weights"]
+import importlib
+
+_NAMES = {"PRESETS": "config", "ModelConfig": "config", "CausalWanModel": "model",
+          "TextKV": "model", "load_model": "weights", "load_weights": "weights"}
+
+__all__ = sorted(_NAMES)
+
+
+def __getattr__(name: str):
+    if name in _NAMES:
+        return getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

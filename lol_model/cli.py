@@ -370,8 +370,8 @@ def main(argv=None) -> int:
     """Run ``lol``; a user-facing failure prints one ``lol: error: ...`` line: exit 2 for bad
     options and files (checked before any work), 1 when a run stops (non-finite latents, a
     failed output segment); Ctrl-C prints ``lol: interrupted ...`` (what was kept), exit 130."""
-    args = build_parser().parse_args(argv)
-    try:
+    try:  # building the parser imports torch (seconds): a Ctrl-C there is an interrupt too
+        args = build_parser().parse_args(argv)
         rc = args.func(args)
     except Interrupted as e:
         print(f"lol: {e}", file=sys.stderr)

@@ -129,8 +129,12 @@ def check_writable_dir(option: str, path: str) -> None:
 
 def check_input_path(option: str, path: str | None) -> None:
     """``ValueError`` naming ``option`` if an input file or folder does not exist."""
-    if path not in (None, "", "tiny") and not os.path.exists(path):
+    if path in (None, "", "tiny"):
+        return
+    if not os.path.exists(path):
         raise ValueError(f"{option} {path} does not exist")
+    if not (os.path.isfile(path) or os.path.isdir(path)):  # /dev/null, a fifo, a socket
+        raise ValueError(f"{option} {path} is not a regular file or folder")
 
 
 class RunLock:

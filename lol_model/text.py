@@ -111,7 +111,8 @@ class PrecomputedText:
     def __init__(self, path: str, *, text_dim: int, text_len: int = 512, device="cpu",
                  dtype=torch.float32):
         if not os.path.isfile(path):
-            raise ValueError(f"prompt embedding file {path!r} does not exist")
+            raise ValueError(f"prompt embedding file {path!r} "
+                             f"{'is not a regular file' if os.path.exists(path) else 'does not exist'}")
         if path.endswith((".safetensors", ".pt", ".pth")):
             table = load_tensor_file(path, "prompt embedding file")
         else:

@@ -150,6 +150,10 @@ BAD = [
      "{path}"),
     ("text-garbage-pt", lambda d: ["--text-encoder", _garbage(d, "t.pt")], "{path}"),
     ("vae-garbage", lambda d: ["--vae", _garbage_vae(d)], "{path}"),
+    # paths that exist but are neither a file nor a folder
+    ("text-device", lambda d: ["--text-encoder", "/dev/null"], "--text-encoder /dev/null is not"),
+    ("checkpoint-device", lambda d: ["--checkpoint", "/dev/null"], "--checkpoint /dev/null is not"),
+    ("vae-device", lambda d: ["--vae", "/dev/null"], "--vae /dev/null is not"),
     # sizes beyond any machine's memory (the estimate is checked before anything is built)
     ("window-beyond-memory", lambda d: ["--window-frames", str(10**12)],
      f"{10**12} window frames"),
@@ -614,3 +618,19 @@ def test_real_sigint_prints_one_line(tmp_path, every):
         block = load_checkpoint(str(tmp_path / "x.mp4.ckpt"))[0]["block"]
         assert f"the last good checkpoint (block {block})" in m[3]
         assert 2 <= block < int(m[1])
+
+
+def test_ctrl_c_while_torch_loads_is_an_interrupt(monkeypatch, capsys):
+    """``lol`` imports torch only once main() runs, inside its Ctrl-C handling."""
+    from lol_model import cli
+
+    code = "import sys, lol_model, lol_model.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["generate"]) == 130
+    assert capsys.readouterr().err.strip() == "lol: interrupted"
