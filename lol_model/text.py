@@ -37,6 +37,17 @@ class ByteTokenizer:
         return ids, (ids != self.pad_id).long()
 
 
+def hf_tokenize(tok):
+    """Wrap a ``transformers`` tokenizer as ``tokenize(prompts, max_length) -> ids, mask``
+    (``[B, max_length]`` int64, EOS added, padded and truncated to ``max_length``)."""
+    def tokenize(prompts, max_length):
+        enc = tok(prompts, padding="max_length", truncation=True, max_length=max_length,
+                  return_tensors="pt", add_special_tokens=True)
+        return enc.input_ids, enc.attention_mask
+
+    return tokenize
+
+
 def _pad_context(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Zero every row past each prompt's real tokens (Wan's padded context)."""
     return states * mask[..., None].to(states.dtype)
@@ -86,12 +97,7 @@ class TextEncoder:
             raise ValueError(f"--text-encoder {path} is not a readable umT5 encoder + tokenizer "
                              f"folder: {first_line(e)}") from None
 
-        def tokenize(prompts, max_length):
-            enc = tok(prompts, padding="max_length", truncation=True, max_length=max_length,
-                      return_tensors="pt", add_special_tokens=True)
-            return enc.input_ids, enc.attention_mask
-
-        return cls(model, tokenize, text_len=text_len, device=device, dtype=dtype)
+        return cls(model, hf_tokenize(tok), text_len=text_len, device=device, dtype=dtype)
 
     @torch.no_grad()
     def __call__(self, prompts: list[str]) -> torch.Tensor:
