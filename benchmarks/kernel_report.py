@@ -1,18 +1,21 @@
 """Kernel report of the fused paged RoPE attention (issue 3) at the Wan shape.
 
-Shape: one block of ``N = 4680`` queries (3 latent frames of 1560 tokens) over ``Nk = 18720``
-cached keys (LongLive's 12 frames) in pages of ``S = 64`` slots, ``Hq = Hkv = 12`` heads of
-``D = 128``, bf16, jittered 3D RoPE applied to the un-rotated keys in registers.
+Shape (:data:`SHAPE`): one block of ``Nq = 4680`` queries (3 latent frames of 1560 tokens) over
+``Nk = 18720`` cached keys (LongLive's 12 frames) laid out as ``PagedKVCache`` stores them: each
+frame on ``ceil(1560 / S)`` fresh pages of ``S = 64`` slots, the last one partial (24 tokens), so
+the kernel walks 300 pages; ``Hq = Hkv = 12`` heads of ``D = 128``, bf16, jittered 3D RoPE
+applied to the un-rotated keys in registers. :data:`TINY` is the same layout at a toy size
+(partial pages, ``Nq`` not a multiple of a frame, GQA) for the interpreter.
 
 For every autotune config it reports, without a GPU:
 
-* ``flops``: matmul FLOPs ``4 N Nk Hq D`` (FlashAttention's count; RoPE and softmax excluded);
+* ``flops``: matmul FLOPs ``4 Nq Nk Hq D`` (FlashAttention's count; RoPE and softmax excluded);
 * ``min_bytes``: compulsory HBM traffic: Q, K, V, positions read once, out and lse written once;
 * static resources from the sm_90 ahead-of-time compile (``cuobjdump``): registers per thread,
   shared memory per CTA, stack/local bytes, HGMMA count; CTAs per SM from registers and shared
   memory; ``splits``: the split-KV parts the launcher picks (``triton_split.num_splits_for``)
   and ``wave_eff``: the fraction of the grid's ``waves * slots`` filled with key tiles (the
-  ``cdiv(N, BLOCK_M) * Hq * splits`` programs on 132 SMs, each part also paying its fixed
+  ``cdiv(Nq, BLOCK_M) * Hq * splits`` programs on 132 SMs, each part also paying its fixed
   work); ``merge_ms``: the fp32 parts written and read back at 3.0 TB/s;
 * ``roofline_ms``: ``max(flops / 800 TFLOP/s, min_bytes / 3.0 TB/s)`` (H100 dense bf16 and copy
   bandwidth); ``predicted_ms`` (below) is an upper bound on speed, not a measurement. The 70%
@@ -26,30 +29,42 @@ For every autotune config it reports, without a GPU:
   ``merge_ms``. It assumes issue, tensor cores and MUFU overlap perfectly; ``serial_ms`` is
   the pessimistic side: a warp idles while its scores product runs and issues the softmax
   while no product is in flight (only the key loads and rotation overlap the previous
-  ``P V``), CTAs resident on one SM interleaving. A GPU run lands between the two. ``exp_ms``: ``Hq * N * Nk`` ``exp2`` on the MUFU at 16 per SM per clock (the
-  RoPE sin/cos add ``ctas * Nk * D`` more MUFU ops, ``mufu_ms`` counts both).
+  ``P V``), CTAs resident on one SM interleaving. A GPU run lands between the two.
+  ``exp_ms``: ``Hq * Nq * Nk`` ``exp2`` on the MUFU at 16 per SM per clock (the RoPE sin/cos
+  add ``ctas * Nk * D`` more MUFU ops, ``mufu_ms`` counts both).
 
 On a machine with a CUDA GPU it also measures (``triton.testing.do_bench``) the Triton kernel
 (autotuned) next to torch SDPA, FlexAttention and flash-attn (when installed) on keys that were
-rotated beforehand (those baselines cannot rotate per head at read time), and writes TFLOP/s.
+rotated beforehand (those baselines cannot rotate per head at read time), writes TFLOP/s and
+checks the kernel's first queries against the float64 reference (docs/design.md §5 rule).
 
-    python benchmarks/kernel_report.py --out results
+    python benchmarks/kernel_report.py --out results              # static; measured on a GPU
+    python benchmarks/kernel_report.py --measure --out results    # measured only (GPU)
+    python benchmarks/kernel_report.py --measure --tiny --out DIR # measured path at TINY on the
+                                                                  # CPU under TRITON_INTERPRET=1
+
+``--tiny`` without a GPU runs the Triton kernel in the interpreter (fp16: the interpreter's
+bf16 products are wrong) and times it on the host: the numbers mean nothing, but every shape
+and call of the measured path runs, so a shape bug shows without a GPU
+(``tests/test_kernel_report.py``).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import markdown_table, write_results  # noqa: E402
+from harness import bench, markdown_table, write_results  # noqa: E402
 
-from lol_kernels.attention.triton_split import PART_FIXED_TILES, num_splits_for  # noqa: E402
-from lol_kernels.common import aot  # noqa: E402
+# the Triton kernel modules are imported inside the functions: --tiny on a CPU machine must
+# set TRITON_INTERPRET=1 before the first @triton.jit decoration
 
 PEAK_FLOPS = 800e12  # H100 measured dense bf16
 PEAK_BYTES = 3.0e12  # H100 copy bandwidth
@@ -59,18 +74,40 @@ REGS_PER_SM = 65536
 SMEM_PER_SM = 233472  # 228 KiB
 CLOCK = 1.755e9
 ISSUE_PER_SM = 4  # warp schedulers
-SHAPE = {"B": 1, "N": 4680, "Nk": 18720, "Hq": 12, "Hkv": 12, "D": 128, "S": 64, "A": 3}
+#: the Wan block: Nq queries over Nk cached keys of whole frames of Fh x Fw tokens
+SHAPE = {"B": 1, "Nq": 4680, "Nk": 18720, "Hq": 12, "Hkv": 12, "D": 128, "S": 64, "A": 3,
+         "Fh": 30, "Fw": 52}
+#: the same layout at a toy size: 24-token frames on 2 pages of 16 (the second holds 8),
+#: 40 queries (not a whole frame), GQA 4/2
+TINY = {"B": 1, "Nq": 40, "Nk": 72, "Hq": 4, "Hkv": 2, "D": 32, "S": 16, "A": 3, "Fh": 4,
+        "Fw": 6}
+
+
+def frame_layout(s) -> tuple[int, int, int, int]:
+    """``(Nf, F, pages_per_frame, P)`` of shape ``s``: tokens a frame, cached frames, the pages
+    a frame takes (``ceil(Nf / S)``, the last one partial) and the pool's pages."""
+    nf = s["Fh"] * s["Fw"]
+    if s["Nk"] % nf:
+        raise ValueError(f"shape: Nk={s['Nk']} must be whole frames of Fh*Fw={nf} tokens")
+    frames = s["Nk"] // nf
+    ppf = math.ceil(nf / s["S"])
+    return nf, frames, ppf, frames * ppf
+
+
+def key_tiles(s, block_n: int) -> int:
+    """Key tiles one program walks: every slot of every page, partial pages included."""
+    return math.ceil(frame_layout(s)[3] * s["S"] / block_n)
 
 
 def flops(s) -> float:
-    return 4.0 * s["B"] * s["N"] * s["Nk"] * s["Hq"] * s["D"]
+    return 4.0 * s["B"] * s["Nq"] * s["Nk"] * s["Hq"] * s["D"]
 
 
 def min_bytes(s, elem: int = 2, pos_bytes: int = 4) -> float:
-    q = s["B"] * s["N"] * s["Hq"] * s["D"] * elem
+    q = s["B"] * s["Nq"] * s["Hq"] * s["D"] * elem
     kv = 2 * s["Nk"] * s["Hkv"] * s["D"] * elem
-    pos = (s["Nk"] + s["B"] * s["N"]) * s["A"] * pos_bytes
-    out = q + s["B"] * s["Hq"] * s["N"] * 4  # out in bf16 + lse fp32
+    pos = (s["Nk"] + s["B"] * s["Nq"]) * s["A"] * pos_bytes
+    out = q + s["B"] * s["Hq"] * s["Nq"] * 4  # out in bf16 + lse fp32
     return float(q + kv + pos + out)
 
 
@@ -83,27 +120,32 @@ def occupancy(row) -> int:
     return max(1, min(by_regs, by_smem, 2048 // threads))
 
 
-def static_rows(dtypes) -> list[dict]:
-    fl, by = flops(SHAPE), min_bytes(SHAPE)
+def static_rows(dtypes, shape=None) -> list[dict]:
+    """The sm_90 compile model of every autotune config for ``dtypes`` at ``shape``."""
+    from lol_kernels.attention.triton_split import PART_FIXED_TILES, num_splits_for
+    from lol_kernels.common import aot
+
+    s = SHAPE if shape is None else shape
+    fl, by = flops(s), min_bytes(s)
     roof = max(fl / PEAK_FLOPS, by / PEAK_BYTES)
     rows = []
-    report = aot.sm90_report(dtypes, (SHAPE["D"],), rope=False, causal=False, group=1,
-                                    has_new=False, has_shift=True, page_size=SHAPE["S"])
+    report = aot.sm90_report(dtypes, (s["D"],), rope=False, causal=False, group=s["Hq"] // s["Hkv"],
+                             has_new=False, has_shift=True, page_size=s["S"])
     for r in report:
         per_sm = occupancy(r)
-        ctas = math.ceil(SHAPE["N"] / r["BLOCK_M"]) * SHAPE["Hq"] * SHAPE["B"]
+        ctas = math.ceil(s["Nq"] / r["BLOCK_M"]) * s["Hq"] * s["B"]
         # the cached-key loop (has_new=False: the only loop); mask/rescale blocks run rarely
         body = max(r["loop_hot_instructions"] or [0])
-        tiles = math.ceil(SHAPE["Nk"] / r["BLOCK_N"])
+        tiles = key_tiles(s, r["BLOCK_N"])
         issue_s = ctas * tiles * body * r["num_warps"] / (ISSUE_PER_SM * NUM_SMS * CLOCK)
-        exp_s = SHAPE["Hq"] * SHAPE["N"] * SHAPE["Nk"] * SHAPE["B"] / (16 * NUM_SMS * CLOCK)
-        mufu_s = exp_s + ctas * SHAPE["Nk"] * SHAPE["D"] / (16 * NUM_SMS * CLOCK)
+        exp_s = s["Hq"] * s["Nq"] * s["Nk"] * s["B"] / (16 * NUM_SMS * CLOCK)
+        mufu_s = exp_s + ctas * s["Nk"] * s["D"] / (16 * NUM_SMS * CLOCK)
         bound = max(roof, issue_s, mufu_s)
         # pessimistic: a warp waits for its scores product, then issues the softmax while no
         # product is in flight; only the key loads and rotation overlap the previous P V.
         # One CTA's tile then takes s1 cycles; per_sm CTAs interleave, so a tile costs
         # s1 / per_sm unless issue or the tensor cores bind first
-        t_mma = 4.0 * r["BLOCK_M"] * r["BLOCK_N"] * SHAPE["D"] / (PEAK_FLOPS / NUM_SMS) * CLOCK
+        t_mma = 4.0 * r["BLOCK_M"] * r["BLOCK_N"] * s["D"] / (PEAK_FLOPS / NUM_SMS) * CLOCK
         warp_cycles = r["num_warps"] / ISSUE_PER_SM  # issue cycles per instruction per SM
         soft = (r["loop_softmax_instructions"] or [0])[0] * warp_cycles
         s1 = max(body * warp_cycles - soft, t_mma / 2) + t_mma / 2 + soft
@@ -116,7 +158,7 @@ def static_rows(dtypes) -> list[dict]:
         waves = math.ceil(ctas * splits / slots)
         eff = ctas * tiles / (waves * slots * (tiles / splits + PART_FIXED_TILES))
         merge_s = 0.0 if splits == 1 else (
-            splits * SHAPE["B"] * SHAPE["Hq"] * SHAPE["N"] * (SHAPE["D"] + 1) * 8 / PEAK_BYTES)
+            splits * s["B"] * s["Hq"] * s["Nq"] * (s["D"] + 1) * 8 / PEAK_BYTES)
         pred = bound / eff + merge_s
         serial = max(serial_s, bound) / eff + merge_s
         rows.append({"config": f"M{r['BLOCK_M']}-N{r['BLOCK_N']}-w{r['num_warps']}"
@@ -135,43 +177,86 @@ def static_rows(dtypes) -> list[dict]:
 
 
 def make_inputs(s, dtype, device):
+    """Inputs of shape ``s`` as ``PagedKVCache`` lays a cache out: frame ``f`` (temporal
+    position ``f``) on ``ceil(Nf / S)`` fresh pages, the last one partial, the page table in
+    a random order; the queries are the next frames' first ``Nq`` tokens. Returns a dict of
+    ``q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table, table``."""
     import lol_kernels as lk
     from lol_kernels.cache import token_positions
 
-    P = s["Nk"] // s["S"]
+    nf, frames, ppf, P = frame_layout(s)
+    B, S, A = s["B"], s["S"], s["A"]
     g = torch.Generator(device="cpu").manual_seed(0)
-    frames = s["Nk"] // 1560
-    kpos = token_positions(torch.arange(frames), 30, 52)[0].view(P, s["S"], 3)
-    qpos = token_positions(torch.arange(frames, frames + 3), 30, 52)[:, : s["N"]]
+    kpos = torch.zeros(frames, ppf * S, A, dtype=torch.int32)
+    kpos[:, :nf] = token_positions(torch.arange(frames), s["Fh"], s["Fw"])[0].view(frames, nf, A)
+    page_len = torch.full((frames, ppf), S, dtype=torch.int32)
+    page_len[:, -1] = nf - (ppf - 1) * S
+    q_frames = torch.arange(frames, frames + math.ceil(s["Nq"] / nf))
+    qpos = token_positions(q_frames, s["Fh"], s["Fw"], batch_size=B)[:, : s["Nq"]]
     x = dict(
-        q=torch.randn(1, s["N"], s["Hq"], s["D"], generator=g),
-        cache_k=torch.randn(P, s["S"], s["Hkv"], s["D"], generator=g),
-        cache_v=torch.randn(P, s["S"], s["Hkv"], s["D"], generator=g))
+        q=torch.randn(B, s["Nq"], s["Hq"], s["D"], generator=g),
+        cache_k=torch.randn(P, S, s["Hkv"], s["D"], generator=g),
+        cache_v=torch.randn(P, S, s["Hkv"], s["D"], generator=g))
     x = {k: v.to(device=device, dtype=dtype) for k, v in x.items()}
-    x.update(q_pos=qpos.to(device).int().contiguous(), cache_pos=kpos.to(device).int(),
-             page_len=torch.full((P,), s["S"], dtype=torch.int32, device=device),
-             page_table=torch.randperm(P, generator=g).int().view(1, P).to(device),
+    table = torch.stack([torch.randperm(P, generator=g) for _ in range(B)]).int()
+    x.update(q_pos=qpos.to(device).contiguous(), cache_pos=kpos.view(P, S, A).to(device),
+             page_len=page_len.view(P).to(device), page_table=table.to(device),
              table=lk.rope_frequencies(s["D"], s["Hq"], jitter_sigma=0.8))
     return x
 
 
-def measured_rows(dtype=torch.bfloat16) -> list[dict]:
-    """Timings on the local CUDA GPU: the Triton kernel and rotate-then-attend baselines."""
+def parity_check(x, out, lse, queries: int = 256) -> dict:
+    """The kernel's first ``queries`` rows against the float64 reference, by the parity rule of
+    docs/design.md §5 (``err <= 2 err(reference in the input dtype) + 1e-5``)."""
+    from lol_kernels.attention import paged_attention_reference
+
+    n = min(queries, x["q"].shape[1])
+    args = [x["q"][:, :n], x["q_pos"][:, :n], x["cache_k"], x["cache_v"], x["cache_pos"],
+            x["page_len"], x["page_table"], x["table"]]
+
+    def ref(dt):
+        a = [t.to(dt) if t.is_floating_point() else t for t in args[:-1]]
+        return paged_attention_reference(*a, args[-1])
+
+    (o64, l64), (olo, llo) = ref(torch.float64), ref(x["q"].dtype)
+    err = float((out[:, :n].double() - o64).abs().max())
+    ref_err = float((olo.double() - o64).abs().max())
+    lse_err = float((lse[:, :, :n].double() - l64).abs().max())
+    lse_ref_err = float((llo.double() - l64).abs().max())
+    ok = bool(torch.isfinite(out[:, :n]).all()) and err <= 2 * ref_err + 1e-5 \
+        and lse_err <= 2 * lse_ref_err + 1e-5
+    return {"queries": n, "out_err": err, "out_ref_err": ref_err, "lse_err": lse_err,
+            "lse_ref_err": lse_ref_err, "ok": ok}
+
+
+def measured_rows(dtype=torch.bfloat16, shape=None, device="cuda", check=None) -> list[dict]:
+    """Timings of the Triton kernel and rotate-then-attend baselines at ``shape`` (default
+    :data:`SHAPE`) on ``device``: ``do_bench`` on a GPU; host wall time elsewhere (the kernel
+    then runs in the interpreter, so the figures only prove the path runs). ``check``: a dict
+    that receives :func:`parity_check` of the kernel's output."""
     import torch.nn.functional as F
-    from triton.testing import do_bench
 
     import lol_kernels as lk
     from lol_kernels.attention import triton_kernel as tk
     from lol_kernels.attention.reference import gather_keys
 
-    s, dev = SHAPE, "cuda"
+    s = SHAPE if shape is None else shape
+    dev = torch.device(device)
     x = make_inputs(s, dtype, dev)
     fl = flops(s)
     rows = []
+    if dev.type == "cuda":
+        from triton.testing import do_bench
+
+        def timer(fn):
+            return do_bench(fn, warmup=25, rep=100)
+    else:
+        def timer(fn):
+            return bench(fn, warmup=1, repeats=3)["median_s"] * 1e3
 
     def add(name, fn, note=""):
         try:
-            ms = do_bench(fn, warmup=25, rep=100)
+            ms = timer(fn)
         except Exception as e:  # a missing or failing baseline must not hide the others
             rows.append({"method": name, "note": f"failed: {type(e).__name__}: {e}"[:120]})
             return
@@ -181,22 +266,31 @@ def measured_rows(dtype=torch.bfloat16) -> list[dict]:
     def ours():
         return lk.paged_attention(x["q"], x["q_pos"], x["cache_k"], x["cache_v"], x["cache_pos"],
                                   x["page_len"], x["page_table"], x["table"], backend="triton")
+    if check is not None:  # before timing: a wrong result is worth more than a fast one
+        check.update(parity_check(x, *ours()))
     add("lol triton (RoPE in registers, paged)", ours)
     best = getattr(tk.paged_rope_attn_fwd_tuned, "best_config", None)
     if best is not None:
         rows[-1]["note"] = f"best config {best}"
 
-    # baselines get keys gathered and rotated ahead of time (not counted)
+    # baselines get keys gathered and rotated ahead of time (not counted); GQA: key head
+    # h // G rotated with query head h's frequencies, as the kernel does
+    group = s["Hq"] // s["Hkv"]
     k, v, kpos, _ = gather_keys(x["cache_k"], x["cache_v"], x["cache_pos"], x["page_len"],
                                 x["page_table"], None)
+    k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
     qr = lk.apply_rope(x["q"], x["q_pos"], x["table"]).transpose(1, 2).contiguous()
     kr = lk.apply_rope(k, kpos, x["table"]).transpose(1, 2).contiguous()
     vt = v.transpose(1, 2).contiguous()
     add("torch SDPA (pre-rotated dense K)", lambda: F.scaled_dot_product_attention(qr, kr, vt))
     try:
         from torch.nn.attention.flex_attention import flex_attention
-        flex = torch.compile(flex_attention)
-        add("FlexAttention compiled (pre-rotated dense K)", lambda: flex(qr, kr, vt))
+        if dev.type == "cuda":
+            flex = torch.compile(flex_attention)
+            add("FlexAttention compiled (pre-rotated dense K)", lambda: flex(qr, kr, vt))
+        else:  # compiling for the CPU would take minutes for a smoke run
+            warnings.filterwarnings("ignore", "flex_attention called without torch.compile")
+            add("FlexAttention eager (pre-rotated dense K)", lambda: flex_attention(qr, kr, vt))
     except ImportError:
         rows.append({"method": "FlexAttention", "note": "not available"})
     try:
@@ -208,33 +302,56 @@ def measured_rows(dtype=torch.bfloat16) -> list[dict]:
     return rows
 
 
+STATIC_COLUMNS = ["config", "dtype", "registers", "shared_B", "stack_B", "local_B", "hgmma",
+                  "ctas_per_sm", "splits", "wave_eff", "gflop", "min_MB", "roofline_ms",
+                  "loop_instr", "loop_hot", "issue_ms", "mufu_ms", "merge_ms", "predicted_ms",
+                  "predicted_tflops", "serial_ms", "serial_tflops", "goal_ms"]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="results")
     ap.add_argument("--dtypes", default="bf16", help="comma list of fp16,bf16 for the compile")
+    ap.add_argument("--measure", action="store_true",
+                    help="the measured mode only (no sm_90 compile): a GPU, or --tiny")
+    ap.add_argument("--tiny", action="store_true",
+                    help="the TINY shape; without a GPU the kernel runs under TRITON_INTERPRET=1")
     ap.add_argument("--repeats", type=int, default=None, help="unused (harness compatibility)")
     args = ap.parse_args(argv)
-    static = static_rows(tuple(args.dtypes.split(",")))
-    measured = measured_rows() if torch.cuda.is_available() else []
-    payload = {"shape": SHAPE, "flops": flops(SHAPE), "min_bytes": min_bytes(SHAPE),
+    shape = TINY if args.tiny else SHAPE
+    cuda = torch.cuda.is_available()
+    if args.measure and not cuda:
+        if not args.tiny:
+            ap.error("--measure needs a CUDA GPU; add --tiny to run it in the Triton interpreter")
+        os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
+    static = [] if args.measure else static_rows(tuple(args.dtypes.split(",")), shape)
+    measured, parity = [], {}
+    if args.measure or cuda:
+        # the interpreter computes bf16 products wrongly (docs/design.md §8): fp16 there
+        dtype = torch.bfloat16 if cuda else torch.float16
+        measured = measured_rows(dtype, shape, "cuda" if cuda else "cpu", check=parity)
+    mode = "measured" if args.measure else "static" + ("+measured" if measured else "")
+    payload = {"shape": shape, "mode": mode, "flops": flops(shape), "min_bytes": min_bytes(shape),
                "ceilings": {"flops": PEAK_FLOPS, "bytes_per_s": PEAK_BYTES, "sms": NUM_SMS},
                "goal_tflops": GOAL * PEAK_FLOPS / 1e12, "configs": static, "measured": measured,
-               "measured_note": None if measured else "no CUDA device: static report only"}
-    table = markdown_table(static, ["config", "dtype", "registers", "shared_B", "stack_B",
-                                    "local_B", "hgmma", "ctas_per_sm", "splits", "wave_eff",
-                                    "gflop", "min_MB", "roofline_ms", "loop_instr", "loop_hot",
-                                    "issue_ms", "mufu_ms", "merge_ms", "predicted_ms", "predicted_tflops",
-                                    "serial_ms", "serial_tflops",
-                                    "goal_ms"])
+               "parity": parity or None,
+               "measured_note": None if cuda else (
+                   "no CUDA device: Triton interpreter on the CPU, host timings (not kernel "
+                   "speed)" if measured else "no CUDA device: static report only")}
+    table = markdown_table(static, STATIC_COLUMNS) if static else ""
     if measured:
         table += "\n" + markdown_table(measured, ["method", "ms", "tflops", "pct_of_800",
                                                   "note"])
-    else:
-        table += "\nNo CUDA device here: measured TFLOP/s not available (static report only).\n"
+        table += (f"\nParity of the first {parity['queries']} queries vs float64: "
+                  f"{'ok' if parity['ok'] else 'FAILED'} (out err {parity['out_err']:.3g}, "
+                  f"reference in the input dtype {parity['out_ref_err']:.3g})\n")
+    if not cuda:
+        table += f"\n{payload['measured_note']}.\n"
     path = write_results(args.out, "kernel_report", payload, table)
     print(table)
     print(f"wrote {path}")
+    return 0 if not parity or parity["ok"] else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

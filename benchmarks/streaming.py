@@ -11,10 +11,19 @@ of ``--window`` blocks centered on the block (the machine is shared; single bloc
 Both wall time and this process's CPU time per block are recorded: on a shared machine the
 wall time also measures the neighbours' load, the CPU time (1 thread) only the block's work.
 
+Modes (``--modes``, one run per cache and mode): ``eager`` (the default generator),
+``validate`` (eager with ``LOL_VALIDATE=1``: every op reads its ids and positions on the host,
+as every call did before issue 13), ``compile`` (``lol generate --compile``: each block's
+forwards as two ``torch.compile(fullgraph=True)`` graphs, backend ``--compile-backend``; the
+first block pays the compilation, reported as ``compile s``). With the tiny model on the CPU
+the block's time is host time: Python, dispatch and small kernels, what CUDA graphs remove on a
+GPU.
+
 Usage::
 
     python benchmarks/streaming.py --out results/streaming            # 1000 blocks each
     python benchmarks/streaming.py --quick --out /tmp/s               # 100 blocks
+    python benchmarks/streaming.py --blocks 60 --caches longlive --modes validate,eager,compile
 
 Writes ``streaming.json`` (settings, per-block arrays, summary), ``streaming.md`` (table) and
 ``streaming.png`` (time and memory against block index).
@@ -43,13 +52,16 @@ def rss_mib() -> float:
 
 def worker(args) -> None:
     """One configuration in this process: per-block seconds and RSS, JSON to ``args.result``."""
+    if args.mode == "validate":
+        os.environ["LOL_VALIDATE"] = "1"
     import torch
 
     from lol_model.generate import StreamSettings, new_stream, step
 
     torch.set_num_threads(args.threads)
     s = StreamSettings(blocks=args.blocks, cache=args.cache, latent_height=args.latent,
-                       latent_width=args.latent, decode=False, seed=0)
+                       latent_width=args.latent, decode=False, seed=0,
+                       compile=args.compile_backend if args.mode == "compile" else None)
     st = new_stream(s)
     times, cpu, rss, peak, cache_mib = [], [], [], [], []
     for _ in range(args.blocks):
@@ -62,7 +74,7 @@ def worker(args) -> None:
         cache_mib.append(st.cache.memory_bytes() / 2**20)
     tokens = st.cache.frame_tokens
     Path(args.result).write_text(json.dumps({
-        "cache": args.cache, "time_s": times, "cpu_s": cpu, "rss_mib": rss, "peak_rss_mib": peak,
+        "cache": args.cache, "mode": args.mode, "time_s": times, "cpu_s": cpu, "rss_mib": rss, "peak_rss_mib": peak,
         "cache_mib": cache_mib, "frame_tokens": tokens, "frames_cached": st.cache.num_frames}))
 
 
@@ -114,6 +126,10 @@ def main() -> None:
     p.add_argument("--latent", type=int, default=8, help="latent height = width (default 8)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--window", type=int, default=51, help="blocks per windowed median")
+    p.add_argument("--modes", default="eager",
+                   help="comma-separated: eager, validate, compile (module doc)")
+    p.add_argument("--compile-backend", default="inductor", help="backend of mode compile")
+    p.add_argument("--mode", help=argparse.SUPPRESS)  # worker mode
     p.add_argument("--cache", help=argparse.SUPPRESS)  # worker mode
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -125,16 +141,20 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs, wall = {}, {}
-    for name in args.caches.split(","):
-        res = out / f"_{name}.json"
-        cmd = [sys.executable, __file__, "--cache", name, "--result", str(res), "--blocks",
-               str(args.blocks), "--latent", str(args.latent), "--threads", str(args.threads)]
-        print(f"[streaming] {name}: {args.blocks} blocks ...", flush=True)
-        t0 = time.perf_counter()
-        subprocess.run(cmd, check=True)
-        wall[name] = time.perf_counter() - t0
-        runs[name] = json.loads(res.read_text())
-        res.unlink()
+    modes = args.modes.split(",")
+    for cache in args.caches.split(","):
+        for mode in modes:
+            name = cache if modes == ["eager"] else f"{cache} {mode}"
+            res = out / f"_{cache}_{mode}.json"
+            cmd = [sys.executable, __file__, "--cache", cache, "--result", str(res), "--blocks",
+                   str(args.blocks), "--latent", str(args.latent), "--threads",
+                   str(args.threads), "--mode", mode, "--compile-backend", args.compile_backend]
+            print(f"[streaming] {name}: {args.blocks} blocks ...", flush=True)
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True)
+            wall[name] = time.perf_counter() - t0
+            runs[name] = json.loads(res.read_text())
+            res.unlink()
 
     first, last, w = 10, args.blocks, args.window
     rows, summary = [], {}
@@ -149,7 +169,7 @@ def main() -> None:
              "cpu_ms_min_first": n_a, "cpu_ms_min_last": n_b, "cpu_min_ratio": n_b / n_a,
              "peak_rss_first_mib": m_a, "peak_rss_last_mib": m_b, "rss_ratio": m_b / m_a,
              "cache_first_mib": c_a, "cache_last_mib": c_b, "frames_cached": r["frames_cached"],
-             "wall_s": wall[name],
+             "wall_s": wall[name], "mode": r["mode"], "first_block_s": r["time_s"][0],
              "time_flat_10pct": abs(t_b / t_a - 1) <= 0.10,
              "cpu_time_flat_10pct": abs(u_b / u_a - 1) <= 0.10,
              "cpu_min_flat_10pct": abs(n_b / n_a - 1) <= 0.10,
@@ -158,6 +178,7 @@ def main() -> None:
         rows.append({"cache": name, f"ms/block @{first}": t_a, f"ms/block @{last}": t_b,
                      "time ratio": s["time_ratio"], f"CPU ms @{first}": u_a,
                      f"CPU ms @{last}": u_b, "CPU ratio": s["cpu_time_ratio"],
+                     "first block s": s["first_block_s"],
                      "min CPU ms ratio": s["cpu_min_ratio"],
                      f"peak RSS MiB @{first}": m_a, f"peak RSS MiB @{last}": m_b,
                      "RSS ratio": s["rss_ratio"], f"cache MiB @{last}": c_b})
@@ -171,6 +192,7 @@ def main() -> None:
     payload = {
         "settings": {"preset": "tiny", "latent": [args.latent, args.latent], "blocks": args.blocks,
                      "block_frames": 3, "forwards_per_block": 5, "threads": args.threads,
+                     "modes": modes, "compile_backend": args.compile_backend,
                      "vae_decode": False, "window_median": w,
                      "note": "VAE decode disabled (latents only): transformer + KV cache only"},
         "summary": summary,

@@ -7,6 +7,7 @@ device or range) with a message that names the argument and states what was expe
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 
 import torch
@@ -82,19 +83,41 @@ def check_scale(scale, head_dim: int) -> float:
 
 def check_page_ids(name: str, ids: torch.Tensor, num_pages: int, what: str = "page"):
     """``ids [B, X]``: each ``-1`` (empty) or an id in ``[0, num_pages)``, no id twice in a row
-    (a page listed twice would be attended twice). One host sync; skipped under compile."""
-    if not value_checks_enabled() or not ids.numel():
+    (a page listed twice would be attended twice). One host sync: call it where
+    :func:`value_checks_enabled` says so (skipped while torch.compile traces)."""
+    if torch.compiler.is_compiling() or not ids.numel():
         return
     srt = ids.sort(dim=-1).values
-    twice = ((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any()
-    lo, hi, dup = torch.stack([srt.min().long(), srt.max().long(), twice.long()]).tolist()
+    twice = ((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any(dim=1)
+    lo, hi, *dup = torch.cat([torch.stack([srt.min().long(), srt.max().long()]),
+                              twice.long()]).tolist()
     if lo < -1 or hi >= num_pages:
         raise ValueError(f"{name} holds {what} ids in [{lo}, {hi}]; expected -1 (empty) or a "
                          f"{what} in [0, {num_pages})")
-    if dup:
-        row = int(((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any(dim=1).nonzero()[0])
-        raise ValueError(f"{name}[{row}] lists a {what} twice; each may appear once per row "
-                         f"(it would be attended twice)")
+    if any(dup):
+        raise ValueError(f"{name}[{dup.index(1)}] lists a {what} twice; each may appear once "
+                         f"per row (it would be attended twice)")
+
+
+def check_out_buffer(name: str, buf, shape, dtype: torch.dtype, device: torch.device, *,
+                     unit_last: bool = True):
+    """A caller-supplied output ``buf`` (``None`` passes) must be a tensor of ``shape``,
+    ``dtype`` and ``device``, with ``unit_last`` a unit stride in its last dim (the kernels
+    store rows with vectorised writes; the other strides are passed to them). Returns ``buf``."""
+    if buf is None:
+        return None
+    if not isinstance(buf, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(buf).__name__}")
+    if tuple(buf.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {list(shape)}, got {list(buf.shape)}")
+    if buf.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}, got {buf.dtype}")
+    if buf.device != torch.device(device):
+        raise ValueError(f"{name} must be on {device}, got {buf.device}")
+    if unit_last and buf.numel() and buf.stride(-1) != 1:
+        raise ValueError(f"{name} must have a unit stride in its last dim (e.g. contiguous), "
+                         f"got strides {buf.stride()}")
+    return buf
 
 
 def forward_only_error(name: str) -> RuntimeError:
@@ -127,10 +150,24 @@ def check_no_grad_transform(name: str, *tensors) -> None:
         raise forward_only_error(name)
 
 
-def value_checks_enabled() -> bool:
-    """Checks that read tensor values (ranges of ids and positions) need a host sync and a
-    concrete value; they run in eager mode and are skipped while torch.compile traces."""
-    return not torch.compiler.is_compiling()
+#: environment switch of value checks in every op (``LOL_VALIDATE=1``; docs/design.md §4)
+VALIDATE_ENV = "LOL_VALIDATE"
+
+
+def value_checks_enabled(validate: bool | None = None) -> bool:
+    """Whether an op reads its inputs' values to check them (page ids, positions, routing).
+
+    Such checks need a host sync, so they run only when asked: ``validate=True``, or
+    ``validate=None`` (the ops' default) with the environment variable ``LOL_VALIDATE=1``.
+    Never while torch.compile traces (compiled code cannot read values). Tables built by the
+    cache are checked where they are made (``PagedKVCache.append_frames`` and the reads)."""
+    if validate is not None and not isinstance(validate, bool):
+        raise TypeError(f"validate must be a bool or None, got {type(validate).__name__}")
+    if torch.compiler.is_compiling():
+        return False
+    if validate is None:
+        return os.environ.get(VALIDATE_ENV, "") not in ("", "0")
+    return validate
 
 
 #: stored positions and page shifts each stay within +-POS_LIMIT (and their sum within int32)
@@ -140,8 +177,9 @@ INT32_MAX = 2**31 - 1
 
 def check_positions_fit(name: str, pos: torch.Tensor, limit: int = INT32_MAX) -> int:
     """Positions must fit int32 arithmetic in the kernels: ``|pos| <= limit``. Returns the
-    largest ``|pos|`` (0 when empty or while torch.compile traces: nothing is read then)."""
-    if not value_checks_enabled() or not pos.numel():
+    largest ``|pos|`` (0 when empty or while torch.compile traces: nothing is read then).
+    One host sync: call it where :func:`value_checks_enabled` says so, or on host data."""
+    if torch.compiler.is_compiling() or not pos.numel():
         return 0
     lo, hi = torch.stack(torch.aminmax(pos)).tolist()  # one host sync
     if hi > limit or lo < -limit:

@@ -18,6 +18,7 @@ A name not in the op's list raises ``ValueError`` and a backend that cannot run 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.util
@@ -87,6 +88,12 @@ def kernel_input_error(op: str, name: str, x: torch.Tensor) -> ValueError:
                       f"(lk.{op}(..., backend='triton') runs it on the torch path)")
 
 
+def launch_device(x: torch.Tensor):
+    """A context making ``x``'s CUDA device the current one for a kernel launch (Triton launches
+    on the current device and stream, not on the arguments'); a no-op off CUDA. No sync."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def load_extension() -> None:
     """Load ``lol_kernels._C`` (built by setup.py) into ``torch.ops``; raise if impossible."""
     spec = importlib.util.find_spec(EXTENSION)
@@ -153,7 +160,10 @@ def triton_ready(op: str) -> bool:
 
 def resolve_backend(op: str, backend: str, x: torch.Tensor) -> str:
     """The concrete backend that runs ``op`` on inputs like ``x`` (its device, dtype and last
-    dim, the head dim); ``backend`` is the user's choice, checked here."""
+    dim, the head dim); ``backend`` is the user's choice, checked here. An attention input
+    that no kernel config fits in shared memory (fp32 at D = 256:
+    ``common.triton_attention.launch_refusal``) runs the torch path with one
+    ``KernelFallbackWarning``, never an out-of-resources launch."""
     check_backend(op, backend)
     if op not in TRITON_KERNELS:
         return extension_backend(op, backend, x.is_cuda)
@@ -161,6 +171,11 @@ def resolve_backend(op: str, backend: str, x: torch.Tensor) -> str:
         return "torch"
     if not triton_ready(op):  # a forced "triton" without Triton: say why
         triton_kernel(op)
-    from .common.triton_utils import kernel_supports  # imports Triton: only once the kernel did
+    # these import Triton: only once the kernel did
+    from .common.triton_attention import kernel_launchable
+    from .common.triton_utils import kernel_supports
 
-    return "triton" if kernel_supports(x.dtype, x.shape[-1]) else "torch"
+    if not kernel_supports(x.dtype, x.shape[-1]):
+        return "torch"
+    # an input no kernel config fits (fp32 at D = 256) runs the torch path, with a warning
+    return "triton" if kernel_launchable(op, x.dtype, x.shape[-1], x.device) else "torch"

@@ -16,6 +16,7 @@ each function gets the argparse subparsers object and sets ``func`` on its parse
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import math
 import os
@@ -159,7 +160,18 @@ def add_generate_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=bounded_int(0),
                    help="torch CPU threads (default or 0: 1 for the tiny preset on the CPU, "
                         "whose ops are too small to gain from threads; else torch's default)")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="compile each block's forwards whole with torch.compile(fullgraph="
+                        "True): two graphs a stream, no recompiles (BACKEND default inductor; "
+                        "aot_eager or eager to debug); the first block pays the compile")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="capture the block's forwards as CUDA graphs once and replay them "
+                        "every block (needs --device cuda; combines with --compile)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--nproc", type=bounded_int(1), default=None,
+                   help="head-parallel (Ulysses) processes: spawns them itself (gloo on the "
+                        "CPU, nccl on CUDA); must divide the model's heads and the tokens of a "
+                        "latent frame. Under torchrun the world size is torchrun's")
     p.set_defaults(func=run_generate)
     return p
 
@@ -179,6 +191,7 @@ def settings_from_args(args):
         blocks = _named("--prompt", parse_schedule, args.prompt,
                         block_frames=block_frames).total_blocks or DEFAULT_BLOCKS
     preset = args.preset or ("wan-1.3b" if args.checkpoint else "tiny")
+    check_step_options(args)
     return StreamSettings(
         prompt=args.prompt, blocks=blocks, preset=preset, checkpoint=args.checkpoint,
         lora=args.lora, lora_alpha=args.lora_alpha, ema=args.ema, cache=args.cache,
@@ -189,7 +202,21 @@ def settings_from_args(args):
         jitter_seed=args.jitter_seed, latent_height=h // 8, latent_width=w // 8,
         block_frames=block_frames, steps=args.steps, shift=args.shift, timesteps=args.timesteps,
         seed=args.seed, dtype=args.dtype, device=args.device, text_encoder=args.text_encoder,
-        vae=args.vae, decode=not args.no_decode)
+        vae=args.vae, decode=not args.no_decode, compile=args.compile,
+        cuda_graphs=args.cuda_graphs)
+
+
+def check_step_options(args) -> None:
+    """``--compile`` names a torch.compile backend; ``--cuda-graphs`` runs on CUDA."""
+    if args.cuda_graphs and not str(args.device).startswith("cuda"):
+        raise ValueError(f"--cuda-graphs needs --device cuda, got --device {args.device}")
+    if args.compile is not None:
+        from torch._dynamo import list_backends
+
+        names = list_backends(exclude_tags=())
+        if args.compile not in names:
+            raise ValueError(f"--compile: unknown torch.compile backend {args.compile!r}; "
+                             f"one of {', '.join(sorted(names))}")
 
 
 def _named(option: str, check, *a, **kw):
@@ -285,6 +312,12 @@ def remove_previous_run(args, ckpt: str) -> None:
 def run_generate(args) -> dict:
     ckpt = args.checkpoint_dir or args.out + ".ckpt"
     s = settings_from_args(args)
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # > 1 under torchrun / --nproc workers
+    nproc = getattr(args, "nproc", None)
+    if world > 1 and nproc not in (None, world):
+        raise ValueError(f"--nproc {nproc} disagrees with torchrun's world size {world}")
+    if world > 1 and int(os.environ.get("RANK", "0")) != 0:
+        return _generate(args, s, ckpt)  # rank 0 checks and locks the outputs
     check_generate_args(args, s, ckpt)
     with RunLock([args.out, ckpt]):
         if not args.resume:
@@ -296,12 +329,46 @@ def run_generate(args) -> dict:
                                  f"{how}, or pass --overwrite to replace it")
             if found:
                 remove_previous_run(args, ckpt)
+        if world == 1 and (nproc or 1) > 1:
+            return _spawn_generate(args, s, ckpt, nproc)
         return _generate(args, s, ckpt)
+
+
+def generate_rank(rank: int, world: int, port: int, args, s, ckpt: str) -> None:
+    """One ``lol generate --nproc`` worker: the torchrun environment, then :func:`_generate`."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    _generate(args, s, ckpt)
+
+
+def _spawn_generate(args, s, ckpt: str, nproc: int) -> dict:
+    import socket
+
+    import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import ProcessException
+
+    from .config import ModelConfig
+    from .parallel import check_degree
+
+    check_degree(ModelConfig.preset(s.preset).num_heads, nproc)
+    with socket.socket() as sock:  # a free port for the group's rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    t0 = time.perf_counter()
+    try:
+        mp.start_processes(generate_rank, args=(nproc, port, args, s, ckpt), nprocs=nproc,
+                           start_method="spawn")
+    except ProcessException as e:  # the first failed rank; the others were stopped
+        last = [ln for ln in str(e).strip().splitlines() if ln.strip()][-1:]
+        raise GenerationError(f"rank {e.error_index} of {nproc} failed: "
+                              f"{last[0] if last else e}") from None
+    return {"blocks": s.blocks, "seconds": time.perf_counter() - t0, "out": args.out}
 
 
 def _generate(args, s, ckpt: str) -> dict:
     import torch
 
+    from . import parallel
     from .files import first_line
     from .generate import attach_outputs, finish, keep_written, new_stream, resume_stream, run
 
@@ -312,17 +379,27 @@ def _generate(args, s, ckpt: str) -> dict:
     t0 = time.perf_counter()
     every = args.checkpoint_every
     st = None
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:  # head-parallel: every rank streams; rank 0 alone writes and reports
+        parallel.init_distributed(device=s.device)
+        s = dataclasses.replace(s, device=parallel.rank_device(s.device))
+    main = parallel.is_main()
     try:
-        st = new_stream(s)
-        attach_outputs(st, args.out, save_latents=args.save_latents)
+        st = new_stream(s) if world == 1 else parallel.parallel_stream(s)
+        if main:
+            attach_outputs(st, args.out, save_latents=args.save_latents)
         if args.resume:
-            resume_stream(st, ckpt)
-            print(f"resumed at block {st.block} from {ckpt}", file=sys.stderr)
+            (resume_stream if world == 1 else parallel.resume_parallel)(st, ckpt)
+            if main:
+                print(f"resumed at block {st.block} from {ckpt}", file=sys.stderr)
         start = st.block
         try:
             run(st, checkpoint_dir=ckpt if every else None, checkpoint_every=every,
-                progress=not args.quiet)
+                progress=not args.quiet and main,
+                save=parallel.save_parallel if world > 1 else None)
             out = finish(st, keep_segments=bool(every))
+        except parallel.RankFailure as e:
+            raise GenerationError(f"{e} (at block {st.block + 1})") from None
         except (GenerationError, OSError) as e:  # stop; say what stays (keep_written closes it)
             kept = keep_written(st, ckpt if every else None)
             what = str(e) if isinstance(e, GenerationError) else \
@@ -338,6 +415,12 @@ def _generate(args, s, ckpt: str) -> dict:
                           f"{keep_written(st, ckpt if every else None)}") from None
     dt = time.perf_counter() - t0
     frames = st.block * s.block_frames
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    if not main:
+        return {"blocks": st.block, "seconds": dt, "out": out}
     print(f"{st.block - start} blocks ({frames} latent frames total, {st.frames_out} video "
           f"frames) in {dt:.1f} s -> {out or '(latents only)'}", file=sys.stderr)
     return {"blocks": st.block, "seconds": dt, "out": out}

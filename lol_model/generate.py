@@ -33,6 +33,7 @@ from .sampling import (
     write_block,
 )
 from .schedule import PromptSchedule, parse_schedule
+from .step import BlockForward
 from .text import encode_prompt, load_text_encoder
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -82,11 +83,15 @@ class StreamSettings:
     device: str = "cpu"
     decode: bool = True
     fps: float = 16.0
+    # how the block's forwards run (lol_model.step): a torch.compile backend, CUDA graphs
+    compile: str | None = None
+    cuda_graphs: bool = False
 
     def fingerprint(self) -> dict:
-        """Settings a resumed run must share with its checkpoint (not blocks nor device)."""
+        """Settings a resumed run must share with its checkpoint (not blocks, device, nor how
+        the forwards run)."""
         d = asdict(self)
-        for k in ("blocks", "device"):
+        for k in ("blocks", "device", "compile", "cuda_graphs"):
             d.pop(k)
         d["timesteps"] = list(self.timesteps) if self.timesteps else None
         if self.jitter_sigma is None:  # the cache's default, so that implied and explicit match
@@ -120,6 +125,7 @@ class Stream:
     video: object = None
     latent_writer: object = None
     frames_out: int = 0  # video frames written
+    forward: object = None  # the block's forwards: a lol_model.step.BlockForward over model
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
@@ -171,8 +177,22 @@ def new_stream(s: StreamSettings, *, model: CausalWanModel | None = None,
         sampling_sigmas(s.steps, s.shift)
     gen = torch.Generator().manual_seed(s.seed)
     st = Stream(s, model, cache_cfg, cache, schedule, text_encoder, sigmas, gen, dtype, device)
+    st.forward = block_forward(s, model, cache)
     st.text_kv = encode_text(st, 0)
     return st
+
+
+def block_forward(s: StreamSettings, model: CausalWanModel, cache) -> BlockForward:
+    """The :class:`~lol_model.step.BlockForward` of ``s.compile`` / ``s.cuda_graphs``;
+    ``ValueError`` naming the option when the stream cannot be compiled or captured."""
+    if (s.compile or s.cuda_graphs) and cache.max_read_pages == 0:
+        raise ValueError(f"--compile / --cuda-graphs need a cache of fixed size; cache "
+                         f"{s.cache!r} grows every block (its shapes change)")
+    if s.cuda_graphs and model.device.type != "cuda":
+        raise ValueError(f"--cuda-graphs needs --device cuda, got {s.device!r}")
+    if s.compile is not None and not (isinstance(s.compile, str) and s.compile):
+        raise ValueError(f"--compile must name a torch.compile backend, got {s.compile!r}")
+    return BlockForward(model, compile=s.compile, cuda_graphs=s.cuda_graphs)
 
 
 @torch.no_grad()
@@ -252,11 +272,11 @@ def sample_block(st: Stream) -> torch.Tensor:
     F = st.settings.block_frames
     read = st.cache_cfg.cut_read(st.cache, F) if st.pending_cut else st.cache_cfg.read(st.cache, F)
     st.pending_cut = False
-    x0 = denoise_block(st.model, st.latent_shape, st.text_kv, st.cache, read, st.sigmas,
+    x0 = denoise_block(st.forward, st.latent_shape, st.text_kv, st.cache, read, st.sigmas,
                        st.generator, dtype=st.dtype, device=st.device)
     check_finite(st, x0, st.block + 1, "sampled latents", "NaN/inf weights in --checkpoint, "
                  "--lora or --text-encoder, or an extreme --shift/--timesteps")
-    blk = write_block(st.model, x0, st.text_kv, st.cache, read)
+    blk = write_block(st.forward, x0, st.text_kv, st.cache, read)
     _keep_latents(st, blk, x0)
     st.block += 1
     return x0
@@ -444,10 +464,13 @@ def rss_bytes() -> int:
 
 
 def run(st: Stream, *, checkpoint_dir: str | None = None, checkpoint_every: int = 0,
-        segment_blocks: int = 25, progress: bool = True, on_block=None) -> Stream:
+        segment_blocks: int = 25, progress: bool = True, on_block=None,
+        save=None) -> Stream:
     """Generate until ``settings.blocks`` blocks exist, checkpointing every ``checkpoint_every``
     blocks into ``checkpoint_dir`` (mp4 segments close at checkpoints, or every
-    ``segment_blocks`` blocks without checkpoints)."""
+    ``segment_blocks`` blocks without checkpoints) with ``save(st, folder)`` (default
+    :func:`save_stream`; :func:`lol_model.parallel.save_parallel` on every rank)."""
+    save = save_stream if save is None else save
     from tqdm import tqdm
 
     total = st.settings.blocks
@@ -463,7 +486,7 @@ def run(st: Stream, *, checkpoint_dir: str | None = None, checkpoint_every: int 
             on_block(st, x0)
         if st.block % every == 0 and st.block < total:
             if checkpoint_every:
-                save_stream(st, checkpoint_dir)
+                save(st, checkpoint_dir)
             else:
                 close_segments(st)
         dt = max(time.perf_counter() - t0, 1e-9)
@@ -473,5 +496,5 @@ def run(st: Stream, *, checkpoint_dir: str | None = None, checkpoint_every: int 
         bar.update(1)
     bar.close()
     if checkpoint_every:
-        save_stream(st, checkpoint_dir)
+        save(st, checkpoint_dir)
     return st

@@ -19,7 +19,7 @@ does. The timestep sinusoid is computed in float64, as Wan / Self-Forcing / Long
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import partial
 
 import torch
@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lol_kernels as lk
-from lol_kernels.cache import CacheRead, FrameBlock, PagedKVCache
+from lol_kernels.cache import CacheRead, FrameBlock, PagedKVCache, write_frames
 
 from .caches import default_page_size
 from .config import ModelConfig
@@ -48,6 +48,45 @@ class TextKV:
     @property
     def batch_size(self) -> int:
         return self.k[0].shape[0]
+
+
+@dataclass
+class StepInputs:
+    """The tensors one cached forward reads besides ``x``, the timesteps and the text K/V, all on
+    the model's device, of one shape for the whole stream (a page table is padded to the
+    cache's ``max_read_pages``), so that a compiled step never recompiles and a captured one
+    copies them into fixed buffers (:mod:`lol_model.step`).
+
+    Attributes:
+        q_pos: ``[B, F * Nf, 3]`` int32 positions of the block's tokens.
+        page_table: ``[B, M]`` int32; page_shift: ``[B, M, 3]`` int32 (zeros for none).
+        chunk_pages, chunk_shift, chunk_valid, chunk_fids: routed reads only: ``[B, C, ppf]``
+            int32, ``[B, C, 3]`` int32, ``[B, C]`` bool and ``[C]`` int64, the frame slot of each
+            chunk's summary (0 for padding, masked by ``chunk_valid``).
+        slots, fids: write pass only: ``[B, n]`` int64 flat slots of the written tokens (the
+            last ``n`` of the block) and ``[F']`` int64 frame slots of the written frames.
+    """
+
+    q_pos: torch.Tensor
+    page_table: torch.Tensor
+    page_shift: torch.Tensor
+    chunk_pages: torch.Tensor | None = None
+    chunk_shift: torch.Tensor | None = None
+    chunk_valid: torch.Tensor | None = None
+    chunk_fids: torch.Tensor | None = None
+    slots: torch.Tensor | None = None
+    fids: torch.Tensor | None = None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The fields that are set, by name."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if getattr(self, f.name) is not None}
+
+
+def cache_pools(cache: PagedKVCache) -> tuple:
+    """``(k, v, pos, page_len, summary)`` of ``cache``: the tensors a cached forward reads and
+    (write pass) writes in place; ``k, v, summary`` are per-layer lists."""
+    return cache.k, cache.v, cache.pos, cache.page_len, cache.summary
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -284,7 +323,20 @@ class CausalWanModel(nn.Module):
 
         Returns:
             ``[B, Cz_out, F, H, W]`` in ``x.dtype``.
+
+        The host work (:meth:`prepare`) and the tensors-only :meth:`step` (what
+        :mod:`lol_model.step` compiles and captures) are also callable apart.
         """
+        inputs = self.prepare(x, text_kv, cache, read, write=write)
+        return self.step(x, timestep, text_kv.k, text_kv.v, cache_pools(cache), inputs,
+                         causal_within_block=causal_within_block, backend=backend,
+                         moc_topk=moc_topk, moc_tile_size=moc_tile_size)
+
+    def prepare(self, x: torch.Tensor, text_kv: TextKV, cache: PagedKVCache, read: CacheRead,
+                *, write: FrameBlock | None = None) -> StepInputs:
+        """Check a cached forward's arguments (as :meth:`forward`) and gather the tensors it
+        reads into :class:`StepInputs`: host work, once per read (a few small host -> device
+        copies), never inside :meth:`step`."""
         B, Fr, gh, gw = self._check_input(x, text_kv)
         if read.q_t.numel() != Fr:
             raise ValueError(f"read must have one q_t per frame of x ({Fr}), got "
@@ -295,32 +347,72 @@ class CausalWanModel(nn.Module):
         if cache.dtype != self.dtype:
             raise TypeError(f"cache dtype {cache.dtype} must be the model's dtype {self.dtype} "
                             f"(new_cache(dtype=None) picks it)")
-        pos = lk.token_positions(read.q_t, gh, gw, B).to(self.device)
         if write is not None:
             cache.check_block(write)  # a FrameBlock of this cache, before reading its frames
         if write is not None and not 1 <= len(write.frames) <= Fr:
             raise ValueError(f"write must name 1..{Fr} frames (the last frames of x), got "
                              f"{len(write.frames)}")
-        nw = 0 if write is None else len(write.frames) * gh * gw  # written: the last nw tokens
+        dev = self.device
+        pt = read.page_table.to(dev)
+        zeros = partial(torch.zeros, dtype=torch.int32, device=dev)
+        inputs = StepInputs(
+            lk.token_positions(read.q_t, gh, gw, B).to(dev), pt,
+            read.page_shift.to(dev) if read.page_shift is not None else zeros(*pt.shape, 3))
+        if read.routed:
+            C = read.chunk_pages.shape[1]
+            fids = torch.zeros(C, dtype=torch.int64)
+            fids[: len(read.chunk_ids)] = torch.tensor(read.chunk_ids, dtype=torch.int64)
+            inputs.chunk_pages, inputs.chunk_valid = read.chunk_pages.to(dev), \
+                read.chunk_valid.to(dev)
+            inputs.chunk_shift = read.chunk_shift.to(dev) if read.chunk_shift is not None \
+                else zeros(B, C, 3)
+            inputs.chunk_fids = fids.to(dev)
+        if write is not None:
+            inputs.slots, inputs.fids = write.slots.to(dev), write.fids.to(dev)
+        return inputs
+
+    def step(self, x: torch.Tensor, timestep: torch.Tensor, text_k: list, text_v: list,
+             pools: tuple, inputs: StepInputs, *, causal_within_block: bool = False,
+             backend: str = "auto", moc_topk: int = 4, moc_tile_size: int = 128,
+             shard=None) -> torch.Tensor:
+        """The cached forward on tensors only (no check, no host sync): what ``torch.compile``
+        traces whole and a CUDA graph captures. Arguments as :meth:`forward`, with
+        ``text_k, text_v`` the :class:`TextKV` lists, ``pools`` :func:`cache_pools` and
+        ``inputs`` from :meth:`prepare`; with ``inputs.slots`` each layer writes the un-rotated
+        K/V of the last ``slots.shape[1]`` tokens into the pools.
+
+        ``shard`` (head parallelism, :class:`lol_model.parallel.TokenShard`): the layers run
+        on this rank's tokens of every frame, each attention exchanges ``q, k, v`` for all
+        tokens of this rank's heads (``shard.to_heads``) and back (``shard.to_tokens``), the
+        pools hold those heads and ``shard.rope_table`` is their RoPE table."""
+        k_pools, v_pools, cache_pos, page_len, summaries = pools
+        inp = inputs
+        nw = 0 if inp.slots is None else inp.slots.shape[1]  # written: the last nw tokens
+        rope = self.rope_table if shard is None else shard.rope_table
 
         def attend(layer, q, k, v):
-            args = (q, pos, cache.k[layer], cache.v[layer], cache.pos, cache.page_len,
-                    read.page_table, self.rope_table)
-            kw = dict(k_new=k, v_new=v, causal=causal_within_block, page_shift=read.page_shift,
+            if shard is not None:  # [B, N/w, H, D] -> [B, N, H/w, D]
+                q, k, v = shard.to_heads(q, k, v)
+            args = (q, inp.q_pos, k_pools[layer], v_pools[layer], cache_pos, page_len,
+                    inp.page_table, rope)
+            kw = dict(k_new=k, v_new=v, causal=causal_within_block, page_shift=inp.page_shift,
                       backend=backend)
-            if read.routed:
-                idx = lk.moc_route_tiles(q, read.chunk_mean(cache, layer), moc_topk,
-                                         tile_size=moc_tile_size, chunk_valid=read.chunk_valid)
-                out, _ = lk.moc_attention(*args, chunk_pages=read.chunk_pages, routed=idx,
-                                          chunk_shift=read.chunk_shift, tile_size=moc_tile_size,
+            if inp.chunk_pages is not None:
+                summ = summaries[layer].index_select(0, inp.chunk_fids).transpose(0, 1)
+                cm = torch.where(inp.chunk_valid[:, :, None, None], summ, 0.0)
+                idx = lk.moc_route_tiles(q, cm, moc_topk, tile_size=moc_tile_size,
+                                         chunk_valid=inp.chunk_valid)
+                out, _ = lk.moc_attention(*args, chunk_pages=inp.chunk_pages, routed=idx,
+                                          chunk_shift=inp.chunk_shift, tile_size=moc_tile_size,
                                           **kw)
             else:
                 out, _ = lk.paged_attention(*args, **kw)
-            if write is not None:
-                cache.write(layer, write, k[:, -nw:], v[:, -nw:])
-            return out
+            if nw:
+                write_frames(k_pools[layer], v_pools[layer], summaries[layer], inp.slots,
+                             inp.fids, k[:, -nw:], v[:, -nw:])
+            return out if shard is None else shard.to_tokens(out)
 
-        return self._run(x, timestep, text_kv, attend)
+        return self._run(x, timestep, text_k, text_v, attend, shard)
 
     def forward_full(self, x: torch.Tensor, timestep: torch.Tensor, text_kv: TextKV, *,
                      frame_t=None, block_frames=None,
@@ -350,7 +442,7 @@ class CausalWanModel(nn.Module):
                                                  v.transpose(1, 2), attn_mask=mask)
             return out.transpose(1, 2)
 
-        return self._run(x, timestep, text_kv, attend)
+        return self._run(x, timestep, text_kv.k, text_kv.v, attend)
 
     # ------------------------------------------------------------------ internals
     def _check_input(self, x, text_kv):
@@ -379,7 +471,7 @@ class CausalWanModel(nn.Module):
                              f"got {list(t.shape)}")
         return t
 
-    def _run(self, x, timestep, text_kv, attend):
+    def _run(self, x, timestep, text_k, text_v, attend, shard=None):
         dt, (B, _, Fr, H, W) = self.dtype, x.shape
         ct = compute_dtype(dt)
         gh, gw = self.grid(H, W)
@@ -390,9 +482,13 @@ class CausalWanModel(nn.Module):
         e = self.time_embedding(s.to(self.time_embedding[0].weight.dtype))
         e0 = self.time_projection(e.to(self.time_projection[1].weight.dtype))
         e, e0 = e.to(ct).view(B, Fr, -1), e0.to(ct).view(B, Fr, 6, -1)
+        if shard is not None:  # this rank's tokens of every frame: [B, F, gh*gw / w, dim]
+            h = shard.split(h)
         for i, block in enumerate(self.blocks):
-            h = block(h, e0, text_kv.k[i], text_kv.v[i], partial(attend, i))
+            h = block(h, e0, text_k[i], text_v[i], partial(attend, i))
         out = self.head(h, e)  # [B, F, gh*gw, C_out * pt * ph * pw]
+        if shard is not None:
+            out = shard.gather(out)
         pt, ph, pw = self.cfg.patch_size
         out = out.view(B, Fr, gh, gw, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return out.reshape(B, -1, Fr * pt, gh * ph, gw * pw).to(x.dtype)

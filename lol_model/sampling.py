@@ -68,7 +68,9 @@ def denoise_block(model, shape, text_kv, cache: PagedKVCache, read: CacheRead, s
                   generator: torch.Generator, *, dtype, device) -> torch.Tensor:
     """Sample the clean latents ``x0 [B, Cz, F, H, W]`` of one block against ``read``.
 
-    The cache is only read here; :func:`write_block` stores the block's K/V afterwards.
+    ``model`` is a :class:`~lol_model.model.CausalWanModel` or anything called like one on a
+    cache (a :class:`~lol_model.step.BlockForward`: compiled or captured forwards). The cache
+    is only read here; :func:`write_block` stores the block's K/V afterwards.
     """
     B, _, F = shape[:3]
     x = randn(shape, generator, dtype=dtype, device=device)
@@ -86,11 +88,12 @@ def denoise_block(model, shape, text_kv, cache: PagedKVCache, read: CacheRead, s
 def write_block(model, x0: torch.Tensor, text_kv, cache: PagedKVCache, read: CacheRead,
                 q_t: torch.Tensor | None = None):
     """Clean pass at ``t = 0``: append the block's frames at ``q_t`` (default ``read.q_t``) and
-    write their K/V. Returns the :class:`~lol_kernels.cache.FrameBlock`."""
+    write their K/V (``model`` as in :func:`denoise_block`). Returns the
+    :class:`~lol_kernels.cache.FrameBlock`."""
     B, _, F, H, W = x0.shape
     gh, gw = H // model.cfg.patch_size[1], W // model.cfg.patch_size[2]
     q_t = read.q_t if q_t is None else q_t
-    blk = cache.append_frames(token_positions(q_t, gh, gw, B).to(cache.device))
+    blk = cache.append_frames(token_positions(q_t, gh, gw, B))  # host positions: no sync
     t0 = torch.zeros(B, F, dtype=torch.float32, device=x0.device)
     model(x0, t0, text_kv, cache, read, write=blk)
     return blk

@@ -330,8 +330,8 @@ def test_bad_inputs(bad):
     fn, exc, word = BAD[bad]
     fn(x)
     pos, kw = split(x, opts)
-    with pytest.raises(exc, match=word):
-        moc_attention(*pos, **kw)
+    with pytest.raises(exc, match=word):  # value checks run when asked (issue 13)
+        moc_attention(*pos, **kw, validate=True)
 
 
 @pytest.mark.parametrize("tile", [0, 8, 24, 16.0], ids=str)
@@ -417,7 +417,7 @@ def test_sm90_compile_no_spills_hgmma():
     from lol_kernels.common.aot import sm90_report
     from lol_kernels.common.triton_attention import CONFIGS
     report = sm90_report(("bf16",), (64, 128), kernel="moc_attn_fwd", rope=False, causal=False,
-                         page_size=256, fp32_d64=True)
+                         page_size=256, offered=(("fp32", 64),))
     assert len(report) == 2 * len(CONFIGS) + sum(c[1] <= 32 for c in CONFIGS)
     for r in report:
         name = f"{r['dtype']}-D{r['head_dim']}-M{r['BLOCK_M']}-N{r['BLOCK_N']}-w{r['num_warps']}"

@@ -198,8 +198,8 @@ def _bad(mut, exc, needle):
     c = make_case(dtype=torch.float32)
     kw = {}
     mut(c, kw)
-    with pytest.raises(exc, match=needle):
-        call(c, **kw)
+    with pytest.raises(exc, match=needle):  # value checks run when asked (issue 13)
+        call(c, validate=True, **kw)
 
 
 BAD = {

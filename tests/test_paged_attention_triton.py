@@ -185,7 +185,10 @@ def test_autotune_key_has_no_token_counts():
 
 
 def test_config_pruning():
-    """Hardware pruning of the autotune list: fp32 and D = 256 keep narrow key tiles only."""
+    """The autotune list offered per dtype and head dim (one shared-memory estimate, sm_90's
+    227 KiB without a device): fp16/bf16 keep every config up to D = 128 and the two that
+    spill least at D = 256; fp32 keeps narrow key tiles; fp32 at D = 256 fits nowhere and is
+    refused before any launch (a ValueError naming shared memory, not OutOfResources)."""
     from lol_kernels.common import triton_attention as ta
     cfgs = ta.autotune_configs()
     half = ta.prune_configs(cfgs, {}, Q=torch.empty(1, dtype=torch.float16), HEAD_DIM=128)
@@ -193,7 +196,63 @@ def test_config_pruning():
     fp32 = ta.prune_configs(cfgs, {}, Q=torch.empty(1), HEAD_DIM=64)
     assert fp32 and all(c.kwargs["BLOCK_N"] <= 32 for c in fp32)
     wide = ta.prune_configs(cfgs, {}, Q=torch.empty(1, dtype=torch.bfloat16), HEAD_DIM=256)
-    assert wide and all(c.kwargs["BLOCK_N"] <= 32 for c in wide) and len(wide) < len(cfgs)
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in wide] == \
+        [(128, 32, 8), (64, 64, 8)]  # narrow key tiles, or a 64-word accumulator
+    with pytest.raises(ValueError, match="shared memory"):
+        ta.prune_configs(cfgs, {}, Q=torch.empty(1), HEAD_DIM=256)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):  # every offered config fits
+        for d in (16, 32, 64, 128, 256):
+            for bm, bn, _, st in ta.offered_configs(dtype, d):
+                assert ta.shared_memory_bytes(bm, bn, st, d, dtype.itemsize) \
+                    <= ta.SM90_SHARED_MEMORY
+
+
+def test_one_fp32_dot_precision_in_both_kernels():
+    """The paged and MoC launchers take DOT_PREC from ``launch_constants`` (``dot_precision``:
+    3xTF32 tensor-core products for fp32, never "ieee" FMA products); no kernel file sets a
+    precision of its own. The sm_90 compile shows HGMMA in both at fp32 (test_triton_aot)."""
+    import inspect
+
+    from lol_kernels.common import triton_attention as ta
+    from lol_kernels.moc import attention_triton as mt
+
+    assert ta.dot_precision(torch.float32) == "tf32x3"
+    for mod in (tk, mt):
+        src = inspect.getsource(mod)
+        assert "ta.launch_constants(" in src and "input_precision" not in src, mod.__name__
+        assert "ieee" not in src and "tf32" not in src, mod.__name__
+
+
+REFUSED = [(torch.float32, 256)]  # every (dtype, D) the kernels take but no config fits
+
+
+def test_refused_inputs_are_exactly_fp32_d256():
+    from lol_kernels.common import triton_attention as ta
+    refused = [(dt, d) for dt in (torch.float16, torch.bfloat16, torch.float32)
+               for d in (16, 32, 64, 128, 256) if ta.launch_refusal(dt, d) is not None]
+    assert refused == REFUSED
+    assert "394660 bytes" in ta.launch_refusal(torch.float32, 256)
+
+
+@pytest.mark.parametrize("op", ["paged", "dense"])
+def test_unlaunchable_input_runs_torch_path_with_warning(op):
+    """fp32 at D = 256 with backend="triton": one KernelFallbackWarning, the torch path's
+    result; the Triton kernel is never launched."""
+    from lol_kernels.common import triton_attention as ta
+    c, dt = make_case(B=1, N=20, Hq=2, Hkv=1, D=256, S=16, P=4, M=3, dtype=torch.float32)
+    cd = _cast(c, dt)
+    ta.warn_kernel_fallback.cache_clear()
+
+    def call(backend):
+        if op == "paged":
+            return _call(lk.paged_attention, cd, backend=backend)
+        k = cd["k_new"]
+        return lk.rope_attention(cd["q"], k, cd["v_new"], cd["q_pos"], cd["q_pos"], cd["table"],
+                                 return_lse=True, backend=backend)
+    with pytest.warns(ta.KernelFallbackWarning, match="shared memory"):
+        o1, l1 = call("triton")
+    o2, l2 = call("torch")
+    assert torch.equal(o1, o2) and torch.equal(l1, l2)
 
 
 @pytest.mark.parametrize("growth", [0.6, 4.0], ids=["stale-max", "max-moves"])

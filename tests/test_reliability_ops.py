@@ -383,8 +383,8 @@ def test_ops_refuse_positions_the_kernels_cannot_represent(op, case):
     edit, name = BAD_POSITIONS[case]
     x = paged_inputs(SIZES, moc=op == "moc_attention")
     edit(x)
-    with pytest.raises(ValueError, match=name):
-        getattr(lk, op)(**x, backend="torch")
+    with pytest.raises(ValueError, match=name):  # value checks run when asked (issue 13)
+        getattr(lk, op)(**x, backend="torch", validate=True)
 
 
 # --------------------------------------------------------------------- silently accepted input
@@ -400,7 +400,7 @@ def call_op(op, **kw):
     for name, edit in kw.pop("edit", {}).items():
         edit(x[name])
     z = x | kw
-    return getattr(lk, op)(**z, backend="torch")
+    return getattr(lk, op)(**z, backend="torch", validate=True)
 
 
 @pytest.mark.parametrize("op", ["paged_attention", "rope_attention", "moc_attention"])

@@ -138,7 +138,8 @@ POS = torch.zeros(1, 5, 3, dtype=torch.int64)
 def test_apply_rope_rejects(kwargs, exc, needle):
     args = dict(x=X, pos=POS, table=T, backend="auto") | kwargs
     with pytest.raises(exc, match=needle):
-        lk.apply_rope(args["x"], args["pos"], args["table"], backend=args["backend"])
+        lk.apply_rope(args["x"], args["pos"], args["table"], backend=args["backend"],
+                      validate=True)
 
 
 @pytest.mark.parametrize("kwargs,needle", [

@@ -8,34 +8,36 @@ the torch backend (:func:`~lol_kernels.attention.attention_cpu.rope_attention_to
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from .._checks import check_no_grad_transform, register_forward_only
 from .._dispatch import resolve_backend
 from .attention_cpu import rope_attention_torch
-from .op import run_attention, validate_dense_inputs
+from .op import fake_attention, run_attention, validate_dense_inputs
 
 
 @torch.library.custom_op("lol::rope_attention", mutates_args=())
 def _rope_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
                        k_pos: torch.Tensor, freqs: torch.Tensor, pair_axis: torch.Tensor,
-                       causal: bool, scale: float,
-                       backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                       causal: bool, scale: float, backend: str,
+                       axes: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     return run_attention("rope_attention", backend, rope_attention_torch, q,
-                         (k, v, q_pos, k_pos), freqs, pair_axis, causal=causal, scale=scale)
+                         (k, v, q_pos, k_pos), freqs, pair_axis, axes, causal=causal,
+                         scale=scale)
 
 
 @_rope_attention_op.register_fake
-def _(q, k, v, q_pos, k_pos, freqs, pair_axis, causal, scale, backend):
-    B, N, Hq, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((B, Hq, N), dtype=torch.float32)
+def _(q, k, v, q_pos, k_pos, freqs, pair_axis, causal, scale, backend, axes=None):
+    return fake_attention(q)
 
 
 register_forward_only(_rope_attention_op, "lol::rope_attention")
 
 
 def rope_attention(q, k, v, q_pos, k_pos, table, *, causal=False, scale=None, backend="auto",
-                   return_lse=False):
+                   return_lse=False, validate=None):
     """RoPE (per-head, optionally jittered, 3D) and attention in one call over dense K/V.
 
     Replaces ``scaled_dot_product_attention(apply_rope(q), apply_rope(k), v)`` in a model: the
@@ -53,6 +55,8 @@ def rope_attention(q, k, v, q_pos, k_pos, table, *, causal=False, scale=None, ba
         backend: ``"auto"`` (Triton on CUDA, torch otherwise), ``"torch"``, ``"triton"`` (fp64
             and head dims the kernel lacks run the torch path; docs/design.md §3).
         return_lse: also return ``lse [B, Hq, N]`` fp32 (natural-log softmax denominator).
+        validate: also check that positions fit the kernels' int32 (a host sync); ``None``:
+            when ``LOL_VALIDATE=1`` (as :func:`lol_kernels.paged_attention`).
 
     Returns:
         ``out [B, N, Hq, D]`` in q's dtype (and ``lse`` if asked); with ``Nk = 0`` zeros and
@@ -62,10 +66,10 @@ def rope_attention(q, k, v, q_pos, k_pos, table, *, causal=False, scale=None, ba
         >>> table = lk.rope_frequencies(128, 12, jitter_sigma=0.8)
         >>> out = lk.rope_attention(q, k, v, pos, pos, table)  # q, k, v: [1, 4680, 12, 128]
     """
-    scale = validate_dense_inputs(q, k, v, q_pos, k_pos, table, causal, scale)
+    scale = validate_dense_inputs(q, k, v, q_pos, k_pos, table, causal, scale, validate)
     backend = resolve_backend("rope_attention", backend, q)
     t = table.to(q.device)
     check_no_grad_transform("lol::rope_attention", q, k, v)
     out, lse = _rope_attention_op(q, k, v, q_pos, k_pos, t.freqs, t.pair_axis, causal, scale,
-                                  backend)
+                                  backend, list(t.axes))
     return (out, lse) if return_lse else out

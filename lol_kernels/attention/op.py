@@ -4,6 +4,8 @@ op and the page-mass diagnostic, and :func:`validate_dense_inputs`)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from .._checks import (
@@ -28,14 +30,16 @@ from .attention_cpu import empty_result, paged_attention_torch
 
 
 def run_attention(op: str, backend: str, torch_fn, q: torch.Tensor, args: tuple,
-                  freqs: torch.Tensor, pair_axis: torch.Tensor, **kw):
+                  freqs: torch.Tensor, pair_axis: torch.Tensor, axes: Sequence[int] | None,
+                  **kw):
     """The body of the attention custom ops (paged, dense, MoC): ``fn(q, *args, table, **kw)``
-    of the resolved ``backend``. An empty query block (B, N or Hq is 0) returns its empty result
-    first (torch's CPU flash kernel dies on 0 queries). Outputs are contiguous, the layouts the
-    fake implementations promise."""
+    of the resolved ``backend``, the table rebuilt from its tensors and ``axes`` without reading
+    them. An empty query block (B, N or Hq is 0) returns its empty result first (torch's CPU
+    flash kernel dies on 0 queries). Outputs are contiguous, the layouts the fake
+    implementations promise (:func:`fake_attention`)."""
     if q.numel() == 0:
         return empty_result(q)
-    table = RopeTable.from_tensors(freqs, pair_axis)
+    table = RopeTable.from_tensors(freqs, pair_axis, axes)
     fn = triton_kernel(op) if backend == "triton" else torch_fn
     out, lse = fn(q, *args, table, **kw)
     return out.contiguous(), lse.float().contiguous()
@@ -46,27 +50,37 @@ def _paged_attention_op(q: torch.Tensor, q_pos: torch.Tensor, cache_k: torch.Ten
                         cache_v: torch.Tensor, cache_pos: torch.Tensor, page_len: torch.Tensor,
                         page_table: torch.Tensor, freqs: torch.Tensor, pair_axis: torch.Tensor,
                         k_new: torch.Tensor | None, v_new: torch.Tensor | None, causal: bool,
-                        page_shift: torch.Tensor | None, scale: float,
-                        backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                        page_shift: torch.Tensor | None, scale: float, backend: str,
+                        axes: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     return run_attention("paged_attention", backend, paged_attention_torch, q,
                          (q_pos, cache_k, cache_v, cache_pos, page_len, page_table), freqs,
-                         pair_axis, k_new=k_new, v_new=v_new, causal=causal,
+                         pair_axis, axes, k_new=k_new, v_new=v_new, causal=causal,
                          page_shift=page_shift, scale=scale)
+
+
+def fake_attention(q: torch.Tensor):
+    """What every attention op returns, as the fake implementations promise it: a contiguous
+    ``out`` shaped like ``q [B, N, Hq, D]`` (whatever q's strides) and ``lse [B, Hq, N]``
+    fp32."""
+    B, N, Hq, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((B, Hq, N), dtype=torch.float32)
 
 
 @_paged_attention_op.register_fake
 def _(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table, freqs, pair_axis, k_new,
-      v_new, causal, page_shift, scale, backend):
-    B, N, Hq, _ = q.shape
-    return torch.empty_like(q), q.new_empty((B, Hq, N), dtype=torch.float32)
+      v_new, causal, page_shift, scale, backend, axes=None):
+    return fake_attention(q)
 
 
 register_forward_only(_paged_attention_op, "lol::paged_attention")
 
 
 def validate_paged_inputs(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table, table,
-                          k_new, v_new, causal, page_shift, scale):
-    """All the checks of :func:`paged_attention` (shared with the MoC op). Returns the scale."""
+                          k_new, v_new, causal, page_shift, scale, validate=None):
+    """All the checks of :func:`paged_attention` (shared with the MoC op). Returns the scale.
+
+    Shapes, dtypes and devices are always checked (no sync); ids, fills and positions only
+    when :func:`~lol_kernels._checks.value_checks_enabled` (``validate``)."""
     check_tensor("q", q, ndim=4, kind="float")
     B, N, Hq, D = q.shape
     check_tensor("q_pos", q_pos, ndim=3, kind="int")
@@ -103,8 +117,11 @@ def validate_paged_inputs(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_
                       page_len=page_len, page_table=page_table, page_shift=page_shift,
                       k_new=k_new, v_new=v_new)
     check_table(table, Hq, D, A, heads_name="q")
+    scale = check_scale(scale, D)
+    if not value_checks_enabled(validate):
+        return scale
     check_page_ids("page_table", page_table, P)
-    if value_checks_enabled() and page_len.numel():
+    if page_len.numel():
         lo, hi = torch.stack(torch.aminmax(page_len)).tolist()  # one host sync
         if lo < 0 or hi > S:
             raise ValueError(f"page_len must be in [0, S={S}], got [{lo}, {hi}]")
@@ -113,11 +130,12 @@ def validate_paged_inputs(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_
     if page_shift is not None:
         shift = check_positions_fit("page_shift", page_shift, POS_LIMIT)
         check_shifted_fit("cache_pos", stored, "page_shift", shift)
-    return check_scale(scale, D)
+    return scale
 
 
-def validate_dense_inputs(q, k, v, q_pos, k_pos, table, causal, scale):
-    """All the checks of :func:`lol_kernels.rope_attention`. Returns the scale."""
+def validate_dense_inputs(q, k, v, q_pos, k_pos, table, causal, scale, validate=None):
+    """All the checks of :func:`lol_kernels.rope_attention` (positions only when
+    ``validate``, as :func:`validate_paged_inputs`). Returns the scale."""
     check_tensor("q", q, ndim=4, kind="float")
     B, N, Hq, D = q.shape
     check_tensor("k", k, ndim=4, kind="float")
@@ -132,14 +150,16 @@ def validate_dense_inputs(q, k, v, q_pos, k_pos, table, causal, scale):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     check_same_device("q", q, k=k, v=v, q_pos=q_pos, k_pos=k_pos)
     check_table(table, Hq, D, q_pos.shape[2], heads_name="q")
-    check_positions_fit("q_pos", q_pos, POS_LIMIT)
-    check_positions_fit("k_pos", k_pos, POS_LIMIT)
-    return check_scale(scale, D)
+    scale = check_scale(scale, D)
+    if value_checks_enabled(validate):
+        check_positions_fit("q_pos", q_pos, POS_LIMIT)
+        check_positions_fit("k_pos", k_pos, POS_LIMIT)
+    return scale
 
 
 def paged_attention(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table, table, *,
                     k_new=None, v_new=None, causal=False, page_shift=None, scale=None,
-                    backend="auto"):
+                    backend="auto", validate=None):
     """Attention of a block of queries over a paged sink + window cache, RoPE applied at read.
 
     Keys live un-rotated in the pool; each key is rotated at read time with its stored position
@@ -161,19 +181,23 @@ def paged_attention(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table,
         scale: softmax scale, default ``D ** -0.5``.
         backend: ``"auto"`` (Triton on CUDA, torch otherwise), ``"torch"``, ``"triton"`` (fp64
             and head dims the kernel lacks run the torch path; docs/design.md §3).
+        validate: also check the values (page ids, ``page_len``, positions): one host sync.
+            ``None``: only when the environment sets ``LOL_VALIDATE=1``. Shapes, dtypes and
+            devices are always checked.
 
     Returns:
-        ``out [B, N, Hq, D]`` in q's dtype and ``lse [B, Hq, N]`` fp32: the natural-log
-        softmax denominator of the scaled scores, ``log sum_k exp(scale * q.k)``. A query row
-        that sees no key returns zeros and ``lse = -inf``. Empty ``B``, ``N`` or ``Hq`` give
-        empty outputs; an empty pool, table or ``S`` leaves only the new keys.
+        ``out [B, N, Hq, D]`` (contiguous) in q's dtype and ``lse [B, Hq, N]`` fp32: the
+        natural-log softmax denominator of the scaled scores, ``log sum_k exp(scale * q.k)``.
+        A query row that sees no key returns zeros and ``lse = -inf``. Empty ``B``, ``N`` or
+        ``Hq`` give empty outputs; an empty pool, table or ``S`` leaves only the new keys.
 
-    Raises ``ValueError`` on bad input: page ids outside ``[-1, P)`` or listed twice in a row,
-    positions beyond ``+-2^30`` or ``|cache_pos| + |page_shift| >= 2^31`` (int32 in the
-    kernels), a ``scale`` that is not finite and positive. Under ``torch.compile`` these value
-    checks are skipped (compiled code cannot read values): a bad page id then fails inside the
-    backend (a raw ``IndexError`` on the CPU) or reads the wrong page, so build tables with
-    :meth:`~lol_kernels.PagedKVCache.read`, which validates at the cache boundary. Forward-only:
+    Raises ``ValueError`` on bad input: a shape, device or ``scale`` (finite, positive) that
+    does not fit; with ``validate``, also page ids outside ``[-1, P)`` or listed twice in a
+    row, positions beyond ``+-2^30`` or ``|cache_pos| + |page_shift| >= 2^31`` (int32 in the
+    kernels). Value checks read the tensors on the host, so they run only when asked and never
+    under ``torch.compile``: an unchecked bad page id fails inside the backend (a raw
+    ``IndexError`` on the CPU) or reads the wrong page, so build tables with
+    :meth:`~lol_kernels.PagedKVCache.read`, which checks what it creates. Forward-only:
     ``backward`` and ``torch.func.grad`` raise ``RuntimeError``.
 
     Example:
@@ -182,10 +206,10 @@ def paged_attention(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table,
         ...                               k_new=k, v_new=v, page_shift=read.page_shift)
     """
     scale = validate_paged_inputs(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table,
-                                  table, k_new, v_new, causal, page_shift, scale)
+                                  table, k_new, v_new, causal, page_shift, scale, validate)
     backend = resolve_backend("paged_attention", backend, q)
     t = table.to(q.device)
     check_no_grad_transform("lol::paged_attention", q, cache_k, cache_v, k_new, v_new)
     return _paged_attention_op(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table,
                                t.freqs, t.pair_axis, k_new, v_new, causal, page_shift, scale,
-                               backend)
+                               backend, list(t.axes))

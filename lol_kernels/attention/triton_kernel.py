@@ -50,7 +50,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._dispatch import kernel_input_error
+from .._checks import check_out_buffer
+from .._dispatch import kernel_input_error, launch_device
 from ..common import triton_attention as ta
 from ..common.triton_utils import is_interpreted, kernel_supports, last_contig, stride_args
 from .triton_split import combine_splits, device_sms, num_splits_for, split_buffers, store_part
@@ -146,25 +147,36 @@ def launch_rope_attention(q, q_pos, table, *, cache=None, new=None, causal=False
             ``S`` (a shape constant: part of the autotune key).
         new: ``None`` or ``(k_new, v_new, new_pos)``: ``[B, N_new, Hkv, D]`` and ``[B, N_new, A]``.
         out, lse: optional preallocated outputs ``[B, N, Hq, D]`` q.dtype / ``[B, Hq, N]`` fp32
-            (tests pass NaN-filled buffers). config: ``{"BLOCK_M", "BLOCK_N"[, "num_warps",
-            "num_stages"]}`` skips autotuning; ``{"num_splits": s}`` (alone or with tiles) sets
-            the split-KV parts (:mod:`.triton_split`; default: :func:`num_splits_for` on a GPU,
-            1 elsewhere).
+            on q's device, any strides with a unit last one (tests pass NaN-filled buffers;
+            anything else raises ``ValueError``/``TypeError`` naming the buffer).
+            config: ``{"BLOCK_M", "BLOCK_N"[, "num_warps", "num_stages"]}`` skips autotuning;
+            ``{"num_splits": s}`` (alone or with tiles) sets the split-KV parts
+            (:mod:`.triton_split`; default: :func:`num_splits_for` on a GPU, 1 elsewhere).
 
     Returns:
         ``(out, lse)``.
     """
-    B, N, Hq, D = q.shape
-    A = q_pos.shape[-1]
+    B, N, Hq, _ = q.shape
     dev = q.device
-    if out is None:
-        out = torch.empty_like(q)  # q's layout, as the custom op's fake implementation promises
-        if out.stride(-1) != 1:
-            out = torch.empty(q.shape, dtype=q.dtype, device=dev)
+    check_out_buffer("out", out, q.shape, q.dtype, dev)
+    check_out_buffer("lse", lse, (B, Hq, N), torch.float32, dev)
+    if out is None:  # contiguous, as the custom op's fake implementation promises
+        out = torch.empty(q.shape, dtype=q.dtype, device=dev)
     if lse is None:
         lse = torch.empty((B, Hq, N), dtype=torch.float32, device=dev)
     if B * N * Hq == 0:
         return out, lse
+    with launch_device(q):
+        launch_paged(q, q_pos, table, cache, new, causal, scale, out, lse, config)
+    return out, lse
+
+
+def launch_paged(q, q_pos, table, cache, new, causal, scale, out, lse, config):
+    """The launch of :func:`launch_rope_attention` (arguments as there; outputs allocated),
+    on the current device."""
+    B, N, Hq, D = q.shape
+    A = q_pos.shape[-1]
+    dev = q.device
     consts = ta.launch_constants(paged_rope_attn_fwd, q, table, scale)
     q, q_pos = last_contig(q), last_contig(q_pos)
 
@@ -231,7 +243,6 @@ def launch_rope_attention(q, q_pos, table, *, cache=None, new=None, causal=False
         paged_rope_attn_fwd_tuned[grid](**args, **strides, **meta)
     if splits > 1:
         combine_splits(part[0], part[1], out, lse)
-    return out, lse
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Paged sink + window KV cache, its position policies, and the one read type they return."""
 
-from .paged import Frame, FrameBlock, PagedKVCache
+from .paged import Frame, FrameBlock, PagedKVCache, write_frames
 from .policies import (
     POLICIES,
     absolute,
@@ -16,4 +16,4 @@ from .slowfast import SlowFastCache
 
 __all__ = ["POLICIES", "CacheRead", "Frame", "FrameBlock", "PagedKVCache", "SlowFastCache",
            "absolute", "bounded", "build_read", "cut", "flush", "read_cache", "relativistic",
-           "token_positions"]
+           "token_positions", "write_frames"]

@@ -42,7 +42,9 @@ from .read import CacheRead
 
 @dataclass
 class Frame:
-    """One cached latent frame: slot ``fid``, stored temporal position ``t``, pages ``[B, n]``."""
+    """One cached latent frame: slot ``fid``, stored temporal position ``t``, pages ``[B, n]``
+    int64 **on the host** (bookkeeping: the device sees page ids through reads and
+    :attr:`FrameBlock.slots`, so allocating and evicting never waits for the device)."""
 
     fid: int
     t: int
@@ -60,6 +62,31 @@ class FrameBlock:
     slots: torch.Tensor  # [B, F * Nf] flat slot index (page * S + slot) of every token
     owner: object = field(default=None, repr=False, compare=False)  # the cache that made it
     epoch: int = -1  # the owner's epoch when made (reset and load_state_dict start a new one)
+    fids: torch.Tensor | None = None  # [F] int64 frame slot of each frame, on slots' device
+
+    def __post_init__(self):
+        if self.fids is None:
+            self.fids = torch.tensor([fr.fid for fr in self.frames], dtype=torch.int64,
+                                     device=self.slots.device)
+
+
+def write_frames(k_pool: torch.Tensor, v_pool: torch.Tensor, summary: torch.Tensor,
+                 slots: torch.Tensor, fids: torch.Tensor, k: torch.Tensor,
+                 v: torch.Tensor) -> None:
+    """Write the un-rotated ``k, v [B, F * Nf, Hkv, D]`` of ``F`` frames into one layer's pools
+    ``[P, S, Hkv, D]`` at flat ``slots [B, F * Nf]`` and each frame's mean key (fp32) into
+    ``summary [F_max, B, Hkv, D]`` at frame slots ``fids [F]``, all in place.
+
+    Tensors only, no check and no host sync: what :meth:`PagedKVCache.write` runs after its
+    checks, and what a compiled block step calls (its slots come from a checked
+    :class:`FrameBlock`)."""
+    P, S, Hkv, D = k_pool.shape
+    idx = slots.reshape(-1)
+    k_pool.view(P * S, Hkv, D)[idx] = k.reshape(-1, Hkv, D).to(k_pool.dtype)
+    v_pool.view(P * S, Hkv, D)[idx] = v.reshape(-1, Hkv, D).to(v_pool.dtype)
+    B, F = slots.shape[0], fids.shape[0]
+    means = k.float().reshape(B, F, -1, Hkv, D).mean(dim=2)  # [B, F, Hkv, D]
+    summary[fids] = means.transpose(0, 1)
 
 
 class PagedKVCache:
@@ -109,8 +136,8 @@ class PagedKVCache:
         self.page_len = torch.zeros(P, dtype=torch.int32, device=device)
         self.summary = [torch.zeros(self.max_frames, batch_size, num_kv_heads, head_dim,
                                     dtype=torch.float32, device=device) for _ in range(num_layers)]
-        # token n of a frame lives on page n // S of that frame, slot n % S
-        n = torch.arange(frame_tokens, device=device)
+        # token n of a frame lives on page n // S of that frame, slot n % S (host bookkeeping)
+        n = torch.arange(frame_tokens)
         self._tok_page, self._tok_slot = n // S, n % S
         self._last_fill = frame_tokens - (self.pages_per_frame - 1) * S
         self.epoch = -1  # reset() starts epoch 0
@@ -180,8 +207,7 @@ class PagedKVCache:
             own.append(live[key])  # this cache's record: its pages, not the caller's copy
         if not own:
             raise ValueError("frames must name at least one cached frame")
-        slots = torch.cat([self._token_slots(fr.pages) for fr in own], 1)
-        return FrameBlock(own, slots, self, self.epoch)
+        return self._block(own)
 
     def reassign(self, frames, t, serials) -> FrameBlock:
         """Make cached ``frames`` hold other frames of the stream (LongLive's recache without a
@@ -213,7 +239,8 @@ class PagedKVCache:
             nf = Frame(fr.fid, ti, fr.pages, si, fr.sink)
             group, i = where[id(fr)]
             group[i] = nf
-            self.pos.view(-1, self.num_axes)[self._token_slots(fr.pages).reshape(-1), 0] = ti
+            slots = self._token_slots(fr.pages).reshape(-1).to(self.device)
+            self.pos.view(-1, self.num_axes)[slots, 0] = ti
             self.claim_slot(nf)
             self.next_t = max(self.next_t, ti + 1)
             new.append(nf)
@@ -241,8 +268,16 @@ class PagedKVCache:
                                  f"append_frames, or use rewrite_block(cache.frames()[...])")
 
     def _token_slots(self, pages: torch.Tensor) -> torch.Tensor:
-        """``[B, Nf]`` flat slot (``page * S + slot``) of every token of a frame on ``pages``."""
+        """``[B, Nf]`` flat slot (``page * S + slot``, on the host) of every token of a frame on
+        host ``pages``."""
         return pages[:, self._tok_page] * self.page_size + self._tok_slot
+
+    def _block(self, frames: list[Frame]) -> FrameBlock:
+        """A :class:`FrameBlock` of ``frames`` (theirs, in order): slots and frame slots built
+        on the host and moved to the device in one copy each."""
+        slots = torch.cat([self._token_slots(fr.pages) for fr in frames], 1)
+        fids = torch.tensor([fr.fid for fr in frames], dtype=torch.int64)
+        return FrameBlock(frames, slots.to(self.device), self, self.epoch, fids.to(self.device))
 
     # ----------------------------------------------------------------- state dict
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -289,7 +324,7 @@ class PagedKVCache:
                 f"{group}.pages": torch.stack(pages) if pages else empty}
 
     def _unpack_frames(self, state, group: str) -> list[Frame]:
-        pages = state[f"{group}.pages"].to(self.device)
+        pages = state[f"{group}.pages"].cpu()
         return [Frame(fid, t, pages[i].clone(), serial, bool(sink))
                 for i, (fid, t, serial, sink) in enumerate(state[f"{group}.frames"].tolist())]
 
@@ -345,34 +380,39 @@ class PagedKVCache:
         F = pos.shape[1] // Nf
         if not 1 <= F <= self.block_frames:
             raise ValueError(f"pos holds {F} frames; append 1..block_frames={self.block_frames}")
-        check_positions_fit("pos", pos, POS_LIMIT)  # before the int32 cast would wrap them
-        pos = pos.to(self.device, torch.int32).view(B, F, Nf, A)
-        t = pos[..., 0]
+        # the invariants the ops rely on are checked here, on the host (positions come from
+        # the host; a device pos costs one copy a block, never a sync per forward)
+        host = pos if pos.device.type == "cpu" else pos.cpu()
+        check_positions_fit("pos", host, POS_LIMIT)  # before the int32 cast would wrap them
+        host = host.to(torch.int32).view(B, F, Nf, A)
+        t = host[..., 0]
         if bool((t != t[:, :, :1]).any()) or bool((t[:, :, 0] != t[:1, :, 0]).any()):
             raise ValueError("pos[..., 0] must be one temporal position per frame, equal across B")
-        frames, slots = [], []
         ppf, S = self.pages_per_frame, self.page_size
-        for f in range(F):
-            if len(self.free_pages) < B * ppf or not self.free_fids:
-                raise RuntimeError("cache is out of pages: append at most block_frames frames "
-                                   "between evictions")
+        if len(self.free_pages) < F * B * ppf or len(self.free_fids) < F:
+            raise RuntimeError("cache is out of pages: append at most block_frames frames "
+                               "between evictions")
+        frames = []
+        for t_f in t[0, :, 0].tolist():
             pages = torch.tensor([self.free_pages.popleft() for _ in range(B * ppf)],
-                                 dtype=torch.int64, device=self.device).view(B, ppf)
-            fr = Frame(self.free_fids.popleft(), int(t[0, f, 0]), pages, self.frames_written,
+                                 dtype=torch.int64).view(B, ppf)
+            fr = Frame(self.free_fids.popleft(), t_f, pages, self.frames_written,
                        sink=len(self.sink) < self.sink_frames)
             self.frames_written += 1
             self.claim_slot(fr)
-            flat = self._token_slots(pages)  # [B, Nf]
-            self.pos.view(-1, A)[flat.reshape(-1)] = pos[:, f].reshape(-1, A)
-            self.page_len[pages.reshape(-1)] = S
-            self.page_len[pages[:, -1]] = self._last_fill
             (self.sink if fr.sink else self.window).append(fr)
             frames.append(fr)
-            slots.append(flat)
             self.next_t = max(self.next_t, fr.t + 1)
+        block = self._block(frames)
+        # the new frames' positions and fills, written in place with one copy each
+        self.pos.view(-1, A)[block.slots.reshape(-1)] = host.to(self.device).reshape(-1, A)
+        fill = torch.full((F, B, ppf), S, dtype=torch.int32)
+        fill[..., -1] = self._last_fill
+        pages = torch.stack([fr.pages for fr in frames]).reshape(-1)
+        self.page_len[pages.to(self.device)] = fill.reshape(-1).to(self.device)
         while len(self.window) > self.window_frames:
             self._evict(self.window.popleft())
-        return FrameBlock(frames, torch.cat(slots, dim=1), self, self.epoch)
+        return block
 
     def claim_slot(self, fr: Frame) -> None:
         """Record ``fr`` as the owner of its frame slot (and so of its pages: slots and pages
@@ -397,16 +437,8 @@ class PagedKVCache:
         for name, t in (("k", k), ("v", v)):
             check_tensor(name, t, ndim=4, kind="float")
             check_shape(name, t, want, "[B, F*Nf, Hkv, D] of the block")
-        P, S = self.num_pages, self.page_size
-        idx = block.slots.reshape(-1)
-        self.k[layer].view(P * S, self.num_kv_heads, self.head_dim)[idx] = \
-            k.reshape(-1, self.num_kv_heads, self.head_dim).to(self.dtype)
-        self.v[layer].view(P * S, self.num_kv_heads, self.head_dim)[idx] = \
-            v.reshape(-1, self.num_kv_heads, self.head_dim).to(self.dtype)
-        means = k.float().view(self.batch_size, len(block.frames), self.frame_tokens,
-                               self.num_kv_heads, self.head_dim).mean(dim=2)
-        for f, fr in enumerate(block.frames):
-            self.summary[layer][fr.fid] = means[:, f]
+        write_frames(self.k[layer], self.v[layer], self.summary[layer], block.slots,
+                     block.fids, k, v)
 
     # ----------------------------------------------------------------- eviction
     def _evict(self, fr: Frame) -> None:

@@ -78,16 +78,17 @@ def build_read(cache, frames, read_t, q_t, *, width: int | None = None) -> Cache
     read_t = torch.as_tensor(read_t, dtype=torch.int64).reshape(n)
     M = n * ppf
     width = max(M, cache.max_read_pages if width is None else width)
-    table = torch.full((B, width), -1, dtype=torch.int32, device=dev)
-    shift = torch.zeros(B, width, cache.num_axes, dtype=torch.int32, device=dev)
+    # built on the host (frames' pages live there), moved in one copy each: no sync
+    table = torch.full((B, width), -1, dtype=torch.int32)
+    shift = torch.zeros(B, width, cache.num_axes, dtype=torch.int32)
     entry = torch.full((width,), -1, dtype=torch.int64)
     if n:
         table[:, :M] = torch.cat([fr.pages for fr in frames], dim=1).to(torch.int32)
         stored = torch.tensor([fr.t for fr in frames], dtype=torch.int64)
         d = (read_t - stored).repeat_interleave(ppf)
-        shift[:, :M, 0] = d.to(torch.int32).to(dev)
+        shift[:, :M, 0] = d.to(torch.int32)
         entry[:M] = torch.arange(n).repeat_interleave(ppf)
     any_shift = bool((shift != 0).any())
-    return CacheRead(table, shift if any_shift else None,
+    return CacheRead(table.to(dev), shift.to(dev) if any_shift else None,
                      torch.as_tensor(q_t, dtype=torch.int64).reshape(-1),
                      [fr.fid for fr in frames], read_t, entry)

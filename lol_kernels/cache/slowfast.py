@@ -217,17 +217,21 @@ class SlowFastCache(PagedKVCache):
         rd = build_read(self, self.sink + list(self.window), torch.cat([sink_t, fast_t]), q_t,
                         width=(self.sink_frames + self.window_frames) * ppf)
         C, n = self.slow_frames, len(self.slow)
-        chunk_pages = torch.full((B, C, ppf), -1, dtype=torch.int32, device=self.device)
-        chunk_shift = torch.zeros(B, C, A, dtype=torch.int32, device=self.device)
-        valid = torch.zeros(B, C, dtype=torch.bool, device=self.device)
+        # built on the host (frames' pages live there), moved in one copy each: no sync
+        chunk_pages = torch.full((B, C, ppf), -1, dtype=torch.int32)
+        chunk_shift = torch.zeros(B, C, A, dtype=torch.int32)
+        valid = torch.zeros(B, C, dtype=torch.bool)
         if n:
             chunk_pages[:, :n] = torch.stack([fr.pages for fr in self.slow], 1).to(torch.int32)
             stored = torch.tensor([fr.t for fr in self.slow], dtype=torch.int64)
-            chunk_shift[:, :n, 0] = (slow_t - stored).to(torch.int32).to(self.device)
+            chunk_shift[:, :n, 0] = (slow_t - stored).to(torch.int32)
             valid[:, :n] = True
         any_shift = bool((chunk_shift != 0).any())
-        return replace(rd, chunk_pages=chunk_pages, chunk_shift=chunk_shift if any_shift else None,
-                       chunk_valid=valid, chunk_ids=[fr.fid for fr in self.slow], chunk_t=slow_t)
+        dev = self.device
+        return replace(rd, chunk_pages=chunk_pages.to(dev),
+                       chunk_shift=chunk_shift.to(dev) if any_shift else None,
+                       chunk_valid=valid.to(dev), chunk_ids=[fr.fid for fr in self.slow],
+                       chunk_t=slow_t)
 
     def frame_positions(self, num_new: int, **read_kwargs) -> torch.Tensor:
         """``[n]`` int64 read position of each frame of :meth:`frames` (sink, slow, fast) for the

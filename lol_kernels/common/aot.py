@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .triton_attention import CONFIGS, dot_precision
+from .triton_attention import CONFIGS, dot_precision, offered_configs
 
 #: every module that defines ``@triton.jit`` functions, helpers first: :func:`compiled_module`
 #: re-imports them all, so a compiled kernel never calls an interpreted helper
@@ -120,13 +120,34 @@ def attention_signature(kernel, dtype: str, *, head_dim: int, group: int = 1, nu
     return signature, const, attrs
 
 
+def ast_source(kernel, signature: dict, constexprs: dict, attrs: dict | None = None):
+    """``triton.compiler.ASTSource`` of ``kernel``, the one place that knows its API.
+
+    Triton 3.6 (the H200 image, CI's oldest-Triton environment) and 3.9 (this venv) take the
+    same form, checked by compiling every kernel under both: ``signature`` names every
+    argument (constexprs as ``"constexpr"``), ``constexprs`` maps names to values and
+    ``attrs`` maps ``(index,)`` to ``[["tt.divisibility", 16]]``. Releases before 3.3 took
+    ``constants`` and an ``AttrsDescriptor`` instead; they get a clear error here, not a
+    TypeError inside the front end. (The other 3.6 difference is the interpreter's: it needs
+    numpy < 2.4, which made ``int()`` of a one-element array an error.)"""
+    import inspect
+
+    import triton
+
+    params = inspect.signature(triton.compiler.ASTSource).parameters
+    if "constexprs" not in params:
+        raise RuntimeError(f"the sm_90 compile needs an ASTSource that takes constexprs (triton "
+                           f">= 3.3; tested 3.6-3.9), this is triton {triton.__version__}")
+    return triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs,
+                                     attrs=attrs)
+
+
 def compile_sm90(kernel, signature, constexprs, attrs=None, *, num_warps: int, num_stages: int):
     """``triton.compile`` for sm_90; returns the CompiledKernel (``.asm["cubin"]`` etc.)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
-    src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs,
-                                    attrs=attrs)
+    src = ast_source(kernel, signature, constexprs, attrs)
     with interpret_flag("0"):  # parts of the front end (static_range, ...) consult the knob
         return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": num_warps, "num_stages": num_stages,
@@ -276,11 +297,13 @@ def _job(job):
 
 
 def sm90_report(dtypes=("fp16", "bf16"), head_dims=(64, 128), *,
-                kernel: str = "paged_rope_attn_fwd", rope: bool = True, fp32_d64: bool = False,
+                kernel: str = "paged_rope_attn_fwd", rope: bool = True, offered=(), extra=(),
                 workers: int | None = None, **variant) -> list[dict]:
     """Compile every autotune config (:data:`CONFIGS`) of the attention kernel ``kernel`` (and
     the apply_rope and split-KV merge kernels, ``rope=True``) for each dtype and head dim;
-    ``fp32_d64`` adds the configs kept for fp32 inputs at D = 64. ``variant``: keyword
+    ``offered``: ``(dtype, head_dim)`` pairs whose offered configs (``offered_configs``: what
+    the autotuner may pick for them, e.g. fp32's narrow tiles) are compiled too; ``extra``:
+    ``(dtype, head_dim, config)`` triples compiled as well. ``variant``: keyword
     arguments of :func:`compile_attention_config` (``causal``, ``group``, ``has_new``,
     ``has_shift``, ``page_size``, ``tile``); default: causal with new keys, shifts, GQA 3.
 
@@ -295,8 +318,9 @@ def sm90_report(dtypes=("fp16", "bf16"), head_dims=(64, 128), *,
     if kernel not in ATTENTION_KERNELS:
         raise ValueError(f"kernel must be one of {sorted(ATTENTION_KERNELS)}, got {kernel!r}")
     jobs = [(kernel, dt, d, c, variant) for dt in dtypes for d in head_dims for c in CONFIGS]
-    if fp32_d64:
-        jobs += [(kernel, "fp32", 64, c, variant) for c in CONFIGS if c[1] <= 32]
+    jobs += [(kernel, dt, d, c, variant) for dt, d in offered
+             for c in offered_configs(DTYPES[dt], d)]
+    jobs += [(kernel, dt, d, c, variant) for dt, d, c in extra]
     if rope:  # and the split-KV merge
         jobs += [(k, dt, d, None, {}) for k in ("rope", "combine") for dt in dtypes
                  for d in head_dims]
@@ -306,7 +330,7 @@ def sm90_report(dtypes=("fp16", "bf16"), head_dims=(64, 128), *,
         return list(ex.map(_job, jobs))
 
 
-__all__ = ["ATTENTION_KERNELS", "KERNEL_MODULES", "attention_signature",
+__all__ = ["ATTENTION_KERNELS", "KERNEL_MODULES", "ast_source", "attention_signature",
            "compile_attention_config", "compile_combine_kernel", "compile_rope_kernel",
            "compile_sm90", "compiled_module", "cuobjdump", "interpret_flag", "loop_sizes",
            "resource_usage", "sass_summary", "sm90_report", "tool"]

@@ -14,12 +14,18 @@ steps, so a routing that selects every MoC chunk computes exactly what the paged
 * :func:`attend_page_tile`: the three above on one cached key tile (the paged loop's body);
 * :func:`store_out` / :func:`normalize_rows`: the epilogue, ``out`` and the natural-log ``lse``.
 
-One autotune list (:data:`CONFIGS`, :func:`autotuned`), one fp32 product precision
-(:func:`dot_precision`) and one set of launch constants (:func:`launch_constants`) serve both
-kernels; the kernel files use them as ``triton_attention.<name>``.
+One autotune list (:data:`CONFIGS`, :func:`autotuned`), one shared-memory estimate
+(:func:`shared_memory_bytes`) behind the configs offered per dtype and head dim
+(:func:`offered_configs`, the autotune pruning) and the refusal of inputs no config fits
+(:func:`kernel_launchable`: the torch path runs them, with a warning), one fp32 product
+precision (:func:`dot_precision`) and one set of launch constants (:func:`launch_constants`)
+serve both kernels; the kernel files use them as ``triton_attention.<name>``.
 """
 
 from __future__ import annotations
+
+import functools
+import warnings
 
 import torch
 import triton
@@ -40,11 +46,11 @@ RESCALE_SLACK = tl.constexpr(8.0)
 M_INIT = tl.constexpr(-1.0e30)
 
 #: (BLOCK_M, BLOCK_N, num_warps, num_stages) the autotuner may pick on a GPU (sm_90 compile,
-#: tests/test_triton_aot.py: none spills). M128 with two warpgroups rotates each key tile once
-#: for 128 queries (the fewest instructions per FLOP); M64 with one warpgroup fits two CTAs per
-#: SM, whose softmax and tensor-core phases can interleave (more instructions per FLOP, less
-#: idle issue: only a GPU run can rank them). BLOCK_N = 128 or 3 stages at BLOCK_M = 128 spill.
-#: fp32 inputs (3xTF32 products) keep the BLOCK_N = 32 configs (the accuracy path).
+#: tests/test_triton_aot.py). M128 with two warpgroups rotates each key tile once for 128
+#: queries (the fewest instructions per FLOP); M64 with one warpgroup fits two CTAs per SM,
+#: whose softmax and tensor-core phases can interleave (more instructions per FLOP, less idle
+#: issue: only a GPU run can rank them). BLOCK_N = 128 or 3 stages at BLOCK_M = 128 spill.
+#: :func:`offered_configs` picks the ones a dtype and head dim may use.
 CONFIGS = [
     (128, 64, 8, 2),
     (128, 32, 8, 2),
@@ -56,29 +62,128 @@ INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32}
 #: shape constants an autotuned kernel is keyed on (never a token count); MoC adds its TILE
 AUTOTUNE_KEY = ["HEAD_DIM", "PAGE_SIZE", "GROUP", "NUM_AXES", "HAS_SHIFT", "HAS_NEW",
                 "IS_CAUSAL", "DOT_PREC"]
+#: shared memory one CTA may use on sm_90 (H100/H200: 227 KiB), the limit without a device
+SM90_SHARED_MEMORY = 232448
+#: position bytes a key row takes in shared memory (three int32 axes)
+POS_BYTES = 12
+#: fixed shared memory of every config (reduction and barrier scratch; sm_90 compile)
+SCRATCH_BYTES = 1060
+#: the Triton ops whose kernels use these configs (``apply_rope`` has its own small tiles)
+ATTENTION_OPS = ("paged_attention", "rope_attention", "moc_attention")
 
 
-def _smem_bytes(bm: int, bn: int, stages: int, head_dim: int, elem: int = 2) -> int:
-    """Rough shared memory of a config: the Q tile, pipelined K/V tiles, the rotated K tile."""
-    return (bm * head_dim + (2 * stages + 1) * bn * head_dim) * elem
+class KernelFallbackWarning(RuntimeWarning):
+    """An attention input the Triton kernels cannot launch for (no config fits the device's
+    shared memory) runs on the torch path instead."""
+
+
+def shared_memory_bytes(block_m: int, block_n: int, num_stages: int, head_dim: int,
+                        elem: int) -> int:
+    """Shared memory of one CTA of the attention kernels (paged and MoC alike), in bytes, for
+    inputs of ``elem`` bytes: the query tile (fp32 keeps it twice: the low half of the 3xTF32
+    split), ``num_stages`` K and V tiles with their positions, and fixed scratch.
+
+    The one estimate behind :func:`offered_configs`, the autotune pruning and the dispatcher's
+    refusal (:func:`launch_refusal`). It equals what the sm_90 compile reports for every
+    offered config (Triton 3.6 and 3.9; ``tests/test_triton_aot.py`` records the agreement)
+    and errs high on the few others checked (``num_stages = 1``)."""
+    q = block_m * head_dim * (2 * elem if elem == 4 else elem)
+    kv = block_n * (2 * num_stages * head_dim * elem + POS_BYTES)
+    return q + kv + SCRATCH_BYTES
+
+
+def accumulator_words(config, head_dim: int) -> int:
+    """fp32 words of the ``[BLOCK_M, D]`` accumulator each thread holds."""
+    return config[0] * head_dim // (32 * config[2])
+
+
+@functools.cache
+def offered_configs(dtype: torch.dtype, head_dim: int,
+                    shared_limit: int = SM90_SHARED_MEMORY) -> tuple[tuple[int, ...], ...]:
+    """The :data:`CONFIGS` the autotuner may pick for ``dtype`` inputs of ``head_dim``: those
+    whose :func:`shared_memory_bytes` fit ``shared_limit``; of these, the register-lean ones
+    when any: for fp32, narrow key tiles (``BLOCK_N <= 32``: 3xTF32 holds split operands in
+    registers); for fp16/bf16, an accumulator of at most 64 words a thread or narrow key tiles.
+    Empty: nothing can launch (:func:`launch_refusal`). Cached: the dispatcher asks per call.
+
+    At sm_90 this keeps every config for fp16/bf16 at D <= 128 (none spills), two at D = 256
+    (stack bytes of the paged kernel, Triton 3.6 / 3.9: ``M128-N32-w8`` 240 / 168,
+    ``M64-N64-w8`` 392 / 0; the other two spill 400-1800), ``M128-N32-w8`` for fp32 at
+    D <= 128, and nothing for fp32 at D = 256 (every config needs 395-526 KB of shared
+    memory). fp32 at D = 128 spills, 255 registers and 128-192 bytes of stack (3.9 / 3.6; MoC
+    160 / 144): every tile, warp and stage count tried spills 80-784 bytes
+    (``tests/test_triton_aot.py`` pins it). fp32 is the accuracy path, not the fast one."""
+    elem = dtype.itemsize
+    fits = [c for c in CONFIGS
+            if shared_memory_bytes(c[0], c[1], c[3], head_dim, elem) <= shared_limit]
+    lean = [c for c in fits if c[1] <= 32
+            or (elem < 4 and accumulator_words(c, head_dim) <= 64)]
+    return tuple(lean or fits)
+
+
+def shared_memory_limit(device=None) -> int:
+    """Shared memory a CTA may use on ``device`` (a CUDA device: asked of the driver once);
+    :data:`SM90_SHARED_MEMORY` elsewhere, so the interpreter refuses what sm_90 would."""
+    if device is None or torch.device(device).type != "cuda":
+        return SM90_SHARED_MEMORY
+    index = torch.device(device).index
+    return device_shared_memory(torch.cuda.current_device() if index is None else index)
+
+
+@functools.cache
+def device_shared_memory(index: int) -> int:
+    """The driver's opt-in shared memory limit of CUDA device ``index`` (cached: no sync)."""
+    return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+
+
+def launch_refusal(dtype: torch.dtype, head_dim: int, device=None) -> str | None:
+    """Why the attention kernels cannot launch for ``dtype`` inputs of ``head_dim`` on
+    ``device`` (no config fits its shared memory), or ``None`` when they can."""
+    limit = shared_memory_limit(device)
+    if offered_configs(dtype, head_dim, limit):
+        return None
+    elem = dtype.itemsize
+    need = min(shared_memory_bytes(c[0], c[1], c[3], head_dim, elem) for c in CONFIGS)
+    return (f"{str(dtype).replace('torch.', '')} inputs with head dim {head_dim} need at least "
+            f"{need} bytes of shared memory per CTA, the device allows {limit}")
+
+
+@torch.compiler.assume_constant_result
+def kernel_launchable(op: str, dtype: torch.dtype, head_dim: int, device) -> bool:
+    """Whether ``op``'s Triton kernel can launch for ``dtype`` inputs of ``head_dim`` on
+    ``device`` (always, for ops outside :data:`ATTENTION_OPS`); when it cannot, one
+    :class:`KernelFallbackWarning` per op and reason says the torch path runs instead. The
+    dispatcher asks before choosing Triton (once per graph under ``torch.compile``)."""
+    why = launch_refusal(dtype, head_dim, device) if op in ATTENTION_OPS else None
+    if why is not None:
+        warn_kernel_fallback(op, why)
+    return why is None
+
+
+@functools.cache
+def warn_kernel_fallback(op: str, reason: str) -> None:
+    """One warning per process, op and reason."""
+    warnings.warn(f"lk.{op}: the Triton kernel cannot launch here ({reason}); running the "
+                  f"torch path instead", KernelFallbackWarning, stacklevel=5)
 
 
 def prune_configs(configs, named_args, **kwargs):
-    """Keep configs whose shared memory fits the device; fp32 inputs and D = 256 keep only
-    narrow key tiles (3xTF32 products hold split operands in registers)."""
+    """The autotuner's early pruning: keep the configs :func:`offered_configs` offers for the
+    launch's ``Q`` dtype and ``HEAD_DIM`` on its device. Raises ``ValueError`` (before any
+    launch, never Triton's OutOfResources) when none can launch: the public ops never get
+    here with such inputs (:func:`kernel_launchable`), a direct kernel call can."""
     args = {**kwargs, **named_args}  # the launcher passes everything by keyword
     d = args.get("HEAD_DIM", 128)
     q = args.get("Q")
-    elem = q.element_size() if q is not None else 2
-    try:
-        dev = torch.cuda.current_device()
-        limit = triton.runtime.driver.active.utils.get_device_properties(dev)["max_shared_mem"]
-    except Exception:  # no device to ask: keep Hopper's 227 KiB
-        limit = 232448
-    keep = [c for c in configs
-            if _smem_bytes(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, d, elem)
-            <= limit and ((d <= 128 and elem == 2) or c.kwargs["BLOCK_N"] <= 32)]
-    return keep or configs[-1:]
+    dtype = q.dtype if q is not None else torch.float16
+    limit = shared_memory_limit(q.device if q is not None else None)
+    offered = set(offered_configs(dtype, d, limit))
+    keep = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
+                                   c.num_stages) in offered]
+    if not keep:
+        why = launch_refusal(dtype, d, q.device if q is not None else None)
+        raise ValueError(f"the attention kernel cannot launch: {why or 'no offered config'}")
+    return keep
 
 
 def autotune_configs() -> list[triton.Config]:
@@ -364,8 +469,12 @@ def same_strides(k: torch.Tensor, v: torch.Tensor):
     return k, v
 
 
-__all__ = ["AUTOTUNE_KEY", "CONFIGS", "INTERPRET_CONFIG", "LOG2E", "M_INIT", "RESCALE_SLACK",
-           "attend_new_keys", "attend_page_tile", "autotune_configs", "autotuned",
-           "dot_precision", "launch_constants", "load_page_tile", "new_key_end",
-           "new_tile_scores", "normalize_rows", "online_softmax", "prune_configs",
-           "rotated_scores", "same_strides", "start_program", "store_out", "tile_offsets"]
+__all__ = ["ATTENTION_OPS", "AUTOTUNE_KEY", "CONFIGS", "INTERPRET_CONFIG", "LOG2E", "M_INIT",
+           "POS_BYTES", "RESCALE_SLACK", "SCRATCH_BYTES", "SM90_SHARED_MEMORY",
+           "KernelFallbackWarning", "accumulator_words", "attend_new_keys", "attend_page_tile",
+           "autotune_configs", "autotuned", "device_shared_memory", "dot_precision",
+           "kernel_launchable", "launch_constants", "launch_refusal", "load_page_tile",
+           "new_key_end", "new_tile_scores", "normalize_rows", "offered_configs",
+           "online_softmax", "prune_configs", "rotated_scores", "same_strides",
+           "shared_memory_bytes", "shared_memory_limit", "start_program", "store_out",
+           "tile_offsets", "warn_kernel_fallback"]

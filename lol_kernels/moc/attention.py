@@ -13,6 +13,7 @@ query is a meaningful summary; a 4680-token block has ``T = 37`` tiles, and rout
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -28,7 +29,7 @@ from .._checks import (
     value_checks_enabled,
 )
 from .._dispatch import resolve_backend
-from ..attention.op import run_attention, validate_paged_inputs
+from ..attention.op import fake_attention, run_attention, validate_paged_inputs
 from .attention_cpu import moc_attention_torch
 from .route import moc_route
 
@@ -42,19 +43,20 @@ def _moc_attention_op(q: torch.Tensor, q_pos: torch.Tensor, cache_k: torch.Tenso
                       chunk_pages: torch.Tensor, routed: torch.Tensor, k_new: torch.Tensor | None,
                       v_new: torch.Tensor | None, causal: bool, page_shift: torch.Tensor | None,
                       chunk_shift: torch.Tensor | None, scale: float, tile_size: int,
-                      backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                      backend: str,
+                      axes: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     return run_attention("moc_attention", backend, moc_attention_torch, q,
                          (q_pos, cache_k, cache_v, cache_pos, page_len, page_table), freqs,
-                         pair_axis, chunk_pages=chunk_pages, routed=routed, k_new=k_new,
+                         pair_axis, axes, chunk_pages=chunk_pages, routed=routed, k_new=k_new,
                          v_new=v_new, causal=causal, page_shift=page_shift,
                          chunk_shift=chunk_shift, scale=scale, tile_size=tile_size)
 
 
 @_moc_attention_op.register_fake
 def _(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table, freqs, pair_axis, chunk_pages,
-      routed, k_new, v_new, causal, page_shift, chunk_shift, scale, tile_size, backend):
-    B, N, Hq, _ = q.shape
-    return torch.empty_like(q), q.new_empty((B, Hq, N), dtype=torch.float32)
+      routed, k_new, v_new, causal, page_shift, chunk_shift, scale, tile_size, backend,
+      axes=None):
+    return fake_attention(q)
 
 
 register_forward_only(_moc_attention_op, "lol::moc_attention")
@@ -70,10 +72,12 @@ def check_tile_size(tile_size) -> int:
 
 def validate_moc_inputs(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table, table,
                         chunk_pages, routed, k_new, v_new, causal, page_shift, chunk_shift,
-                        scale, tile_size):
-    """All the checks of :func:`moc_attention`. Returns the scale."""
+                        scale, tile_size, validate=None):
+    """All the checks of :func:`moc_attention` (values only when ``validate``, as
+    :func:`~lol_kernels.attention.validate_paged_inputs`). Returns the scale."""
     scale = validate_paged_inputs(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table,
-                                  table, k_new, v_new, causal, page_shift, scale)
+                                  table, k_new, v_new, causal, page_shift, scale, validate)
+    values = value_checks_enabled(validate)
     check_tile_size(tile_size)
     B, N, Hq, _ = q.shape
     P, A = cache_k.shape[0], q_pos.shape[2]
@@ -82,11 +86,12 @@ def validate_moc_inputs(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_ta
         raise ValueError(f"chunk_pages must have shape [B={B}, C, Pc], got "
                          f"{list(chunk_pages.shape)}")
     C = chunk_pages.shape[1]
-    # ids in [-1, P) and no page in two chunks of a row (it would be attended twice)
-    check_page_ids("chunk_pages", chunk_pages.reshape(B, C * chunk_pages.shape[2]), P)
+    if values:  # ids in [-1, P) and no page in two chunks of a row (attended twice)
+        check_page_ids("chunk_pages", chunk_pages.reshape(B, C * chunk_pages.shape[2]), P)
     if chunk_shift is not None:
         check_tensor("chunk_shift", chunk_shift, ndim=3, kind="int")
         check_shape("chunk_shift", chunk_shift, (B, C, A), "[B, C, A]")
+    if chunk_shift is not None and values:
         shift = check_positions_fit("chunk_shift", chunk_shift, POS_LIMIT)
         stored = check_positions_fit("cache_pos", cache_pos, POS_LIMIT)
         check_shifted_fit("cache_pos", stored, "chunk_shift", shift)
@@ -98,8 +103,8 @@ def validate_moc_inputs(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_ta
                     ("routed", routed)):
         if t is not None and t.device != q.device:
             raise ValueError(f"{name} must be on {q.device} like q, got {t.device}")
-    if value_checks_enabled() and routed.numel():
-        lo, hi = routed.min().item(), routed.max().item()
+    if values and routed.numel():
+        lo, hi = torch.stack(torch.aminmax(routed)).tolist()  # one host sync
         if lo < -1 or hi >= C:
             raise ValueError(f"routed holds chunk ids in [{lo}, {hi}]; expected -1 (none) or a "
                              f"chunk in [0, C={C})")
@@ -107,7 +112,7 @@ def validate_moc_inputs(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_ta
         if bool(((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)).any()):
             raise ValueError("routed lists a chunk twice for one (tile, head); each chunk may be "
                              "selected once (lk.moc_route never repeats a chunk)")
-    if value_checks_enabled() and chunk_pages.numel() and page_table.numel():
+    if values and chunk_pages.numel() and page_table.numel():
         for b in range(B):  # a page both mandatory and routed would be attended twice
             cp = chunk_pages[b][chunk_pages[b] >= 0]
             if bool(torch.isin(cp, page_table[b][page_table[b] >= 0]).any()):
@@ -118,7 +123,7 @@ def validate_moc_inputs(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_ta
 
 def moc_attention(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table, table, *,
                   chunk_pages, routed, k_new=None, v_new=None, causal=False, page_shift=None,
-                  chunk_shift=None, scale=None, tile_size=128, backend="auto"):
+                  chunk_shift=None, scale=None, tile_size=128, backend="auto", validate=None):
     """Block-sparse paged attention: mandatory pages + the routed chunks of each query tile.
 
     Query ``i`` of head ``h`` belongs to tile ``t = i // tile_size`` and attends the union of
@@ -157,15 +162,19 @@ def moc_attention(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table, t
         tile_size: query tokens per routing tile, a multiple of 16 (default 128; module doc).
         backend: ``"auto"`` (Triton on CUDA, torch otherwise), ``"torch"``, ``"triton"`` (fp64
             and head dims the kernel lacks run the torch path; docs/design.md §3).
+        validate: also check the values (as :func:`lol_kernels.paged_attention`, plus the
+            chunk ids of ``routed`` and the pages of ``chunk_pages``); ``None``: when
+            ``LOL_VALIDATE=1``.
 
     Returns:
         ``out [B, N, Hq, D]`` in q's dtype and ``lse [B, Hq, N]`` fp32, the natural-log softmax
         denominator ``log sum_k exp(scale * q.k)`` over the keys the row sees. A row that sees
         no key returns zeros and ``lse = -inf``.
 
-    Raises ``ValueError`` as :func:`lol_kernels.paged_attention` (also for a page in two chunks
-    and ``|cache_pos| + |chunk_shift| >= 2^31``); the same value checks are skipped under
-    ``torch.compile``, where only tables built by the cache are safe. Forward-only.
+    Raises ``ValueError`` as :func:`lol_kernels.paged_attention`; with ``validate`` also for a
+    page in two chunks or shared with ``page_table``, a routed chunk out of range or twice, and
+    ``|cache_pos| + |chunk_shift| >= 2^31``. Without it (and always under ``torch.compile``)
+    only tables built by the cache are safe. Forward-only.
 
     Example:
         >>> rd = cache.read(3, routed=True)
@@ -178,13 +187,13 @@ def moc_attention(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table, t
     """
     scale = validate_moc_inputs(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table,
                                 table, chunk_pages, routed, k_new, v_new, causal, page_shift,
-                                chunk_shift, scale, tile_size)
+                                chunk_shift, scale, tile_size, validate)
     backend = resolve_backend("moc_attention", backend, q)
     t = table.to(q.device)
     check_no_grad_transform("lol::moc_attention", q, cache_k, cache_v, k_new, v_new)
     return _moc_attention_op(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table,
                              t.freqs, t.pair_axis, chunk_pages, routed, k_new, v_new, causal,
-                             page_shift, chunk_shift, scale, tile_size, backend)
+                             page_shift, chunk_shift, scale, tile_size, backend, list(t.axes))
 
 
 def tile_means(q: torch.Tensor, tile_size: int = 128) -> torch.Tensor:

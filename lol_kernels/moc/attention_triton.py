@@ -33,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._dispatch import kernel_input_error
+from .._checks import check_out_buffer
+from .._dispatch import kernel_input_error, launch_device
 from ..common import triton_attention as ta
 from ..common.triton_utils import (
     check_kernel_device,
@@ -171,18 +172,34 @@ def launch_moc_attention(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_t
     :func:`moc_attn_fwd`.
 
     Arguments as :func:`lol_kernels.moc_attention` (validated); ``out``/``lse`` optional
-    preallocated outputs (tests pass NaN-filled ones); ``config`` ``{"BLOCK_M", "BLOCK_N"[,
-    "num_warps", "num_stages"]}`` skips autotuning (``tile_size % BLOCK_M`` must be 0).
+    preallocated outputs ``[B, N, Hq, D]`` q.dtype / ``[B, Hq, N]`` fp32 on q's device with a
+    unit last stride (tests pass NaN-filled ones; anything else raises); ``config``
+    ``{"BLOCK_M", "BLOCK_N"[, "num_warps", "num_stages"]}`` skips autotuning (``tile_size %
+    BLOCK_M`` must be 0).
     """
     B, N, Hq, D = q.shape
-    A = q_pos.shape[-1]
     dev = q.device
-    if out is None:
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    check_out_buffer("out", out, q.shape, q.dtype, dev)
+    check_out_buffer("lse", lse, (B, Hq, N), torch.float32, dev)
+    if out is None:  # contiguous, as the custom op's fake implementation promises
+        out = torch.empty(q.shape, dtype=q.dtype, device=dev)
     if lse is None:
         lse = torch.empty((B, Hq, N), dtype=torch.float32, device=dev)
     if B * N * Hq == 0:
         return out, lse
+    with launch_device(q):
+        launch_moc(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table, table,
+                   chunk_pages, routed, k_new, v_new, causal, page_shift, chunk_shift, scale,
+                   tile_size, out, lse, config)
+    return out, lse
+
+
+def launch_moc(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table, table, chunk_pages,
+               routed, k_new, v_new, causal, page_shift, chunk_shift, scale, tile_size, out,
+               lse, config):
+    """The launch of :func:`launch_moc_attention` (outputs allocated), on the current device."""
+    B, N, Hq, D = q.shape
+    A = q_pos.shape[-1]
     consts = ta.launch_constants(moc_attn_fwd, q, table, scale)
     q, q_pos, cache_pos, k_new, v_new = map(last_contig, (q, q_pos, cache_pos, k_new, v_new))
     cache_k, cache_v = ta.same_strides(cache_k, cache_v)
@@ -219,7 +236,6 @@ def launch_moc_attention(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_t
         def grid(meta_):
             return (triton.cdiv(N, meta_["BLOCK_M"]), B * Hq)
         moc_attn_fwd_tuned[grid](**args, **strides, **meta)
-    return out, lse
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from .._checks import (
@@ -10,6 +12,7 @@ from .._checks import (
     check_same_device,
     check_tensor,
     register_forward_only,
+    value_checks_enabled,
 )
 from .._dispatch import resolve_backend, triton_kernel
 from .rope_cpu import apply_rope_torch
@@ -32,24 +35,25 @@ def check_table(table, num_heads: int | None, head_dim: int, num_axes: int | Non
 
 @torch.library.custom_op("lol::apply_rope", mutates_args=())
 def _apply_rope_op(x: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor,
-                   pair_axis: torch.Tensor, backend: str) -> torch.Tensor:
+                   pair_axis: torch.Tensor, backend: str,
+                   axes: Sequence[int] | None = None) -> torch.Tensor:
     if x.numel() == 0:  # no token, head or batch row: nothing to rotate (no backend call)
-        return x.clone()
-    table = RopeTable.from_tensors(freqs, pair_axis)
+        return x.new_empty(x.shape)
+    table = RopeTable.from_tensors(freqs, pair_axis, axes)
     fn = triton_kernel("apply_rope") if backend == "triton" else apply_rope_torch
-    return fn(x, pos, table)
+    return fn(x, pos, table).contiguous()  # the layout the fake implementation promises
 
 
 @_apply_rope_op.register_fake
-def _(x, pos, freqs, pair_axis, backend):
-    return torch.empty_like(x)
+def _(x, pos, freqs, pair_axis, backend, axes=None):
+    return x.new_empty(x.shape)  # contiguous, whatever x's strides
 
 
 register_forward_only(_apply_rope_op, "lol::apply_rope")
 
 
 def apply_rope(x: torch.Tensor, pos: torch.Tensor, table: RopeTable, *,
-               backend: str = "auto") -> torch.Tensor:
+               backend: str = "auto", validate: bool | None = None) -> torch.Tensor:
     """Rotate ``x`` with per-head (optionally jittered) 3D RoPE.
 
     Args:
@@ -59,9 +63,11 @@ def apply_rope(x: torch.Tensor, pos: torch.Tensor, table: RopeTable, *,
         table: :class:`RopeTable` with ``H`` rows (one per head of ``x``).
         backend: ``"auto"`` (Triton on CUDA when available, else torch), ``"torch"``, ``"triton"``
             (fp64 and head dims the kernel lacks run the torch path; docs/design.md §3).
+        validate: also check that ``pos`` fits int32 (a host sync); ``None``: when
+            ``LOL_VALIDATE=1``.
 
     Returns:
-        ``[..., N, H, D]`` in ``x.dtype``: pair ``j`` of head ``h`` rotated by
+        ``[..., N, H, D]`` contiguous, in ``x.dtype``: pair ``j`` of head ``h`` rotated by
         ``pos[..., axis(j)] * freqs[h, j]``. Angles are formed in float64 and reduced mod 2 pi,
         so positions up to 2^24 stay accurate. Forward-only (``backward`` raises).
 
@@ -78,8 +84,9 @@ def apply_rope(x: torch.Tensor, pos: torch.Tensor, table: RopeTable, *,
                          f"matching x [..., N, H, D], got {list(pos.shape)}")
     check_same_device("x", x, pos=pos)
     check_table(table, x.shape[-2], x.shape[-1], pos.shape[-1])
-    check_positions_fit("pos", pos)
+    if value_checks_enabled(validate):
+        check_positions_fit("pos", pos)
     backend = resolve_backend("apply_rope", backend, x)
     t = table.to(x.device)
     check_no_grad_transform("lol::apply_rope", x)
-    return _apply_rope_op(x, pos, t.freqs, t.pair_axis, backend)
+    return _apply_rope_op(x, pos, t.freqs, t.pair_axis, backend, list(t.axes))

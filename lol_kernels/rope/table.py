@@ -44,10 +44,14 @@ class RopeTable:
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def from_tensors(cls, freqs: torch.Tensor, pair_axis: torch.Tensor) -> RopeTable:
-        """Rebuild a table from its two tensors (how custom ops receive it)."""
-        counts = torch.bincount(pair_axis.cpu()).tolist()
-        return cls(freqs, pair_axis, tuple(2 * c for c in counts))
+    def from_tensors(cls, freqs: torch.Tensor, pair_axis: torch.Tensor,
+                     axes: Sequence[int] | None = None) -> RopeTable:
+        """Rebuild a table from its two tensors and ``axes`` (how custom ops receive it: the
+        tensors stay where they are). Without ``axes`` they are counted from ``pair_axis``,
+        which reads it on the host (a sync for a device tensor)."""
+        if axes is None:
+            axes = [2 * c for c in torch.bincount(pair_axis.cpu()).tolist()]
+        return cls(freqs, pair_axis, tuple(int(a) for a in axes))
 
     @property
     def num_heads(self) -> int:
@@ -72,6 +76,16 @@ class RopeTable:
             self._cache[key] = RopeTable(self.freqs.to(device), self.pair_axis.to(device),
                                          self.axes, th)
         return self._cache[key]
+
+    def heads(self, start: int, stop: int) -> RopeTable:
+        """The table of heads ``start..stop-1`` only: exactly those rows of ``freqs`` and
+        ``theta_h`` (jitter included), e.g. one rank's heads under head parallelism."""
+        if not (isinstance(start, int) and isinstance(stop, int)
+                and 0 <= start < stop <= self.num_heads):
+            raise ValueError(f"start, stop must satisfy 0 <= start < stop <= {self.num_heads}, "
+                             f"got {start!r}, {stop!r}")
+        th = None if self.theta_h is None else self.theta_h[start:stop].clone()
+        return RopeTable(self.freqs[start:stop].clone(), self.pair_axis, self.axes, th)
 
     def axis_shared(self, axis: int) -> bool:
         """True when every head has the same frequencies on ``axis`` (not jittered there)."""

@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._dispatch import kernel_input_error
+from .._checks import check_out_buffer
+from .._dispatch import kernel_input_error, launch_device
 from ..common.triton_rope import (
     load_head_rope,
     load_pair_positions,
@@ -71,10 +72,11 @@ def apply_rope_triton(x: torch.Tensor, pos: torch.Tensor, table, *, out=None) ->
             (:func:`kernel_supports`; ``lk.apply_rope`` sends anything else to the torch path,
             a direct call raises).
         pos: ``[..., N, A]`` int positions. table: RopeTable with ``H`` rows.
-        out: optional preallocated ``[..., N, H, D]`` contiguous output (tests poison it).
+        out: optional preallocated ``[..., N, H, D]`` output in x's dtype on x's device, any
+            layout (tests poison it; anything else raises).
 
     Returns:
-        ``x`` rotated, same shape and dtype.
+        ``x`` rotated, same shape and dtype (contiguous unless ``out`` is given).
     """
     if not kernel_supports(x.dtype, x.shape[-1]):
         raise kernel_input_error("apply_rope", "x", x)
@@ -83,8 +85,9 @@ def apply_rope_triton(x: torch.Tensor, pos: torch.Tensor, table, *, out=None) ->
     xr = last_contig(x.reshape(-1, H, D))
     pr = last_contig(pos.reshape(-1, A))
     R = xr.shape[0]
-    if out is None:
-        out = torch.empty_like(x)  # x's layout, as the custom op's fake implementation promises
+    check_out_buffer("out", out, x.shape, x.dtype, x.device, unit_last=False)  # copied back
+    if out is None:  # contiguous, as the custom op's fake implementation promises
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     y = out if out.is_contiguous() else torch.empty(x.shape, dtype=x.dtype, device=x.device)
     yr = y.view(-1, H, D)
     if R == 0:
@@ -93,12 +96,19 @@ def apply_rope_triton(x: torch.Tensor, pos: torch.Tensor, table, *, out=None) ->
     turns, pair_axis = rope_kernel_tables(table, x.device)
     grid = (triton.cdiv(R, BLOCK_R), H)
     kwargs = {} if is_interpreted(apply_rope_fwd) else {"num_warps": NUM_WARPS}
+    with launch_device(x):
+        launch_rope(grid, xr, pr, turns, pair_axis, yr, R, D, A, kwargs)
+    return out if y is out else out.copy_(y)
+
+
+def launch_rope(grid, xr, pr, turns, pair_axis, yr, R, D, A, kwargs):
+    """The launch of :func:`apply_rope_triton` on the current device: ``xr, yr [R, H, D]``,
+    ``pr [R, A]``."""
     apply_rope_fwd[grid](X=xr, Pos=pr, Turns=turns, PairAxis=pair_axis, Y=yr, R=R,
                          stride_xr=xr.stride(0), stride_xh=xr.stride(1), stride_pr=pr.stride(0),
                          stride_yr=yr.stride(0), stride_yh=yr.stride(1), HEAD_DIM=D,
                          NUM_AXES=A, FAST_TRIG=fast_trig(apply_rope_fwd), BLOCK_R=BLOCK_R,
                          **kwargs)
-    return out if y is out else out.copy_(y)
 
 
 __all__ = ["BLOCK_R", "NUM_WARPS", "apply_rope_fwd", "apply_rope_triton"]

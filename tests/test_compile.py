@@ -1,0 +1,211 @@
+"""The whole block step compiles and captures (issue 13).
+
+* The custom ops' fake implementations promise the layouts the real ones return (contiguous
+  outputs whatever the input strides), so compiled code never miscompiles a permuted input.
+* A stream of 22 blocks (evictions from block 4, a soft prompt switch with its recache at block
+  8, a position-policy change at block 11, a hard cut with KV Flush and RoPE Cut at block 14)
+  runs its forwards under ``torch.compile(fullgraph=True)``: two graphs, no graph break, no
+  recompile after the first block (``error_on_recompile``), the same latents as eager.
+* The CUDA-graph path (``--cuda-graphs``) keeps its static buffers and the cache's pools at
+  fixed addresses: its bookkeeping runs here with an eager stand-in of the capture; the real
+  capture runs when CUDA is present.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import lol_kernels as lk
+from lol_model.cli import main
+from lol_model.generate import StreamSettings, new_stream, step
+from lol_model.step import BlockForward, Captured, capture_eager
+
+SCHEDULE = "a fox in snow[8b] | a cat on a roof[6b] | a dog on a beach[#]"
+POLICY_AT = 11  # block at which the stream's read policy changes
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo(one_thread):
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def run(blocks: int, *, cache: str = "longlive", compile=None, policy=None, forward=None,
+        device="cpu", **kw):
+    """The clean latents of ``blocks`` blocks of the tiny model on :data:`SCHEDULE`; the read
+    policy switches to ``policy`` at :data:`POLICY_AT`. ``forward(model)`` replaces the
+    stream's :class:`BlockForward`. Returns ``(latents, stream)``."""
+    s = StreamSettings(prompt=SCHEDULE, blocks=blocks, cache=cache, decode=False,
+                       compile=compile, device=device, **kw)
+    st = new_stream(s)
+    if forward is not None:
+        st.forward = forward(st.model)
+    outs = []
+    for b in range(blocks):
+        if b == POLICY_AT and policy is not None:
+            st.cache_cfg = dataclasses.replace(st.cache_cfg, policy=policy)
+        outs.append(step(st))
+    return outs, st
+
+
+def assert_same(a, b, atol=0.0):
+    assert len(a) == len(b)
+    for i, (x, y) in enumerate(zip(a, b)):
+        assert (x - y).abs().max().item() <= atol, f"block {i + 1}"
+
+
+# ------------------------------------------------------------------------------ fake strides
+D, A, S = 16, 3, 16
+
+
+def permuted(*shape):
+    """A dense, non-contiguous ``[B, N, H, D]`` tensor (head-major in memory)."""
+    B, N, H, Dd = shape
+    return torch.randn(B, H, N, Dd).transpose(1, 2)
+
+
+def op_args():
+    B, N, H, Hkv, P = 2, 20, 4, 2, 8
+    table = lk.rope_frequencies(D, H, jitter_sigma=0.5)
+    q, k, v = permuted(B, N, H, D), permuted(B, N, Hkv, D), permuted(B, N, Hkv, D)
+    pos = torch.randint(0, 30, (B, N, A), dtype=torch.int32)
+    pool = dict(cache_k=torch.randn(P, S, Hkv, D), cache_v=torch.randn(P, S, Hkv, D),
+                cache_pos=torch.randint(0, 30, (P, S, A), dtype=torch.int32),
+                page_len=torch.full((P,), S, dtype=torch.int32),
+                page_table=torch.tensor([[0, 1, -1], [2, 3, -1]], dtype=torch.int32))
+    axes = list(table.axes)
+    T = math.ceil(N / 16)
+    paged = (q, pos, *pool.values(), table.freqs, table.pair_axis, k, v, False, None, 0.25,
+             "torch", axes)
+    moc = (q, pos, *pool.values(), table.freqs, table.pair_axis,
+           torch.tensor([[[4], [5]], [[6], [7]]], dtype=torch.int32),
+           torch.zeros(B, T, H, 1, dtype=torch.int32), k, v, False, None, None, 0.25, 16,
+           "torch", axes)
+    return {
+        "paged_attention": paged,
+        "moc_attention": moc,
+        "rope_attention": (q, k, v, pos, pos, table.freqs, table.pair_axis, True, 0.25, "torch",
+                           axes),
+        "apply_rope": (q, pos, table.freqs, table.pair_axis, "torch", axes),
+    }
+
+
+@pytest.mark.parametrize("op", ["paged_attention", "moc_attention", "rope_attention",
+                                "apply_rope"])
+def test_fake_implementation_promises_the_real_strides(op):
+    """Finding 4: ``empty_like(q)`` kept a permuted q's strides, the op returned contiguous."""
+    args = op_args()[op]
+    fn = getattr(torch.ops.lol, op).default
+    real = fn(*args)
+    with FakeTensorMode(allow_non_fake_inputs=False) as mode:
+        fake = fn(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
+    real, fake = (x if isinstance(x, tuple) else (x,) for x in (real, fake))
+    for r, f in zip(real, fake, strict=True):
+        assert r.shape == f.shape and r.dtype == f.dtype
+        assert r.stride() == f.stride() and r.is_contiguous()
+
+
+# ------------------------------------------------------------------------------ whole-step compile
+@pytest.mark.parametrize(("cache", "blocks", "policy"), [
+    ("longlive", 22, "relativistic"),  # LongLive recache at the soft switch
+    ("sink-window", 22, "relativistic"),  # block-causal recache
+    ("moc", 16, None),  # routed slow memory: MoC router + moc_attention in the graph
+])
+def test_block_step_compiles_whole_without_recompiles(cache, blocks, policy):
+    want, _ = run(blocks, cache=cache, policy=policy)
+    torch._dynamo.reset()
+    counters.clear()
+    s = StreamSettings(prompt=SCHEDULE, blocks=blocks, cache=cache, decode=False,
+                       compile="aot_eager")
+    st = new_stream(s)
+    got = [step(st)]  # warm-up: the denoising graph and the write graph
+    assert counters["stats"]["unique_graphs"] == 2
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for b in range(1, blocks):
+            if b == POLICY_AT and policy is not None:
+                st.cache_cfg = dataclasses.replace(st.cache_cfg, policy=policy)
+            got.append(step(st))
+    c = st.cache  # frames left the window (evicted, or promoted to slow memory)
+    assert c.frames_written > c.sink_frames + c.window_frames + c.block_frames
+    assert st.segment == 2  # both prompt switches happened
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 2
+    assert_same(got, want)
+
+
+@pytest.mark.slow
+def test_block_step_inductor():
+    """One inductor run (the C++ code it generates, not only the traced graph)."""
+    want, _ = run(4)
+    torch._dynamo.reset()
+    got, _ = run(4, compile="inductor")
+    assert not counters["graph_break"]
+    assert_same(got, want, atol=1e-4)
+
+
+def test_cli_compile_option(tmp_path):
+    out = tmp_path / "a.mp4"
+    rc = main(["generate", "--compile", "aot_eager", "--blocks", "2", "--no-decode", "--quiet",
+               "--out", str(out)])
+    assert rc == 0 and counters["stats"]["unique_graphs"] == 2
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["--cuda-graphs"], "--cuda-graphs needs --device cuda"),
+    (["--compile", "nope"], "unknown torch.compile backend 'nope'"),
+    (["--compile", "eager", "--cache", "growing"], "need a cache of fixed size"),
+])
+def test_cli_refuses_bad_step_options(tmp_path, capsys, argv, needle):
+    if "--cuda-graphs" in argv and torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    rc = main(["generate", *argv, "--blocks", "1", "--no-decode", "--quiet", "--out",
+               str(tmp_path / "a.mp4")])
+    assert rc == 2 and needle in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ CUDA graphs
+def test_captured_step_bookkeeping_on_cpu():
+    """The ``--cuda-graphs`` path with an eager stand-in of the capture: two captures (denoise,
+    write), static buffers and pools at fixed addresses, the same latents as eager."""
+    blocks = 16
+    want, _ = run(blocks)
+    seen = {}
+
+    def forward(model):
+        fwd = BlockForward(model, cuda_graphs=True, capture=capture_eager)
+        seen["fwd"] = fwd
+        return fwd
+
+    got, st = run(blocks, forward=forward)
+    assert_same(got, want)
+    fns = seen["fwd"].fns
+    assert all(isinstance(f, Captured) and len(f.graphs) == 1 for f in fns.values())
+    g = next(iter(fns["write"].graphs.values()))
+    ptrs = {n: t.data_ptr() for n, t in g["buffers"].items()}
+    assert {"x", "timestep", "inputs.slots", "inputs.fids", "inputs.page_table"} <= set(ptrs)
+    step(st)  # one more block: the same buffers, refilled in place
+    assert {n: t.data_ptr() for n, t in g["buffers"].items()} == ptrs
+    assert g["pools"] == Captured.addresses((st.cache.k, st.cache.v, st.cache.pos,
+                                             st.cache.page_len, st.cache.summary))
+    other = new_stream(dataclasses.replace(st.settings, prompt="x"))
+    with pytest.raises(ValueError, match="pools moved"):
+        seen["fwd"](torch.randn(st.latent_shape), torch.zeros(1, 3), st.text_kv, other.cache,
+                    other.cache.read(3))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("compile", [None, "inductor"])
+def test_cuda_graphs_on_gpu(compile):
+    want, _ = run(8, device="cuda")
+    got, st = run(8, device="cuda", cuda_graphs=True, compile=compile)
+    assert_same(got, want, atol=1e-3)
+    assert all(len(f.graphs) == 1 for f in st.forward.fns.values())
