@@ -350,18 +350,27 @@ def _spawn_generate(args, s, ckpt: str, nproc: int) -> dict:
     from .config import ModelConfig
     from .parallel import check_degree
 
-    check_degree(ModelConfig.preset(s.preset).num_heads, nproc)
+    cfg = ModelConfig.preset(s.preset)
+    check_degree(cfg.num_heads, nproc)
+    tokens = (s.latent_height // cfg.patch_size[1]) * (s.latent_width // cfg.patch_size[2])
+    if tokens % nproc:
+        raise ValueError(f"--nproc {nproc} must divide the {tokens} tokens of a latent frame "
+                         f"(--size)")
     with socket.socket() as sock:  # a free port for the group's rendezvous
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     t0 = time.perf_counter()
+    ctx = mp.start_processes(generate_rank, args=(nproc, port, args, s, ckpt), nprocs=nproc,
+                             join=False, start_method="spawn")
     try:
-        mp.start_processes(generate_rank, args=(nproc, port, args, s, ckpt), nprocs=nproc,
-                           start_method="spawn")
-    except ProcessException as e:  # the first failed rank; the others were stopped
+        while not ctx.join():
+            pass
+    except ProcessException as e:  # the first failure seen; join stopped the other ranks
         last = [ln for ln in str(e).strip().splitlines() if ln.strip()][-1:]
-        raise GenerationError(f"rank {e.error_index} of {nproc} failed: "
-                              f"{last[0] if last else e}") from None
+        died = [r for r, p in enumerate(ctx.processes) if p.exitcode not in (0, 1, None)
+                and p.exitcode > 0]  # killed or exited without a Python error
+        who = f"rank {died[0]} died" if died else f"rank {e.error_index} failed"
+        raise GenerationError(f"{who} (of {nproc}): {last[0] if last else e}") from None
     return {"blocks": s.blocks, "seconds": time.perf_counter() - t0, "out": args.out}
 
 

@@ -239,7 +239,8 @@ def test_attended_frame_counts_of_the_table():
     want = {"longlive": 12, "lol": 12, "sink-window": 12, "self-forcing": 21,
             "self-forcing-rolling": 9, "relativistic": 10, "slow-fast": 24, "moc": 76,
             "growing": None}
-    assert {n: get_cache_config(n).attended_frames(F) for n in CACHES} == want
+    assert set(want) <= set(CACHES)  # tests may register more; these are the built-ins
+    assert {n: get_cache_config(n).attended_frames(F) for n in want} == want
     assert get_cache_config("longlive").window_for(F) == 6
     assert get_cache_config("self-forcing-rolling", local_attn_size=12).window_for(F) == 9
     # a sink override keeps local_attn_size: the window shrinks

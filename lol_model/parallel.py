@@ -1,0 +1,369 @@
+"""Head-parallel (Ulysses) streaming over ``torch.distributed``: nccl on CUDA, gloo on CPU.
+
+Layout over ``w`` ranks (``w`` = ``ulysses_degree``, the process group's size):
+
+* **sequence-parallel layers**: every layer but the self-attention core runs on this rank's
+  share of every frame: tokens ``[r Nf/w, (r+1) Nf/w)`` of each frame (``Nf`` tokens per
+  frame), so ``x`` is ``[B, F, Nf/w, dim]`` and the per-frame modulation ``[B, F, 6, dim]``
+  broadcasts unchanged. ``Nf`` must be divisible by ``w``: anything else is refused with a
+  ``ValueError`` (padding would need masked pad keys in every attention and the cache).
+* **self-attention**: one ``all_to_all_single`` turns ``q, k, v [B, N/w, H, D]`` (stacked)
+  into ``[B, N, H/w, D]`` of heads ``[r H/w, (r+1) H/w)``, tokens back in frame-major order;
+  the paged attention runs on those heads; a second ``all_to_all_single`` turns the output
+  back into ``[B, N/w, H, D]``.
+* **the cache** of each rank holds its ``H/w`` heads of every layer, and its RoPE table is
+  exactly those rows of the single-process table (jitter included,
+  :meth:`lol_kernels.rope.RopeTable.heads`). No KV traffic ever crosses ranks; MoC routing
+  scores each rank's own heads against their own chunk summaries (routing is per head).
+* **cross-attention**: sequence-parallel queries over the full text K/V, which every rank
+  computes once per prompt. The text K/V is small (``L`` = 512 tokens against ``N`` = 4680
+  per block at 832x480) and fixed per prompt, so this needs no communication at all, whereas
+  head-splitting it would cost two more all-to-alls per layer for the same FLOPs.
+* **output**: the head runs on each rank's tokens; one ``all_gather`` gives every rank the
+  whole block (every rank keeps the same latents, noise and cache bookkeeping).
+
+The world size must divide the head count (12 for Wan-1.3B, 40 for Wan-14B). Parameters are
+named after diffusers' ``ContextParallelConfig(ulysses_degree=...)``; there is no ring degree.
+
+Example (every rank runs this)::
+
+    init_distributed()                          # torchrun / lol generate --nproc env vars
+    st = parallel_stream(StreamSettings(...))   # UlyssesModel over the default group
+    run(st, progress=is_main())
+
+Checkpoints (:func:`save_parallel`): each rank saves its stream (cache shard included) under
+``<dir>/slot<k>/rank<r>``, two slots in turn; after a barrier rank 0 atomically writes the
+manifest ``<dir>/parallel.json`` naming the slot, the world size and the head split. A crash
+at any time leaves the previous manifest and its slot intact. Resuming with another world size
+is refused with a ``ValueError`` naming both sizes (no re-sharding).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+
+import torch
+import torch.distributed as dist
+
+from .caches import default_page_size
+from .model import CausalWanModel
+
+MANIFEST = "parallel.json"
+MANIFEST_FORMAT = "lol-parallel/1"
+DEFAULT_TIMEOUT_S = 120.0
+
+
+class RankFailure(RuntimeError):
+    """A collective failed: another rank died, timed out or failed first."""
+
+
+def check_degree(num_heads: int, world: int) -> None:
+    """``ValueError`` unless ``world`` (``ulysses_degree``) divides ``num_heads``."""
+    if not isinstance(world, int) or world < 1 or num_heads % world:
+        raise ValueError(f"ulysses_degree (the world size) must be a positive divisor of the "
+                         f"model's {num_heads} heads, got {world!r}")
+
+
+def head_split(num_heads: int, world: int) -> list[list[int]]:
+    """``[[start, stop], ...]``: the heads each rank holds."""
+    check_degree(num_heads, world)
+    n = num_heads // world
+    return [[r * n, (r + 1) * n] for r in range(world)]
+
+
+def _checked(what: str, rank: int, world: int, fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except RuntimeError as e:  # gloo/nccl: a dead peer closes its socket or times out
+        raise RankFailure(f"rank {rank} of {world}: {what} failed (another rank died, failed or "
+                          f"timed out): {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                          ) from None
+
+
+class TokenShard:
+    """One rank's view of a block: its tokens of every frame, its heads in attention.
+
+    Args:
+        group: the process group (``None``: the default group).
+        frame_tokens: ``Nf``, tokens per latent frame (divisible by the group size).
+        rope_table: this rank's :class:`~lol_kernels.rope.RopeTable` (its heads' rows).
+    """
+
+    def __init__(self, group, frame_tokens: int, rope_table):
+        self.group = group
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        if frame_tokens % self.world:
+            raise ValueError(f"the {frame_tokens} tokens per latent frame must be divisible by "
+                             f"ulysses_degree={self.world} (pick a size whose token grid "
+                             f"splits evenly)")
+        self.frame_tokens, self.n = frame_tokens, frame_tokens // self.world
+        self.rope_table = rope_table
+
+    def _all_to_all(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(x)
+        _checked("all_to_all", self.rank, self.world, dist.all_to_all_single, out, x,
+                 group=self.group)
+        return out
+
+    def split(self, h: torch.Tensor) -> torch.Tensor:
+        """``[B, F, Nf, C] -> [B, F, Nf/w, C]``: this rank's tokens of every frame."""
+        return h[:, :, self.rank * self.n:(self.rank + 1) * self.n].contiguous()
+
+    def gather(self, out: torch.Tensor) -> torch.Tensor:
+        """``[B, F, Nf/w, C] -> [B, F, Nf, C]`` on every rank (all_gather)."""
+        parts = [torch.empty_like(out) for _ in range(self.world)]
+        _checked("all_gather", self.rank, self.world, dist.all_gather, parts,
+                 out.contiguous(), group=self.group)
+        return torch.cat(parts, dim=2)
+
+    def to_heads(self, q, k, v):
+        """``q, k, v [B, F * Nf/w, H, D] -> [B, F * Nf, H/w, D]`` (one all-to-all)."""
+        B, Nl, H, D = q.shape
+        w, n = self.world, self.n
+        x = torch.stack((q, k, v)).view(3, B, Nl // n, n, w, H // w, D)
+        x = self._all_to_all(x.permute(4, 0, 1, 2, 3, 5, 6).contiguous())  # [w, 3, B, F, n, h, D]
+        x = x.permute(1, 2, 3, 0, 4, 5, 6).reshape(3, B, Nl * w, H // w, D)
+        return x.unbind(0)
+
+    def to_tokens(self, out: torch.Tensor) -> torch.Tensor:
+        """``[B, F * Nf, H/w, D] -> [B, F * Nf/w, H, D]`` (one all-to-all)."""
+        B, N, h, D = out.shape
+        w, n = self.world, self.n
+        x = out.view(B, N // (n * w), w, n, h, D).permute(2, 0, 1, 3, 4, 5).contiguous()
+        x = self._all_to_all(x)  # [w (head group), B, F, n, h, D]
+        return x.permute(1, 2, 3, 0, 4, 5).reshape(B, N // w, w * h, D)
+
+
+class HeadShardedNovelty:
+    """Mixin for a :class:`~lol_kernels.cache.SlowFastCache` holding ``H / w`` heads: its
+    novelty descriptors are this rank's slice of the single-process (all-heads) unit-norm
+    descriptor, and similarities all-reduce the per-rank dot products, so every rank promotes
+    and evicts the same frames as one process would (state dict shapes unchanged)."""
+
+    process_group = None
+
+    def _sum(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.contiguous()
+        g = self.process_group
+        _checked("all_reduce", dist.get_rank(g), dist.get_world_size(g), dist.all_reduce, t,
+                 group=g)
+        return t
+
+    def descriptor(self, fid: int) -> torch.Tensor:
+        """``[B, Lsel, Hkv * D]``: this rank's heads of the all-heads unit-norm descriptor."""
+        d = torch.stack([self.summary[x][fid].flatten(1) for x in self.novelty_layers], dim=1)
+        norm = self._sum(d.square().sum(-1)).sqrt().clamp_min(1e-12)  # as F.normalize
+        return d / norm[..., None]
+
+    def similarity(self, a: torch.Tensor, b: torch.Tensor) -> float:
+        return float(self._sum((a * b).sum(-1)).mean())
+
+    def redundancy(self) -> torch.Tensor:
+        d = torch.stack(self._slow_desc)  # [n, B, L, HD / w]
+        head = self.descriptor(self.sink[-1].fid) if self.sink else None
+        prev = torch.cat([(head if head is not None else d[0]).unsqueeze(0), d[:-1]])
+        r = self._sum((d * prev).sum(-1)).mean(dim=(1, 2))
+        if head is None:
+            r[0] = float("-inf")
+        return r
+
+
+def sharded_cache_class(cache_cls, process_group=None):
+    """``cache_cls`` itself, or for a slow-fast cache a subclass with
+    :class:`HeadShardedNovelty` over ``process_group``."""
+    from lol_kernels.cache import SlowFastCache
+
+    if not issubclass(cache_cls, SlowFastCache):
+        return cache_cls
+    return type("HeadSharded" + cache_cls.__name__, (HeadShardedNovelty, cache_cls),
+                {"process_group": process_group})
+
+
+class UlyssesModel:
+    """A :class:`~lol_model.model.CausalWanModel` run head-parallel over a process group,
+    called like the model (``forward``, ``prepare``, ``step``, ``new_cache``, ``encode_text``),
+    so :mod:`lol_model.generate` and :class:`~lol_model.step.BlockForward` (eager) take it.
+
+    Args:
+        model: the full model, identical on every rank (same weights, same RoPE table).
+        ulysses_degree: the number of ranks heads are split over; must equal the group's size
+            when given (``None``: the group's size).
+        process_group: a ``torch.distributed`` group (``None``: the default group), or
+        mesh: a 1-D ``DeviceMesh`` (its group is used).
+
+    ``ValueError`` when the degree does not divide the head count.
+    """
+
+    def __init__(self, model: CausalWanModel, *, ulysses_degree: int | None = None,
+                 process_group=None, mesh=None):
+        if mesh is not None:
+            if process_group is not None:
+                raise ValueError("give process_group or mesh, not both")
+            process_group = mesh.get_group()
+        if not dist.is_initialized():
+            raise ValueError("torch.distributed is not initialized (init_distributed())")
+        world = dist.get_world_size(process_group)
+        if ulysses_degree is not None and ulysses_degree != world:
+            raise ValueError(f"ulysses_degree={ulysses_degree} must equal the process group's "
+                             f"size {world}")
+        check_degree(model.cfg.num_heads, world)
+        self.model, self.group, self.world = model, process_group, world
+        self.rank = dist.get_rank(process_group)
+        self.heads = head_split(model.cfg.num_heads, world)[self.rank]
+        self._rope = (None, None)
+
+    # the model's description, unchanged
+    cfg = property(lambda self: self.model.cfg)
+    dtype = property(lambda self: self.model.dtype)
+    device = property(lambda self: self.model.device)
+
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        return self.model.grid(height, width)
+
+    def encode_text(self, context):
+        """Every rank computes the full text K/V (cross-attention is sequence-parallel)."""
+        return self.model.encode_text(context)
+
+    @property
+    def rope_table(self):
+        """This rank's rows of the model's RoPE table (re-sliced when it is reconfigured)."""
+        full, mine = self._rope
+        if full is not self.model.rope_table:
+            full = self.model.rope_table
+            self._rope = (full, full.heads(*self.heads))
+        return self._rope[1]
+
+    def new_cache(self, *, frame_tokens: int, page_size: int | None = None, dtype=None,
+                  device=None, cache_cls=None, **cache_kwargs):
+        """As :meth:`CausalWanModel.new_cache`, with this rank's ``H / w`` heads."""
+        from lol_kernels.cache import PagedKVCache
+
+        cfg = self.model.cfg
+        return sharded_cache_class(cache_cls or PagedKVCache, self.group)(
+            num_layers=cfg.num_layers, num_kv_heads=cfg.num_heads // self.world,
+            head_dim=cfg.head_dim, num_axes=3, frame_tokens=frame_tokens,
+            page_size=default_page_size(frame_tokens) if page_size is None else page_size,
+            dtype=dtype or self.dtype, device=device or self.device, **cache_kwargs)
+
+    def shard(self, x: torch.Tensor) -> TokenShard:
+        """The :class:`TokenShard` of latents ``x [B, Cz, F, H, W]``."""
+        gh, gw = self.model.grid(x.shape[-2], x.shape[-1])
+        return TokenShard(self.group, gh * gw, self.rope_table)
+
+    def prepare(self, x, text_kv, cache, read, *, write=None):
+        if cache.num_kv_heads != self.model.cfg.num_heads // self.world:
+            raise ValueError(f"cache holds {cache.num_kv_heads} heads; this rank needs "
+                             f"{self.model.cfg.num_heads // self.world} (UlyssesModel.new_cache)")
+        return self.model.prepare(x, text_kv, cache, read, write=write)
+
+    def step(self, x, timestep, text_k, text_v, pools, inputs, **opts) -> torch.Tensor:
+        return self.model.step(x, timestep, text_k, text_v, pools, inputs,
+                               shard=self.shard(x), **opts)
+
+    def __call__(self, x, timestep, text_kv, cache, read, *, write=None, **opts):
+        from .model import cache_pools
+
+        inputs = self.prepare(x, text_kv, cache, read, write=write)
+        return self.step(x, timestep, text_kv.k, text_kv.v, cache_pools(cache), inputs, **opts)
+
+    forward = __call__
+
+
+# --------------------------------------------------------------------------- processes
+def init_distributed(*, backend: str | None = None, device: str = "cpu",
+                     timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[int, int]:
+    """Join the default process group from the ``torchrun`` environment (``RANK``,
+    ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``); ``backend`` defaults to nccl for a CUDA
+    ``device`` and gloo otherwise. A collective waiting longer than ``timeout_s`` fails.
+    Returns ``(rank, world_size)``."""
+    if not dist.is_initialized():
+        backend = backend or ("nccl" if str(device).startswith("cuda") else "gloo")
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def is_main() -> bool:
+    """True on rank 0, or without ``torch.distributed``."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def rank_device(device: str) -> str:
+    """``cuda`` -> ``cuda:<LOCAL_RANK>`` under torchrun; other devices unchanged."""
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        return f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return device
+
+
+def parallel_stream(s, *, process_group=None, text_encoder=None):
+    """:func:`lol_model.generate.new_stream` with a :class:`UlyssesModel` (every rank calls
+    it with the same settings). ``ValueError`` for ``compile`` / ``cuda_graphs`` (eager only)."""
+    from .generate import DTYPES, build_model, new_stream
+
+    if s.compile or s.cuda_graphs:
+        raise ValueError("--compile / --cuda-graphs are not supported with --nproc > 1")
+    if s.dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {s.dtype!r}")
+    model = UlyssesModel(build_model(s, DTYPES[s.dtype], torch.device(s.device)),
+                         process_group=process_group)
+    return new_stream(s, model=model, text_encoder=text_encoder)
+
+
+# --------------------------------------------------------------------------- checkpoints
+def read_manifest(folder: str) -> dict | None:
+    """The manifest of a parallel checkpoint in ``folder``, or ``None``."""
+    try:
+        with open(os.path.join(folder, MANIFEST)) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def save_parallel(st, folder: str, *, process_group=None) -> str:
+    """Every rank saves its stream (its cache shard) to the next slot; then rank 0 atomically
+    points the manifest at it. Call on every rank; returns the manifest's path."""
+    from .generate import save_stream
+
+    rank, world = dist.get_rank(process_group), dist.get_world_size(process_group)
+    old = read_manifest(folder) if rank == 0 else None
+    slot = 0 if old is None else 1 - int(old["slot"])  # never the slot the manifest names
+    slot_t = torch.tensor([slot])
+    _checked("broadcast", rank, world, dist.broadcast, slot_t, 0, group=process_group)
+    slot = int(slot_t)
+    save_stream(st, os.path.join(folder, f"slot{slot}", f"rank{rank}"))
+    _checked("barrier", rank, world, dist.barrier, group=process_group)
+    path = os.path.join(folder, MANIFEST)
+    if rank == 0:
+        doc = {"format": MANIFEST_FORMAT, "world_size": world, "slot": slot, "block": st.block,
+               "num_heads": st.model.cfg.num_heads,
+               "head_split": head_split(st.model.cfg.num_heads, world)}
+        with open(path + ".tmp", "w") as f:
+            json.dump(doc, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+    _checked("barrier", rank, world, dist.barrier, group=process_group)
+    return path
+
+
+def resume_parallel(st, folder: str, *, process_group=None) -> None:
+    """Load this rank's shard of the checkpoint the manifest names. ``ValueError`` when the
+    checkpoint was written by another world size or is not a parallel checkpoint."""
+    from .generate import resume_stream
+
+    rank, world = dist.get_rank(process_group), dist.get_world_size(process_group)
+    doc = read_manifest(folder)
+    if doc is None:
+        raise ValueError(f"{folder} holds no parallel checkpoint ({MANIFEST}); a single-process "
+                         f"checkpoint resumes without --nproc")
+    if doc.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"unknown parallel checkpoint format {doc.get('format')!r}")
+    if doc["world_size"] != world:
+        raise ValueError(f"the checkpoint in {folder} was written by {doc['world_size']} ranks; "
+                         f"resume it with --nproc {doc['world_size']}, not {world} (cache "
+                         f"shards are not re-sharded)")
+    resume_stream(st, os.path.join(folder, f"slot{doc['slot']}", f"rank{rank}"))
