@@ -12,9 +12,10 @@ from collections.abc import Sequence
 
 import torch
 
-from .._checks import check_no_grad_transform, register_forward_only
 from .._dispatch import resolve_backend
+from ..rope.table import RopeTable
 from .attention_cpu import rope_attention_torch
+from .backward import attention_backward, causal_mask, check_func_transform
 from .op import fake_attention, run_attention, validate_dense_inputs
 
 
@@ -33,7 +34,24 @@ def _(q, k, v, q_pos, k_pos, freqs, pair_axis, causal, scale, backend, axes=None
     return fake_attention(q)
 
 
-register_forward_only(_rope_attention_op, "lol::rope_attention")
+def _setup_context(ctx, inputs, output):
+    q, k, v, q_pos, k_pos, freqs, pair_axis, causal, scale, backend, axes = inputs
+    ctx.save_for_backward(q, k, v, q_pos, k_pos, freqs, pair_axis)
+    ctx.causal, ctx.scale, ctx.axes, ctx.n_inputs = causal, scale, axes, len(inputs)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    # every backend: the torch-path backward (recompute) until the fused Triton one lands
+    q, k, v, q_pos, k_pos, freqs, pair_axis = ctx.saved_tensors
+    N, Nk = q.shape[1], k.shape[1]
+    mask = causal_mask(N, Nk, q.device).expand(q.shape[0], N, Nk) if ctx.causal else None
+    table = RopeTable.from_tensors(freqs, pair_axis, ctx.axes)
+    dq, dk, dv = attention_backward(grad_out, grad_lse, q, q_pos, k, v, k_pos, table, mask,
+                                    ctx.scale)
+    return (dq, dk, dv) + (None,) * (ctx.n_inputs - 3)  # positions, table, options: none
+
+
+_rope_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def rope_attention(q, k, v, q_pos, k_pos, table, *, causal=False, scale=None, backend="auto",
@@ -60,7 +78,15 @@ def rope_attention(q, k, v, q_pos, k_pos, table, *, causal=False, scale=None, ba
 
     Returns:
         ``out [B, N, Hq, D]`` in q's dtype (and ``lse`` if asked); with ``Nk = 0`` zeros and
-        ``lse = -inf``. Forward-only: ``backward`` and ``torch.func.grad`` raise.
+        ``lse = -inf``.
+
+    Gradients: ``.backward()`` / ``torch.autograd.grad`` (and ``torch.compile``, which traces
+    forward and backward) give ``q``, ``k`` and ``v`` their gradients, through ``out`` and
+    ``lse``; positions and the table get none. With GQA, ``dk`` and ``dv`` sum the group's
+    query heads, each un-rotated with its own head's frequencies. Triton forward, torch
+    backward until the fused backward lands: every backend's backward recomputes the scores
+    in the torch path (:mod:`lol_kernels.attention.backward`, ``[B, Hq, N, Nk]`` in fp32).
+    ``torch.func`` transforms (``grad``, ``vjp``) raise ``RuntimeError``: not supported.
 
     Example:
         >>> table = lk.rope_frequencies(128, 12, jitter_sigma=0.8)
@@ -69,7 +95,7 @@ def rope_attention(q, k, v, q_pos, k_pos, table, *, causal=False, scale=None, ba
     scale = validate_dense_inputs(q, k, v, q_pos, k_pos, table, causal, scale, validate)
     backend = resolve_backend("rope_attention", backend, q)
     t = table.to(q.device)
-    check_no_grad_transform("lol::rope_attention", q, k, v)
+    check_func_transform("lol::rope_attention", q, k, v)
     out, lse = _rope_attention_op(q, k, v, q_pos, k_pos, t.freqs, t.pair_axis, causal, scale,
                                   backend, list(t.axes))
     return (out, lse) if return_lse else out

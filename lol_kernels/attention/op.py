@@ -11,7 +11,6 @@ import torch
 from .._checks import (
     POS_LIMIT,
     check_keys_values,
-    check_no_grad_transform,
     check_page_ids,
     check_positions_fit,
     check_same_device,
@@ -20,13 +19,13 @@ from .._checks import (
     check_shape,
     check_shifted_fit,
     check_tensor,
-    register_forward_only,
     value_checks_enabled,
 )
 from .._dispatch import resolve_backend, triton_kernel
 from ..rope.op import check_table
 from ..rope.table import RopeTable
 from .attention_cpu import empty_result, paged_attention_torch
+from .backward import check_func_transform, paged_attention_backward
 
 
 def run_attention(op: str, backend: str, torch_fn, q: torch.Tensor, args: tuple,
@@ -72,7 +71,28 @@ def _(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table, freqs, pair_a
     return fake_attention(q)
 
 
-register_forward_only(_paged_attention_op, "lol::paged_attention")
+def _setup_context(ctx, inputs, output):
+    (q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table, freqs, pair_axis, k_new, v_new,
+     causal, page_shift, scale, backend, axes) = inputs
+    ctx.save_for_backward(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table, freqs,
+                          pair_axis, k_new, v_new, page_shift)
+    ctx.causal, ctx.scale, ctx.axes, ctx.n_inputs = causal, scale, axes, len(inputs)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    # every backend: the torch-path backward (recompute); the cached pools are constants
+    (q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table, freqs, pair_axis, k_new, v_new,
+     page_shift) = ctx.saved_tensors
+    table = RopeTable.from_tensors(freqs, pair_axis, ctx.axes)
+    dq, dk, dv = paged_attention_backward(grad_out, grad_lse, q, q_pos, cache_k, cache_v,
+                                          cache_pos, page_len, page_table, table, k_new, v_new,
+                                          ctx.causal, page_shift, ctx.scale)
+    grads = [None] * ctx.n_inputs  # positions, pools, tables, options: no gradient
+    grads[0], grads[9], grads[10] = dq, dk, dv  # q, k_new, v_new (the op's argument order)
+    return tuple(grads)
+
+
+_paged_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def validate_paged_inputs(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table, table,
@@ -197,8 +217,16 @@ def paged_attention(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table,
     kernels). Value checks read the tensors on the host, so they run only when asked and never
     under ``torch.compile``: an unchecked bad page id fails inside the backend (a raw
     ``IndexError`` on the CPU) or reads the wrong page, so build tables with
-    :meth:`~lol_kernels.PagedKVCache.read`, which checks what it creates. Forward-only:
-    ``backward`` and ``torch.func.grad`` raise ``RuntimeError``.
+    :meth:`~lol_kernels.PagedKVCache.read`, which checks what it creates.
+
+    Gradients: ``.backward()`` / ``torch.autograd.grad`` (and ``torch.compile``) give ``q``,
+    ``k_new`` and ``v_new`` (the block being trained) their gradients, through ``out`` and
+    ``lse``. The cached pools ``cache_k``/``cache_v`` are constants: they get no gradient even
+    when they require one (``.grad`` stays ``None``; ``torch.autograd.grad`` on them raises
+    unless ``allow_unused=True``, then gives ``None``); positions and tables get none either.
+    Triton forward, torch backward until the fused backward lands: the backward recomputes
+    the scores over every slot of the table's pages in the torch path (no host sync).
+    ``torch.func`` transforms (``grad``, ``vjp``) raise ``RuntimeError``: not supported.
 
     Example:
         >>> out, lse = lk.paged_attention(q, q_pos, cache.k[layer], cache.v[layer], cache.pos,
@@ -209,7 +237,7 @@ def paged_attention(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table,
                                   table, k_new, v_new, causal, page_shift, scale, validate)
     backend = resolve_backend("paged_attention", backend, q)
     t = table.to(q.device)
-    check_no_grad_transform("lol::paged_attention", q, cache_k, cache_v, k_new, v_new)
+    check_func_transform("lol::paged_attention", q, cache_k, cache_v, k_new, v_new)
     return _paged_attention_op(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table,
                                t.freqs, t.pair_axis, k_new, v_new, causal, page_shift, scale,
                                backend, list(t.axes))

@@ -19,18 +19,19 @@ import torch
 
 from .._checks import (
     POS_LIMIT,
-    check_no_grad_transform,
     check_page_ids,
     check_positions_fit,
     check_shape,
     check_shifted_fit,
     check_tensor,
-    register_forward_only,
     value_checks_enabled,
 )
 from .._dispatch import resolve_backend
+from ..attention.backward import attention_backward, check_func_transform, paged_keys
 from ..attention.op import fake_attention, run_attention, validate_paged_inputs
+from ..rope.table import RopeTable
 from .attention_cpu import moc_attention_torch
+from .attention_reference import gather_chunks, moc_dense_mask
 from .route import moc_route
 
 TILE_MULTIPLE = 16  # smallest query block of the kernel (tl.dot needs >= 16 rows)
@@ -59,7 +60,55 @@ def _(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table, freqs, pair_a
     return fake_attention(q)
 
 
-register_forward_only(_moc_attention_op, "lol::moc_attention")
+def moc_attention_backward(grad_out, grad_lse, q, q_pos, cache_k, cache_v, cache_pos, page_len,
+                           page_table, table, chunk_pages, routed, k_new, v_new, causal,
+                           page_shift, chunk_shift, scale, tile_size):
+    """Gradients of :func:`moc_attention` for ``q``, ``k_new`` and ``v_new`` (``None`` without
+    new keys): the torch-path recompute of :func:`~lol_kernels.attention.backward.
+    attention_backward` over every mandatory and chunk slot, with the routing as a per-head
+    mask. The pools and the routing are constants; no host sync."""
+    B, N = q.shape[:2]
+    mk, mv, mpos, mok = paged_keys(cache_k, cache_v, cache_pos, page_len, page_table, page_shift)
+    ck, cv, cpos, cok = gather_chunks(cache_k.detach(), cache_v.detach(), cache_pos, page_len,
+                                      chunk_pages, chunk_shift)
+    C, Lc = cok.shape[1:]
+    Hkv, D = cache_k.shape[2:]
+    ks, vs = [mk, ck.reshape(B, C * Lc, Hkv, D)], [mv, cv.reshape(B, C * Lc, Hkv, D)]
+    ps = [mpos, cpos.reshape(B, C * Lc, cache_pos.shape[-1])]
+    if k_new is not None:
+        ks, vs, ps = ks + [k_new.detach()], vs + [v_new.detach()], ps + [q_pos.long()]
+    mask = moc_dense_mask(routed, cok, mok, N, mk.shape[1], tile_size, causal, k_new is not None)
+    dq, dk, dv = attention_backward(grad_out, grad_lse, q, q_pos, torch.cat(ks, 1),
+                                    torch.cat(vs, 1), torch.cat(ps, 1), table, mask, scale,
+                                    n_const=mk.shape[1] + C * Lc)
+    return (dq, None, None) if k_new is None else (dq, dk, dv)
+
+
+def _setup_context(ctx, inputs, output):
+    (q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table, freqs, pair_axis, chunk_pages,
+     routed, k_new, v_new, causal, page_shift, chunk_shift, scale, tile_size, backend,
+     axes) = inputs
+    ctx.save_for_backward(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table, freqs,
+                          pair_axis, chunk_pages, routed, k_new, v_new, page_shift, chunk_shift)
+    ctx.causal, ctx.scale, ctx.tile_size, ctx.axes = causal, scale, tile_size, axes
+    ctx.n_inputs = len(inputs)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    # every backend: the torch-path backward (recompute); pools and routing are constants
+    (q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table, freqs, pair_axis, chunk_pages,
+     routed, k_new, v_new, page_shift, chunk_shift) = ctx.saved_tensors
+    table = RopeTable.from_tensors(freqs, pair_axis, ctx.axes)
+    dq, dk, dv = moc_attention_backward(grad_out, grad_lse, q, q_pos, cache_k, cache_v,
+                                        cache_pos, page_len, page_table, table, chunk_pages,
+                                        routed, k_new, v_new, ctx.causal, page_shift,
+                                        chunk_shift, ctx.scale, ctx.tile_size)
+    grads = [None] * ctx.n_inputs  # positions, pools, tables, routing, options: no gradient
+    grads[0], grads[11], grads[12] = dq, dk, dv  # q, k_new, v_new (the op's argument order)
+    return tuple(grads)
+
+
+_moc_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def check_tile_size(tile_size) -> int:
@@ -174,7 +223,14 @@ def moc_attention(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table, t
     Raises ``ValueError`` as :func:`lol_kernels.paged_attention`; with ``validate`` also for a
     page in two chunks or shared with ``page_table``, a routed chunk out of range or twice, and
     ``|cache_pos| + |chunk_shift| >= 2^31``. Without it (and always under ``torch.compile``)
-    only tables built by the cache are safe. Forward-only.
+    only tables built by the cache are safe.
+
+    Gradients: ``.backward()`` / ``torch.autograd.grad`` (and ``torch.compile``) give ``q``,
+    ``k_new`` and ``v_new`` their gradients, through ``out`` and ``lse``; the pools, the routing
+    and the tables are constants (no gradient, as :func:`lol_kernels.paged_attention`). Triton
+    forward, torch backward until the fused backward lands: the backward recomputes dense
+    masked scores over every mandatory and chunk slot in the torch path. ``torch.func``
+    transforms raise ``RuntimeError``: not supported.
 
     Example:
         >>> rd = cache.read(3, routed=True)
@@ -190,7 +246,7 @@ def moc_attention(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table, t
                                 chunk_shift, scale, tile_size, validate)
     backend = resolve_backend("moc_attention", backend, q)
     t = table.to(q.device)
-    check_no_grad_transform("lol::moc_attention", q, cache_k, cache_v, k_new, v_new)
+    check_func_transform("lol::moc_attention", q, cache_k, cache_v, k_new, v_new)
     return _moc_attention_op(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table,
                              t.freqs, t.pair_axis, chunk_pages, routed, k_new, v_new, causal,
                              page_shift, chunk_shift, scale, tile_size, backend, list(t.axes))

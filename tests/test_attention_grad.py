@@ -1,0 +1,346 @@
+"""Gradients of rope_attention and paged_attention (torch-path backward, every backend).
+
+* ``gradcheck`` in float64 on small awkward shapes: jitter, GQA, causal and not, page shifts,
+  a partly filled page and an empty table entry;
+* gradients (through ``out`` and ``lse``) against autograd through the float64 reference;
+* the cached pools are constants; torch.compile (aot_eager, fullgraph) traces forward and
+  backward; torch.func transforms are refused with a clear message.
+"""
+
+import pytest
+import torch
+
+import lol_kernels as lk
+from lol_kernels.attention import paged_attention_reference
+from lol_kernels.attention.reference import masked_softmax, rotated_scores
+from lol_kernels.moc import moc_attention_reference
+from lol_kernels.rope import RopeTable
+
+D, S, A = 16, 4, 3
+HEADS = [(4, 2), (4, 4), (4, 1)]  # (Hq, Hkv): GQA 2 and 4 groups, MHA
+HEAD_IDS = [f"Hq{hq}-Hkv{hkv}" for hq, hkv in HEADS]
+
+
+def jittered(Hq: int) -> RopeTable:
+    """A table whose heads all differ (so a GQA group's heads rotate a key differently)."""
+    t = lk.rope_frequencies(D, Hq, jitter_sigma=0.6, seed=5)
+    assert not t.heads_share_freqs(2)
+    return t
+
+
+def dense_inputs(Hq, Hkv, dtype=torch.float64, B=2, N=5, Nk=7):
+    g = torch.Generator().manual_seed(Hq * 10 + Hkv)
+    q = torch.randn(B, N, Hq, D, dtype=dtype, generator=g)
+    k = torch.randn(B, Nk, Hkv, D, dtype=dtype, generator=g)
+    v = torch.randn(B, Nk, Hkv, D, dtype=dtype, generator=g)
+    qp = torch.randint(0, 40, (B, N, A), generator=g)
+    kp = torch.randint(0, 40, (B, Nk, A), generator=g)
+    return q, k, v, qp, kp, jittered(Hq)
+
+
+def paged_inputs(Hq, Hkv, dtype=torch.float64, B=2, N=5, P=5):
+    """A pool of P pages: page 1 half filled, an empty entry, rows reading different pages
+    (so the rows see different numbers of cached keys), and page shifts."""
+    g = torch.Generator().manual_seed(Hq * 7 + Hkv)
+    x = dict(q=torch.randn(B, N, Hq, D, dtype=dtype, generator=g),
+             q_pos=torch.randint(20, 40, (B, N, A), generator=g),
+             cache_k=torch.randn(P, S, Hkv, D, dtype=dtype, generator=g),
+             cache_v=torch.randn(P, S, Hkv, D, dtype=dtype, generator=g),
+             cache_pos=torch.randint(0, 20, (P, S, A), generator=g),
+             page_len=torch.tensor([S, S // 2, S, S, 1], dtype=torch.int32),
+             page_table=torch.tensor([[3, 1, -1], [0, 4, 2]], dtype=torch.int32)[:B],
+             table=jittered(Hq),
+             k_new=torch.randn(B, N, Hkv, D, dtype=dtype, generator=g),
+             v_new=torch.randn(B, N, Hkv, D, dtype=dtype, generator=g),
+             page_shift=torch.randint(-3, 4, (B, 3, A), generator=g))
+    return x
+
+
+def dense_reference(q, k, v, qp, kp, tab, causal):
+    """rope_attention from the reference's formulas (rotated scores, masked softmax), in the
+    inputs' dtype: float64 inputs give the ground truth."""
+    Nk, Hkv = k.shape[1], k.shape[2]
+    s = rotated_scores(q, qp, k, kp, tab, D**-0.5)
+    mask = torch.ones(q.shape[1], Nk, dtype=torch.bool).tril() if causal else None
+    p, lse = masked_softmax(s, mask)
+    vv = v.repeat_interleave(q.shape[2] // Hkv, dim=2)
+    return torch.einsum("bhqk,bkhd->bqhd", p, vv), lse
+
+
+def weighted_loss(out, lse, seed=0):
+    # lse is fp32 for every dtype: its incoming gradient is rounded to fp32 (fp64 tol 1e-7)
+    """A loss that reaches every output element and every lse (with random weights)."""
+    g = torch.Generator().manual_seed(seed)
+    wo = torch.randn(out.shape, dtype=torch.float64, generator=g)
+    wl = torch.randn(lse.shape, dtype=torch.float64, generator=g)
+    return (out.double() * wo).sum() + (torch.nan_to_num(lse.double(), neginf=0.0) * wl).sum()
+
+
+# --------------------------------------------------------------------------- rope_attention
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("hq,hkv", HEADS, ids=HEAD_IDS)
+def test_dense_gradcheck(hq, hkv, causal):
+    q, k, v, qp, kp, tab = dense_inputs(hq, hkv)
+
+    def fn(q, k, v):
+        return lk.rope_attention(q, k, v, qp, kp, tab, causal=causal, backend="torch")
+
+    assert torch.autograd.gradcheck(fn, (q.requires_grad_(), k.requires_grad_(),
+                                         v.requires_grad_()), fast_mode=True)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_dense_gradcheck_slow_mode_tiny(causal):
+    """The full (slow-mode) Jacobian on a tiny GQA shape; the tests above use fast mode."""
+    q, k, v, qp, kp, tab = dense_inputs(2, 1, B=1, N=3, Nk=4)
+
+    def fn(q, k, v):
+        return lk.rope_attention(q, k, v, qp, kp, tab, causal=causal, backend="torch")
+
+    assert torch.autograd.gradcheck(fn, (q.requires_grad_(), k.requires_grad_(),
+                                         v.requires_grad_()))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-7), (torch.float32, 2e-4)],
+                         ids=["fp64", "fp32"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("hq,hkv", HEADS, ids=HEAD_IDS)
+def test_dense_grads_match_reference(hq, hkv, causal, dtype, tol):
+    q, k, v, qp, kp, tab = dense_inputs(hq, hkv, dtype)
+    xs = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = lk.rope_attention(*xs, qp, kp, tab, causal=causal, backend="torch",
+                                 return_lse=True)
+    got = torch.autograd.grad(weighted_loss(out, lse), xs)
+    refs = [t.double().requires_grad_() for t in (q, k, v)]
+    want = torch.autograd.grad(weighted_loss(*dense_reference(*refs, qp, kp, tab, causal)), refs)
+    for name, a, b in zip("qkv", got, want):
+        assert a.dtype == dtype, name
+        err = (a.double() - b).abs().max() / b.abs().max()
+        assert err < tol, f"d{name}: relative error {err:.2e}"
+
+
+def test_gqa_dk_unrotates_each_query_head_with_its_own_frequencies():
+    """dk of a GQA group is the sum over its query heads of dk un-rotated per head: the same
+    grads as MHA with each KV head repeated for its query heads, summed back."""
+    q, k, v, qp, kp, tab = dense_inputs(4, 2)
+    kg, vg = k.clone().requires_grad_(), v.clone().requires_grad_()
+    out = lk.rope_attention(q, kg, vg, qp, kp, tab, backend="torch")
+    dk, dv = torch.autograd.grad(weighted_loss(out, out.new_zeros(1)), (kg, vg))
+    km = k.repeat_interleave(2, dim=2).requires_grad_()
+    vm = v.repeat_interleave(2, dim=2).requires_grad_()
+    out_m = lk.rope_attention(q, km, vm, qp, kp, tab, backend="torch")
+    dkm, dvm = torch.autograd.grad(weighted_loss(out_m, out_m.new_zeros(1)), (km, vm))
+    torch.testing.assert_close(dk, dkm.unflatten(2, (2, 2)).sum(3), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(dv, dvm.unflatten(2, (2, 2)).sum(3), rtol=1e-10, atol=1e-12)
+    # the per-head un-rotation matters: un-rotating with the group's first head differs
+    q2 = lk.rope_frequencies(D, 4, jitter_sigma=0.0)
+    out_s = lk.rope_attention(q, kg, vg, qp, kp, q2, backend="torch")
+    dks = torch.autograd.grad(weighted_loss(out_s, out_s.new_zeros(1)), kg)[0]
+    assert (dks - dk).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_dense_triton_backend_uses_the_torch_backward(dtype):
+    """Triton forward (fp32: the kernel, under the interpreter on a CPU; fp64 runs the torch
+    path, docs/design.md §3), torch backward: the same recompute for every backend."""
+    q, k, v, qp, kp, tab = dense_inputs(4, 2, dtype, B=1, N=16, Nk=16)
+    grads = []
+    for backend in ("torch", "triton", "auto"):
+        xs = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = lk.rope_attention(*xs, qp, kp, tab, backend=backend)
+        grads.append(torch.autograd.grad(out.sum(), xs))
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("n,nk", [(0, 5), (5, 0), (0, 0)], ids=["N0", "Nk0", "both0"])
+def test_dense_empty_dimensions_give_zero_gradients(n, nk):
+    q, k, v, qp, kp, tab = dense_inputs(4, 2, B=1, N=n, Nk=nk)
+    xs = [t.requires_grad_() for t in (q, k, v)]
+    out, lse = lk.rope_attention(*xs, qp, kp, tab, causal=True, backend="torch",
+                                 return_lse=True)
+    grads = torch.autograd.grad(weighted_loss(out, lse), xs)
+    for x, g in zip(xs, grads):
+        assert g.shape == x.shape and not bool(g.abs().sum())
+
+
+def test_positions_and_table_get_no_gradient():
+    q, k, v, qp, kp, tab = dense_inputs(4, 2)
+    freqs = tab.freqs.clone().requires_grad_()
+    t = RopeTable.from_tensors(freqs, tab.pair_axis, tab.axes)
+    q.requires_grad_()
+    lk.rope_attention(q, k, v, qp, kp, t, backend="torch").sum().backward()
+    assert q.grad is not None and freqs.grad is None
+
+
+# -------------------------------------------------------------------------- paged_attention
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("hq,hkv", HEADS, ids=HEAD_IDS)
+def test_paged_gradcheck(hq, hkv, causal):
+    x = paged_inputs(hq, hkv)
+    q, kn, vn = (x.pop(n) for n in ("q", "k_new", "v_new"))
+
+    def fn(q, kn, vn):
+        return lk.paged_attention(q, **x, k_new=kn, v_new=vn, causal=causal, backend="torch")[0]
+
+    assert torch.autograd.gradcheck(fn, (q.requires_grad_(), kn.requires_grad_(),
+                                         vn.requires_grad_()), fast_mode=True)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-7), (torch.float32, 2e-4)],
+                         ids=["fp64", "fp32"])
+@pytest.mark.parametrize("shift", [True, False], ids=["shift", "noshift"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("hq,hkv", HEADS, ids=HEAD_IDS)
+def test_paged_grads_match_reference(hq, hkv, causal, shift, dtype, tol):
+    x = paged_inputs(hq, hkv, dtype)
+    if not shift:
+        x["page_shift"] = None
+    names = ("q", "k_new", "v_new")
+    got_in = {n: x[n].clone().requires_grad_() for n in names}
+    out, lse = lk.paged_attention(**{**x, **got_in}, causal=causal, backend="torch")
+    got = torch.autograd.grad(weighted_loss(out, lse), list(got_in.values()))
+    ref_x = {n: (t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t)
+             for n, t in x.items()}
+    ref_in = {n: ref_x[n].requires_grad_() for n in names}
+    ref_out, ref_lse = paged_attention_reference(**{**ref_x, **ref_in}, causal=causal)
+    want = torch.autograd.grad(weighted_loss(ref_out, ref_lse), list(ref_in.values()))
+    for name, a, b in zip(names, got, want):
+        assert a.dtype == dtype, name
+        err = (a.double() - b).abs().max() / b.abs().max()
+        assert err < tol, f"d{name}: relative error {err:.2e}"
+
+
+def test_paged_without_new_keys_grads_q_only():
+    x = paged_inputs(4, 2)
+    del x["k_new"], x["v_new"]
+    q = x.pop("q").requires_grad_()
+    ref_q = q.detach().clone().requires_grad_()
+    out, lse = lk.paged_attention(q, **x, backend="torch")
+    got = torch.autograd.grad(weighted_loss(out, lse), q)[0]
+    want = torch.autograd.grad(weighted_loss(*paged_attention_reference(ref_q, **x)), ref_q)[0]
+    assert (got - want).abs().max() / want.abs().max() < 1e-7
+
+
+def test_paged_pools_are_constants():
+    """The cached pools get no gradient even when they require one (documented)."""
+    x = paged_inputs(4, 2)
+    x["cache_k"].requires_grad_()
+    x["cache_v"].requires_grad_()
+    x["q"].requires_grad_()
+    out, _ = lk.paged_attention(**x, backend="torch")
+    out.sum().backward()
+    assert x["q"].grad is not None
+    assert x["cache_k"].grad is None and x["cache_v"].grad is None
+    out, _ = lk.paged_attention(**x, backend="torch")
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(out.sum(), x["cache_k"])
+    out, _ = lk.paged_attention(**x, backend="torch")
+    assert torch.autograd.grad(out.sum(), x["cache_k"], allow_unused=True) == (None,)
+
+
+# ---------------------------------------------------------------------------- moc_attention
+TILE = 16
+
+
+def moc_inputs(Hq, Hkv, dtype=torch.float64, B=2, N=20):
+    """Two mandatory entries and two one-page chunks from a pool of 6 pages; two query tiles
+    (N = 20, the last one short) whose heads route to different chunks or none (-1)."""
+    x = paged_inputs(Hq, Hkv, dtype, B=B, N=N, P=6)
+    x["page_len"] = torch.tensor([S, S // 2, S, S, 1, 3], dtype=torch.int32)
+    x["page_table"] = torch.tensor([[3, -1], [0, 4]], dtype=torch.int32)[:B]
+    x["page_shift"] = x["page_shift"][:, :2]
+    chunk_pages = torch.tensor([[[1], [5]], [[2], [5]]], dtype=torch.int32)[:B]
+    g = torch.Generator().manual_seed(11)
+    routed = torch.randint(-1, 2, (B, 2, Hq, 1), generator=g).int()
+    x.update(chunk_pages=chunk_pages, routed=routed, tile_size=TILE,
+             chunk_shift=torch.randint(-3, 4, (B, 2, A), generator=g))
+    return x
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("hq,hkv", HEADS[:2], ids=HEAD_IDS[:2])
+def test_moc_gradcheck(hq, hkv, causal):
+    x = moc_inputs(hq, hkv)
+    q, kn, vn = (x.pop(n) for n in ("q", "k_new", "v_new"))
+
+    def fn(q, kn, vn):
+        return lk.moc_attention(q, **x, k_new=kn, v_new=vn, causal=causal, backend="torch")[0]
+
+    assert torch.autograd.gradcheck(fn, (q.requires_grad_(), kn.requires_grad_(),
+                                         vn.requires_grad_()), fast_mode=True)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-7), (torch.float32, 2e-4)],
+                         ids=["fp64", "fp32"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("hq,hkv", HEADS, ids=HEAD_IDS)
+def test_moc_grads_match_reference(hq, hkv, causal, dtype, tol):
+    x = moc_inputs(hq, hkv, dtype)
+    names = ("q", "k_new", "v_new")
+    got_in = {n: x[n].clone().requires_grad_() for n in names}
+    out, lse = lk.moc_attention(**{**x, **got_in}, causal=causal, backend="torch")
+    got = torch.autograd.grad(weighted_loss(out, lse), list(got_in.values()))
+    ref_x = {n: (t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t)
+             for n, t in x.items()}
+    ref_in = {n: ref_x[n].requires_grad_() for n in names}
+    ref_out, ref_lse = moc_attention_reference(**{**ref_x, **ref_in}, causal=causal)
+    want = torch.autograd.grad(weighted_loss(ref_out, ref_lse), list(ref_in.values()))
+    for name, a, b in zip(names, got, want):
+        assert a.dtype == dtype, name
+        err = (a.double() - b).abs().max() / b.abs().max()
+        assert err < tol, f"d{name}: relative error {err:.2e}"
+
+
+# ------------------------------------------------------------------ torch.compile, torch.func
+def dense_step(q, k, v, qp, kp, tab):
+    return lk.rope_attention(q, k, v, qp, kp, tab, causal=True, backend="torch",
+                             return_lse=True)
+
+
+def paged_step(q, kn, vn, x, op="paged_attention"):
+    return getattr(lk, op)(q, **x, k_new=kn, v_new=vn, causal=True, backend="torch")
+
+
+@pytest.mark.parametrize("op", ["rope_attention", "paged_attention", "moc_attention"])
+def test_compile_traces_forward_and_backward(op):
+    torch._dynamo.reset()
+    if op == "rope_attention":
+        q, k, v, qp, kp, tab = dense_inputs(4, 2, torch.float32)
+        step, rest = dense_step, (qp, kp, tab)
+    else:
+        x = (paged_inputs if op == "paged_attention" else moc_inputs)(4, 2, torch.float32)
+        q, k, v = (x.pop(n) for n in ("q", "k_new", "v_new"))
+        step, rest = paged_step, (x, op)
+    wo, wl = torch.randn(q.shape), torch.randn(q.shape[0], q.shape[2], q.shape[1])
+
+    def loss(q, k, v):  # every row sees a key (causal), so lse is finite
+        out, lse = step(q, k, v, *rest)
+        return (out * wo).sum() + (lse * wl).sum()
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    for fn in (loss, compiled):
+        xs = [t.clone().requires_grad_() for t in (q, k, v)]
+        grads = torch.autograd.grad(fn(*xs), xs)
+        if fn is loss:
+            want = grads
+    for a, b in zip(grads, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("how", ["grad", "vjp"])
+@pytest.mark.parametrize("op", ["rope_attention", "paged_attention", "moc_attention"])
+def test_torch_func_is_refused_clearly(op, how):
+    if op == "rope_attention":
+        q, k, v, qp, kp, tab = dense_inputs(4, 2)
+        fn = lambda q: lk.rope_attention(q, k, v, qp, kp, tab, backend="torch").sum()  # noqa: E731
+    else:
+        x = paged_inputs(4, 2) if op == "paged_attention" else moc_inputs(4, 2)
+        q = x.pop("q")
+        fn = lambda q: getattr(lk, op)(q, **x, backend="torch")[0].sum()  # noqa: E731
+    with pytest.raises(RuntimeError, match=f"lol::{op} does not support torch.func"):
+        if how == "grad":
+            torch.func.grad(fn)(q)
+        else:
+            torch.func.vjp(fn, q)
