@@ -94,9 +94,13 @@ class StreamSettings:
         for k in ("blocks", "device", "compile", "cuda_graphs"):
             d.pop(k)
         d["timesteps"] = list(self.timesteps) if self.timesteps else None
-        if self.jitter_sigma is None:  # the cache's default, so that implied and explicit match
-            d["jitter_sigma"] = get_cache_config(self.cache).jitter_sigma
+        d["jitter_sigma"] = self.resolved_jitter_sigma()  # implied and explicit match
         return d
+
+    def resolved_jitter_sigma(self) -> float:
+        """``jitter_sigma``, or the cache configuration's default when it is ``None``."""
+        return get_cache_config(self.cache).jitter_sigma if self.jitter_sigma is None \
+            else self.jitter_sigma
 
 
 @dataclass
@@ -147,8 +151,7 @@ def build_model(s: StreamSettings, dtype, device) -> CausalWanModel:
             torch.manual_seed(s.seed)
             model = CausalWanModel(ModelConfig.preset(s.preset))
         model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    sigma = get_cache_config(s.cache).jitter_sigma if s.jitter_sigma is None else s.jitter_sigma
-    model.configure_rope(jitter_sigma=sigma, seed=s.jitter_seed)
+    model.configure_rope(jitter_sigma=s.resolved_jitter_sigma(), seed=s.jitter_seed)
     return model
 
 

@@ -23,13 +23,16 @@ def _fresh_seed(request):
     yield
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread for the test (tiny ops: threads only add overhead on a shared box)."""
+def _one_torch_thread():
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# tiny ops: threads only add overhead on a shared box (and ``lol generate`` uses one)
+one_thread = pytest.fixture(_one_torch_thread)  # one test
+one_thread_module = pytest.fixture(scope="module")(_one_torch_thread)  # a whole test file
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -69,13 +69,7 @@ def jittered_table(sigma=SIGMA, seed=0):
     return lk.rope_frequencies(D, H, jitter_sigma=sigma, seed=seed)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny ops: one thread is fastest on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")

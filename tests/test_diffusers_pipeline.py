@@ -25,13 +25,7 @@ PROMPT = "a red fox running[2b] | a cat in the snow"
 RUN = dict(num_blocks=3, cache="lol", height=32, width=48, seed=7, progress=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny ops: one thread is fastest on a shared machine (and ``lol generate`` uses one)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")
