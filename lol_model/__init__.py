@@ -7,7 +7,8 @@ handled by :func:`lol_model.cli.main`) before torch is imported.
 import importlib
 
 _NAMES = {"PRESETS": "config", "ModelConfig": "config", "CausalWanModel": "model",
-          "TextKV": "model", "load_model": "weights", "load_weights": "weights"}
+          "TextKV": "model", "load_model": "weights", "load_weights": "weights",
+          "training_forward": "train", "training_loss": "train"}
 
 __all__ = sorted(_NAMES)
 

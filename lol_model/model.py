@@ -444,6 +444,16 @@ class CausalWanModel(nn.Module):
 
         return self._run(x, timestep, text_kv.k, text_kv.v, attend)
 
+    def forward_attend(self, x: torch.Tensor, timestep: torch.Tensor, text_kv: TextKV,
+                       attend) -> torch.Tensor:
+        """One forward of ``x [B, Cz, F, H, W]`` at ``timestep [B, F]`` (or ``[B]`` / scalar)
+        whose self-attention is the caller's ``attend(layer, q, k, v) -> [B, N, H, D]``, with
+        ``q, k, v [B, N, H, D]`` un-rotated (after the q/k RMSNorm) and ``N = F * gh * gw``
+        tokens, frame-major then row-major. The seam :mod:`lol_model.train` builds teacher and
+        diffusion forcing on; differentiable. Returns ``[B, Cz_out, F, H, W]`` in ``x.dtype``."""
+        self._check_input(x, text_kv)
+        return self._run(x, timestep, text_kv.k, text_kv.v, attend)
+
     # ------------------------------------------------------------------ internals
     def _check_input(self, x, text_kv):
         if not isinstance(x, torch.Tensor) or x.dim() != 5 or not x.is_floating_point():
