@@ -172,6 +172,11 @@ def add_generate_parser(sub) -> argparse.ArgumentParser:
                    help="head-parallel (Ulysses) processes: spawns them itself (gloo on the "
                         "CPU, nccl on CUDA); must divide the model's heads and the tokens of a "
                         "latent frame. Under torchrun the world size is torchrun's")
+    p.add_argument("--dist-timeout", type=finite_float(0, lo_open=True), default=None,
+                   metavar="SECONDS",
+                   help="with --nproc / torchrun: a rank that stops responding for this long "
+                        "fails the run, named in the error (default 300; a rank that dies is "
+                        "named at once)")
     p.set_defaults(func=run_generate)
     return p
 
@@ -317,7 +322,7 @@ def run_generate(args) -> dict:
     if world > 1 and nproc not in (None, world):
         raise ValueError(f"--nproc {nproc} disagrees with torchrun's world size {world}")
     if world > 1 and int(os.environ.get("RANK", "0")) != 0:
-        return _generate(args, s, ckpt)  # rank 0 checks and locks the outputs
+        return generate_on_rank(args, s, ckpt)  # rank 0 checks and locks the outputs
     check_generate_args(args, s, ckpt)
     with RunLock([args.out, ckpt]):
         if not args.resume:
@@ -331,23 +336,54 @@ def run_generate(args) -> dict:
                 remove_previous_run(args, ckpt)
         if world == 1 and (nproc or 1) > 1:
             return _spawn_generate(args, s, ckpt, nproc)
-        return _generate(args, s, ckpt)
+        return (_generate if world == 1 else generate_on_rank)(args, s, ckpt)
+
+
+def dist_timeout(args) -> float:
+    """``--dist-timeout`` in seconds (default :data:`lol_model.parallel.DEFAULT_TIMEOUT_S`)."""
+    from .parallel import DEFAULT_TIMEOUT_S
+
+    return getattr(args, "dist_timeout", None) or DEFAULT_TIMEOUT_S
+
+
+def generate_on_rank(args, s, ckpt: str) -> dict:
+    """:func:`_generate` on one rank of several: its own failure is recorded for the others'
+    error messages, and it leaves the process group either way."""
+    from . import parallel
+
+    parallel.init_distributed(device=s.device, timeout_s=dist_timeout(args))
+    try:
+        out = _generate(args, s, ckpt)
+    except BaseException as e:
+        parallel.shutdown_distributed(e)
+        raise
+    parallel.shutdown_distributed()
+    return out
 
 
 def generate_rank(rank: int, world: int, port: int, args, s, ckpt: str) -> None:
-    """One ``lol generate --nproc`` worker: the torchrun environment, then :func:`_generate`."""
+    """One ``lol generate --nproc`` worker: the torchrun environment, a client of the parent's
+    store on ``port``, then :func:`generate_on_rank`."""
+    import datetime
+    import threading
+
+    import torch.distributed as dist
+    from tqdm import tqdm
+
+    from . import parallel
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
-    _generate(args, s, ckpt)
+    tqdm.set_lock(threading.RLock())  # tqdm's default process lock leaks when a rank is killed
+    store = dist.TCPStore("127.0.0.1", port, is_master=False,
+                          timeout=datetime.timedelta(seconds=dist_timeout(args)))
+    parallel.init_distributed(device=s.device, timeout_s=dist_timeout(args), store=store)
+    generate_on_rank(args, s, ckpt)
 
 
 def _spawn_generate(args, s, ckpt: str, nproc: int) -> dict:
-    import socket
-
-    import torch.multiprocessing as mp
-    from torch.multiprocessing.spawn import ProcessException
-
     from .config import ModelConfig
+    from .liveness import spawn_ranks
     from .parallel import check_degree
 
     cfg = ModelConfig.preset(s.preset)
@@ -356,21 +392,11 @@ def _spawn_generate(args, s, ckpt: str, nproc: int) -> dict:
     if tokens % nproc:
         raise ValueError(f"--nproc {nproc} must divide the {tokens} tokens of a latent frame "
                          f"(--size)")
-    with socket.socket() as sock:  # a free port for the group's rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     t0 = time.perf_counter()
-    ctx = mp.start_processes(generate_rank, args=(nproc, port, args, s, ckpt), nprocs=nproc,
-                             join=False, start_method="spawn")
-    try:
-        while not ctx.join():
-            pass
-    except ProcessException as e:  # the first failure seen; join stopped the other ranks
-        last = [ln for ln in str(e).strip().splitlines() if ln.strip()][-1:]
-        died = [r for r, p in enumerate(ctx.processes) if p.exitcode not in (0, 1, None)
-                and p.exitcode > 0]  # killed or exited without a Python error
-        who = f"rank {died[0]} died" if died else f"rank {e.error_index} failed"
-        raise GenerationError(f"{who} (of {nproc}): {last[0] if last else e}") from None
+    try:  # the parent hosts the ranks' store, names the rank that died or hung, kills the rest
+        spawn_ranks(generate_rank, nproc, (args, s, ckpt), timeout_s=dist_timeout(args))
+    except RuntimeError as e:
+        raise GenerationError(str(e)) from None
     return {"blocks": s.blocks, "seconds": time.perf_counter() - t0, "out": args.out}
 
 
@@ -390,7 +416,7 @@ def _generate(args, s, ckpt: str) -> dict:
     st = None
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:  # head-parallel: every rank streams; rank 0 alone writes and reports
-        parallel.init_distributed(device=s.device)
+        parallel.init_distributed(device=s.device, timeout_s=dist_timeout(args))
         s = dataclasses.replace(s, device=parallel.rank_device(s.device))
     main = parallel.is_main()
     try:

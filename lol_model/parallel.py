@@ -36,6 +36,14 @@ Checkpoints (:func:`save_parallel`): each rank saves its stream (cache shard inc
 manifest ``<dir>/parallel.json`` naming the slot, the world size and the head split. A crash
 at any time leaves the previous manifest and its slot intact. Resuming with another world size
 is refused with a ``ValueError`` naming both sizes (no re-sharding).
+
+Faults: every rank keeps a heartbeat and its collective count in the rendezvous store
+(:mod:`lol_model.liveness`). A collective that fails (a peer closed its sockets: at once; a
+peer hung: after ``timeout_s``) raises :class:`RankFailure` naming the rank that died, failed,
+is stopped or fell behind, e.g. ``rank 2 of 4 died (its process 812 is gone); rank 0 of 4 saw
+all_to_all fail: Connection reset by peer``. ``lol generate --nproc`` names a rank killed by a
+signal from its exit code. With nccl a hung collective is ended by its watchdog instead (the
+launcher, torchrun or ``--nproc``, then names the rank that went first).
 """
 
 from __future__ import annotations
@@ -47,16 +55,18 @@ import os
 import torch
 import torch.distributed as dist
 
+from . import liveness
 from .caches import default_page_size
 from .model import CausalWanModel
 
 MANIFEST = "parallel.json"
 MANIFEST_FORMAT = "lol-parallel/1"
-DEFAULT_TIMEOUT_S = 120.0
+DEFAULT_TIMEOUT_S = 300.0  # a hung rank is named after this; a dead one at once
 
 
 class RankFailure(RuntimeError):
-    """A collective failed: another rank died, timed out or failed first."""
+    """A collective failed: another rank died, timed out or failed first. The message names
+    that rank when the liveness records tell (:mod:`lol_model.liveness`)."""
 
 
 def check_degree(num_heads: int, world: int) -> None:
@@ -73,13 +83,27 @@ def head_split(num_heads: int, world: int) -> list[list[int]]:
     return [[r * n, (r + 1) * n] for r in range(world)]
 
 
+def _short(e: Exception) -> str:
+    """gloo's first line without its source location: "Connection closed by peer ..." """
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if text.startswith("[") and "] " in text:
+        text = text.split("] ", 1)[1]
+    return text.split(". ", 1)[0]
+
+
 def _checked(what: str, rank: int, world: int, fn, *args, **kwargs):
+    live = liveness.current()
+    if live is not None:
+        live.enter(what)
     try:
         return fn(*args, **kwargs)
     except RuntimeError as e:  # gloo/nccl: a dead peer closes its socket or times out
+        culprit = live.diagnose(what) if live is not None else None
+        if culprit:
+            raise RankFailure(f"{culprit}; rank {rank} of {world} saw {what} fail: "
+                              f"{_short(e)}") from None
         raise RankFailure(f"rank {rank} of {world}: {what} failed (another rank died, failed or "
-                          f"timed out): {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-                          ) from None
+                          f"timed out): {_short(e)}") from None
 
 
 class TokenShard:
@@ -202,6 +226,9 @@ class UlyssesModel:
         if mesh is not None:
             if process_group is not None:
                 raise ValueError("give process_group or mesh, not both")
+            if not hasattr(mesh, "get_group") or getattr(mesh, "ndim", None) != 1:
+                raise TypeError(f"mesh must be a 1-D torch.distributed DeviceMesh (heads split "
+                                f"over its one dimension), got {mesh!r}")
             process_group = mesh.get_group()
         if not dist.is_initialized():
             raise ValueError("torch.distributed is not initialized (init_distributed())")
@@ -274,17 +301,41 @@ class UlyssesModel:
 
 # --------------------------------------------------------------------------- processes
 def init_distributed(*, backend: str | None = None, device: str = "cpu",
-                     timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[int, int]:
-    """Join the default process group from the ``torchrun`` environment (``RANK``,
-    ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``); ``backend`` defaults to nccl for a CUDA
-    ``device`` and gloo otherwise. A collective waiting longer than ``timeout_s`` fails.
-    Returns ``(rank, world_size)``."""
+                     timeout_s: float = DEFAULT_TIMEOUT_S, store=None) -> tuple[int, int]:
+    """Join the default process group and start this rank's liveness record
+    (:mod:`lol_model.liveness`). The rank and world size come from the ``torchrun`` environment
+    (``RANK``, ``WORLD_SIZE``), the store from ``store`` (a client of a launcher's store, as
+    :func:`lol_model.liveness.spawn_ranks` gives) or else ``env://`` (``MASTER_ADDR``,
+    ``MASTER_PORT``: rank 0 hosts it, or torchrun's agent). ``backend`` defaults to nccl for a
+    CUDA ``device`` and gloo otherwise. A collective waiting longer than ``timeout_s`` fails,
+    naming the rank that stopped responding. Returns ``(rank, world_size)``."""
+    if not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < float("inf"):
+        raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
     if not dist.is_initialized():
         backend = backend or ("nccl" if str(device).startswith("cuda") else "gloo")
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if store is None:
+            store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+            host = None if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else 0
+        else:
+            rank, world, host = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), None
+        dist.init_process_group(backend, store=dist.PrefixStore("default_pg", store),
+                                rank=rank, world_size=world, timeout=timeout)
+        if world > 1:
+            liveness.start(store, rank, world, timeout_s=timeout_s, store_host=host)
     return dist.get_rank(), dist.get_world_size()
+
+
+def shutdown_distributed(error: BaseException | None = None) -> None:
+    """Leave the process group; ``error``: this rank's own failure, recorded for the others
+    (:func:`lol_model.liveness.record_failure`) before it goes."""
+    if error is not None:
+        liveness.record_failure(error)
+    liveness.stop(None if error is not None else "exited")  # keep what the error recorded
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def is_main() -> bool:
@@ -299,9 +350,10 @@ def rank_device(device: str) -> str:
     return device
 
 
-def parallel_stream(s, *, process_group=None, text_encoder=None):
-    """:func:`lol_model.generate.new_stream` with a :class:`UlyssesModel` (every rank calls
-    it with the same settings). ``ValueError`` for ``compile`` / ``cuda_graphs`` (eager only)."""
+def parallel_stream(s, *, process_group=None, mesh=None, text_encoder=None):
+    """:func:`lol_model.generate.new_stream` with a :class:`UlyssesModel` over
+    ``process_group`` or a 1-D ``mesh`` (every rank calls it with the same settings).
+    ``ValueError`` for ``compile`` / ``cuda_graphs`` (eager only)."""
     from .generate import DTYPES, build_model, new_stream
 
     if s.compile or s.cuda_graphs:
@@ -309,7 +361,7 @@ def parallel_stream(s, *, process_group=None, text_encoder=None):
     if s.dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {s.dtype!r}")
     model = UlyssesModel(build_model(s, DTYPES[s.dtype], torch.device(s.device)),
-                         process_group=process_group)
+                         process_group=process_group, mesh=mesh)
     return new_stream(s, model=model, text_encoder=text_encoder)
 
 

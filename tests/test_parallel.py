@@ -1,17 +1,23 @@
 """Head-parallel streaming (lol_model.parallel) on CPU over gloo: world sizes 2, 3, 4 against one
-process, a bad world size, a killed rank, and resume of a parallel checkpoint."""
+process (and over a DeviceMesh), a bad world size, dead and hung ranks named within a time
+bound (lol_model.liveness), and resume of a parallel checkpoint after a crash inside one."""
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import re
+import signal
 import socket
+import threading
 import time
 from dataclasses import replace
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from tqdm import tqdm
 
 from lol_model.config import PRESETS, ModelConfig
 from lol_model.generate import StreamSettings, new_stream, run
@@ -55,6 +61,7 @@ def setup_rank(rank: int, world: int, port: int, timeout_s: float = 30.0) -> Non
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world))
     torch.set_num_threads(1)
+    tqdm.set_lock(threading.RLock())  # no process lock: it would leak when a rank is killed
     PRESETS["tiny12"] = TINY12
     register_test_caches()
     init_distributed(timeout_s=timeout_s)
@@ -66,31 +73,52 @@ def stream_latents(st, **kw) -> torch.Tensor:
     return torch.cat(out, dim=2)
 
 
-def worker_parity(rank, world, port, folder):
+def worker_parity(rank, world, port, folder, mesh=False):
     from lol_model.parallel import parallel_stream
 
     setup_rank(rank, world, port)
     res = {name: stream_latents(parallel_stream(s)) for name, s in CASES.items()}
+    if mesh:  # one case again over a 1-D DeviceMesh of the world
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", (world,))
+        res["mesh"] = stream_latents(parallel_stream(CASES["longlive-jitter"], mesh=mesh))
     torch.save(res, os.path.join(folder, f"rank{rank}.pt"))
 
 
-def worker_kill(rank, world, port, folder):
-    from lol_model.parallel import parallel_stream
+def fail_here():
+    raise ValueError("bad input on this rank")
 
-    setup_rank(rank, world, port, timeout_s=10.0)
-    st = parallel_stream(CASES["longlive-jitter"])
 
-    def die(st, _):
-        if rank == 1 and st.block == 2:
-            os._exit(3)
+FAULTS = {
+    "sigkill": lambda: os.kill(os.getpid(), signal.SIGKILL),
+    "raise": fail_here,
+    "sleep": lambda: time.sleep(600),  # alive, heartbeat fresh, never reaches the collective
+}
 
-    t0 = time.perf_counter()
+
+def worker_fault(rank, world, port, folder, victim, fault, timeout_s):
+    """Streams 4 blocks; after block 1 rank ``victim`` suffers ``fault``; every rank that fails
+    writes ``err<rank>.txt``: the wall time, then the error."""
+    from lol_model.parallel import parallel_stream, shutdown_distributed
+
+    setup_rank(rank, world, port, timeout_s=timeout_s)
+    st = parallel_stream(replace(BASE, blocks=4))
+
+    def strike(st, _):
+        if rank == victim and st.block == 1:
+            with open(os.path.join(folder, "fault.txt"), "w") as f:
+                f.write(str(time.time()))
+            FAULTS[fault]()
+
     try:
-        run(st, progress=False, on_block=die)
+        run(st, progress=False, on_block=strike)
     except Exception as e:
         with open(os.path.join(folder, f"err{rank}.txt"), "w") as f:
-            f.write(f"{time.perf_counter() - t0:.2f} {type(e).__name__}: {e}")
-        raise
+            f.write(f"{time.time()}\n{type(e).__name__}: {e}")
+        shutdown_distributed(e)
+        os._exit(1)
+    shutdown_distributed()
 
 
 def worker_resume(rank, world, port, folder, mode):
@@ -103,14 +131,21 @@ def worker_resume(rank, world, port, folder, mode):
         lat = stream_latents(st, checkpoint_dir=os.path.join(folder, "full"), checkpoint_every=2,
                              save=save_parallel)
         torch.save(lat, os.path.join(folder, f"full{rank}.pt"))
-    elif mode == "kill":  # checkpoints at blocks 2 and 4, then rank 1 dies after block 5
+    elif mode == "kill":  # checkpoints at blocks 2 and 4; rank 1 dies inside the one at 6
+        import lol_model.generate as gen
 
-        def die(st, _):
-            if rank == 1 and st.block == 5:
+        real = gen.save_stream
+
+        def save_and_die(st, folder):  # its shard half written (slot 0 again), no manifest
+            real(st, folder)
+            if rank == 1 and st.block == 6:
+                big = max((os.path.join(folder, n) for n in os.listdir(folder)),
+                          key=os.path.getsize)
+                os.truncate(big, os.path.getsize(big) // 2)
                 os._exit(3)
 
-        run(st, progress=False, checkpoint_dir=ckpt, checkpoint_every=2, save=save_parallel,
-            on_block=die)
+        gen.save_stream = save_and_die
+        run(st, progress=False, checkpoint_dir=ckpt, checkpoint_every=2, save=save_parallel)
     else:
         try:
             resume_parallel(st, ckpt)
@@ -151,12 +186,21 @@ def reference():
 
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_matches_one_process(world, reference, tmp_path):
-    spawn(worker_parity, world, str(tmp_path))
+    spawn(worker_parity, world, str(tmp_path), world == 2)
     for rank in range(world):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         for name, ref in reference.items():
             err = ((got[name] - ref).norm() / ref.norm()).item()
             assert err < 1e-5, (world, rank, name, err)
+        if world == 2:
+            assert torch.equal(got["mesh"], got["longlive-jitter"])
+
+
+def test_mesh_must_be_one_dimensional():
+    from lol_model.parallel import UlyssesModel
+
+    with pytest.raises(TypeError, match="1-D torch.distributed DeviceMesh"):
+        UlyssesModel(None, mesh=object())
 
 
 def test_world_size_must_divide_heads():
@@ -178,26 +222,63 @@ def test_rope_table_rows_are_the_heads_rows():
         full.heads(8, 13)
 
 
-def test_killed_rank_fails_cleanly(tmp_path):
+def run_fault(tmp_path, world, victim, fault, timeout_s, bound_s):
+    """Start ``world`` ranks with ``fault`` on rank ``victim``; every other rank must exit by
+    itself within ``bound_s`` of the fault. Returns ``{rank: (seconds after the fault, error)}``."""
     ctx, port = mp.get_context("spawn"), free_port()
-    procs = [ctx.Process(target=worker_kill, args=(r, 2, port, str(tmp_path))) for r in range(2)]
+    procs = [ctx.Process(target=worker_fault, args=(r, world, port, str(tmp_path), victim, fault,
+                                                    timeout_s)) for r in range(world)]
     for p in procs:
         p.start()
+    others = [p for r, p in enumerate(procs) if r != victim]
     t0 = time.perf_counter()
-    for p in procs:  # rank 0 must exit by itself, well within its 10 s collective timeout
-        p.join(timeout=max(0.1, 60.0 - (time.perf_counter() - t0)))
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
-    assert not alive, "a rank hung after its peer died"
-    assert procs[1].exitcode == 3 and procs[0].exitcode != 0
-    assert "RankFailure: rank 0 of 2" in (tmp_path / "err0.txt").read_text()
+    try:
+        for p in others:  # start-up (imports) + 1 block + the bound, generously
+            p.join(timeout=max(0.1, 60.0 + bound_s - (time.perf_counter() - t0)))
+        assert not [p for p in others if p.is_alive()], "a rank hung after its peer's fault"
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join()
+    assert all(p.exitcode == 1 for p in others), [p.exitcode for p in procs]
+    t_fault = float((tmp_path / "fault.txt").read_text())
+    out = {}
+    for r in range(world):
+        if r != victim:
+            t, err = (tmp_path / f"err{r}.txt").read_text().split("\n", 1)
+            out[r] = (float(t) - t_fault, err)
+            assert out[r][0] < bound_s, (r, out[r])
+    return out
+
+
+@pytest.mark.parametrize("world, victim, fault, expected", [
+    (3, 2, "sigkill", r"rank 2 of 3 died \(its process \d+ is gone\)"),
+    (2, 1, "raise", r"rank 1 of 2 failed: ValueError: bad input on this rank"),
+    (2, 0, "sigkill", r"rank 0 \(of 2, hosting the rendezvous store\) died .* unreachable"),
+], ids=["sigkill", "raise", "store-host"])
+def test_dead_rank_is_named_at_once(tmp_path, world, victim, fault, expected):
+    # a dead peer closes its sockets: named within a few heartbeats, not the 30 s timeout
+    for r, (dt, err) in run_fault(tmp_path, world, victim, fault, 30.0, 5.0).items():
+        assert dt < 5.0 and re.search(f"RankFailure: {expected}; rank {r} of {world} saw ", err), \
+            (dt, err)
+
+
+def test_hung_rank_is_named_after_the_timeout(tmp_path):
+    # rank 1 sleeps: alive, heartbeat fresh, but it never reaches the collective; rank 0 waits
+    # out the 3 s timeout, then names it (a SIGSTOPped rank: test_cli_names_a_stopped_rank...)
+    (dt, err), = run_fault(tmp_path, 2, 1, "sleep", 3.0, 6.0).values()
+    assert 3.0 < dt < 6.0 and "saw all_to_all fail: Timed out" in err and re.search(
+        r"rank 1 of 2 stopped responding: alive \(heartbeat [\d.]+ s ago\) but stuck 1 ", err), \
+        (dt, err)
 
 
 def test_resume_after_kill_is_bit_exact(tmp_path):
     spawn(worker_resume, 2, str(tmp_path), "full")
     with pytest.raises(mp.ProcessExitedException):
         spawn(worker_resume, 2, str(tmp_path), "kill")
+    doc = json.loads((tmp_path / "ckpt" / "parallel.json").read_text())
+    assert (doc["slot"], doc["block"]) == (1, 4)  # not slot 0, which rank 1 died writing
     spawn(worker_resume, 2, str(tmp_path), "resume")
     for rank in range(2):
         block, got = torch.load(tmp_path / f"resumed{rank}.pt")
@@ -257,3 +338,40 @@ def test_cli_nproc_matches_one_process(tmp_path):
                 for n in ("one", "two"))
     assert torch.equal(one, two)
     assert main([*common, "--nproc", "3", "--out", str(tmp_path / "three.mp4")]) == 2  # 4 heads
+
+
+def cli_with_fault(tmp_path, sig, extra=()):
+    """``lol generate --nproc 2`` in a thread; once its first checkpoint is written, rank 1 gets
+    ``sig``. Returns (exit status, seconds from the signal to the return)."""
+    from lol_model.cli import main
+
+    out, rc = tmp_path / "run.mp4", []
+    argv = ["generate", "--blocks", "5000", "--no-decode", "--quiet", "--nproc", "2",
+            "--checkpoint-every", "5", "--out", str(out), *extra]
+    thread = threading.Thread(target=lambda: rc.append(main(argv)), daemon=True)
+    thread.start()
+    t0 = time.perf_counter()
+    while not (tmp_path / "run.mp4.ckpt" / "parallel.json").exists():
+        assert time.perf_counter() - t0 < 60 and thread.is_alive(), "no checkpoint in 60 s"
+        time.sleep(0.05)
+    ranks = sorted(multiprocessing.active_children(), key=lambda p: int(p.name.split("-")[-1]))
+    os.kill(ranks[1].pid, sig)  # children are numbered in start order: rank 0, rank 1
+    t1 = time.perf_counter()
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "lol generate hung after a rank's fault"
+    return rc[0], time.perf_counter() - t1
+
+
+def test_cli_names_a_killed_rank(tmp_path, capfd):
+    rc, dt = cli_with_fault(tmp_path, signal.SIGKILL)
+    err = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("lol: ")]
+    assert rc == 1 and dt < 5.0, (rc, dt)
+    assert err == ["lol: error: rank 1 of 2 died (exit code -9, SIGKILL)"], err
+
+
+def test_cli_names_a_stopped_rank_after_dist_timeout(tmp_path, capfd):
+    rc, dt = cli_with_fault(tmp_path, signal.SIGSTOP, ["--dist-timeout", "3"])
+    err = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("lol: ")]
+    assert rc == 1 and 3.0 < dt < 8.0, (rc, dt)
+    assert len(err) == 1 and re.match(r"lol: error: rank 1 of 2 is stopped \(process \d+ in "
+                                      r"state T.*; rank 0 of 2 saw \w+ fail: Timed out", err[0]), err
