@@ -18,10 +18,11 @@ import threading
 
 import torch
 
-from ..rope.reference import compute_dtype, rope_cos_sin, rotate_pairs
+from ..rope.reference import compute_dtype
 from ..rope.rope_cpu import rope_factors, rotate_
 from ..rope.table import RopeTable
-from .reference import gather_index, rotate_keys
+from .backward import expand_heads, rotate_tokens, same_tensor, token_factors
+from .reference import gather_index
 
 _SCRATCH = threading.local()  # per-thread scratch buffers: .buffers maps a role to a tensor
 
@@ -46,17 +47,24 @@ def scratch(role: str, shape, dtype, device) -> torch.Tensor:
     return buf[:n].view(shape)
 
 
-def attention_with_lse(qr, kr, vv, bias, scale):
+def attention_with_lse(qr, kr, vv, bias, scale, causal: bool = False):
     """Softmax attention that also returns the log-sum-exp.
 
     ``qr [B, H, N, D]``, ``kr, vv [B, H, Nk, D]`` (already rotated, same heads), ``bias``
-    additive ``[..., N, Nk]`` in q's dtype or ``None``. On the CPU one fused flash call; elsewhere
-    the plain formula with an fp32 softmax (fp64 for fp64). Returns ``out [B, H, N, D]`` and
+    additive ``[..., N, Nk]`` in q's dtype or ``None``; ``causal``: query ``i`` also sees only
+    keys ``j <= i`` (top-left, as SDPA). On the CPU one fused flash call; elsewhere the plain
+    formula with an fp32 softmax (fp64 for fp64). Returns ``out [B, H, N, D]`` and
     ``lse [B, H, N]``.
     """
     if qr.device.type == "cpu":
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            qr, kr, vv, attn_mask=bias, scale=scale)
+            qr, kr, vv, is_causal=causal, attn_mask=bias, scale=scale)
+    if causal:
+        N, Nk = qr.shape[-2], kr.shape[-2]
+        vis = torch.ones(N, Nk, dtype=torch.bool, device=qr.device).tril()
+        causal_bias = torch.zeros(N, Nk, dtype=qr.dtype, device=qr.device)
+        causal_bias = causal_bias.masked_fill_(~vis, float("-inf"))
+        bias = causal_bias if bias is None else bias + causal_bias
     s = (qr @ kr.transpose(-1, -2)).to(compute_dtype(qr.dtype)) * scale
     if bias is not None:
         s = s + bias.to(s.dtype)
@@ -150,6 +158,12 @@ def rope_attention_torch(q, k, v, q_pos, k_pos, table: RopeTable, *, causal=Fals
     """CPU path of :func:`lol_kernels.rope_attention`: RoPE in fp32 (fp64 for fp64), then one
     fused attention call.
 
+    q and k are expanded to ``Hq`` heads in token-major memory, rotated in place with complex
+    factors formed once per distinct position, and read head-major by the fused call (as SDPA
+    reads them); causal is the call's own ``is_causal``, not a bias matrix. The backward
+    (:func:`~lol_kernels.attention.backward.rope_attention_backward_torch`) recomputes exactly
+    these rotated operands.
+
     Returns ``out [B, N, Hq, D]`` in q.dtype and ``lse [B, Hq, N]`` fp32.
     """
     B, N, Hq, D = q.shape
@@ -159,13 +173,10 @@ def rope_attention_torch(q, k, v, q_pos, k_pos, table: RopeTable, *, causal=Fals
     if Nk == 0:
         return empty_result(q)
     table = table.to(q.device)
-    cos, sin = rope_cos_sin(q_pos, table, ct)
-    qr = rotate_pairs(q.to(ct), cos, sin).to(dt).transpose(1, 2)
-    kr = rotate_keys(k, k_pos, table, Hq, ct).to(dt).transpose(1, 2)
-    vv = v.repeat_interleave(Hq // Hkv, dim=2).transpose(1, 2)
-    bias = None
-    if causal:  # query i sees keys j <= i (top-left, as SDPA's is_causal)
-        vis = torch.ones(N, Nk, dtype=torch.bool, device=q.device).tril()
-        bias = torch.zeros(N, Nk, dtype=dt, device=q.device).masked_fill_(~vis, float("-inf"))
-    out, lse = attention_with_lse(qr, kr, vv, bias, scale)
+    fq = token_factors(q_pos, table, ct)
+    fk = fq if same_tensor(q_pos, k_pos) else token_factors(k_pos, table, ct)
+    qr = rotate_tokens(expand_heads(q, Hq, ct), fq).to(dt).transpose(1, 2)
+    kr = rotate_tokens(expand_heads(k, Hq, ct), fk).to(dt).transpose(1, 2)
+    vv = (v if Hq == Hkv else expand_heads(v, Hq, dt)).transpose(1, 2)
+    out, lse = attention_with_lse(qr, kr, vv, None, scale, causal)
     return out.transpose(1, 2).to(dt), lse.float()

@@ -1,8 +1,8 @@
 """``rope_attention``: dense RoPE + attention in one call (drop-in for ``rope -> SDPA``).
 
-For models without a paged cache. The Triton backend is the paged kernel with an empty cache
-whose "new key" stream is the dense ``k``/``v`` at ``k_pos`` (no copy, no rotated K in memory);
-the torch backend (:func:`~lol_kernels.attention.attention_cpu.rope_attention_torch`) rotates
+For models without a paged cache, and for training (forward and backward). The Triton backend
+is the paged kernel with an empty cache whose "new key" stream is the dense ``k``/``v`` at
+``k_pos``; the torch backend (:func:`~lol_kernels.attention.attention_cpu.rope_attention_torch`) rotates
 ``q`` and ``k`` and runs one fused attention call.
 """
 
@@ -15,7 +15,7 @@ import torch
 from .._dispatch import resolve_backend
 from ..rope.table import RopeTable
 from .attention_cpu import rope_attention_torch
-from .backward import attention_backward, causal_mask, check_func_transform
+from .backward import check_func_transform, rope_attention_backward_torch
 from .op import fake_attention, run_attention, validate_dense_inputs
 
 
@@ -36,18 +36,46 @@ def _(q, k, v, q_pos, k_pos, freqs, pair_axis, causal, scale, backend, axes=None
 
 def _setup_context(ctx, inputs, output):
     q, k, v, q_pos, k_pos, freqs, pair_axis, causal, scale, backend, axes = inputs
-    ctx.save_for_backward(q, k, v, q_pos, k_pos, freqs, pair_axis)
+    out, lse = output
+    ctx.save_for_backward(q, k, v, q_pos, k_pos, freqs, pair_axis, out, lse)
     ctx.causal, ctx.scale, ctx.axes, ctx.n_inputs = causal, scale, axes, len(inputs)
+    ctx.backend = backend
+    ctx.set_materialize_grads(False)  # an unused output's gradient is None, not zeros
+
+
+@torch.library.custom_op("lol::rope_attention_backward", mutates_args=())
+def _rope_attention_backward_op(
+        grad_out: torch.Tensor | None, grad_lse: torch.Tensor | None, q: torch.Tensor,
+        k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+        freqs: torch.Tensor, pair_axis: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+        causal: bool, scale: float, backend: str,
+        axes: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # an op of its own: torch.compile traces the backward through its fake, never into Triton
+    table = RopeTable.from_tensors(freqs, pair_axis, axes)
+    backward = rope_attention_backward_torch
+    if backend == "triton":
+        from .triton_backward import backward_launchable, rope_attention_backward_triton
+        if backward_launchable(q.dtype, q.shape[-1]):  # else the forward ran torch too
+            backward = rope_attention_backward_triton
+    dq, dk, dv = backward(grad_out, grad_lse, q, k, v, q_pos, k_pos, table, out, lse,
+                          causal=causal, scale=scale)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@_rope_attention_backward_op.register_fake
+def _(grad_out, grad_lse, q, k, v, q_pos, k_pos, freqs, pair_axis, out, lse, causal, scale,
+      backend, axes=None):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    # every backend: the torch-path backward (recompute) until the fused Triton one lands
-    q, k, v, q_pos, k_pos, freqs, pair_axis = ctx.saved_tensors
-    N, Nk = q.shape[1], k.shape[1]
-    mask = causal_mask(N, Nk, q.device).expand(q.shape[0], N, Nk) if ctx.causal else None
-    table = RopeTable.from_tensors(freqs, pair_axis, ctx.axes)
-    dq, dk, dv = attention_backward(grad_out, grad_lse, q, q_pos, k, v, k_pos, table, mask,
-                                    ctx.scale)
+    # grad_out or grad_lse is None when that output was not used (never both); Triton
+    # backend: the fused Triton backward; otherwise the torch path (fused CPU flash backward
+    # on the CPU, a blockwise recompute elsewhere)
+    q, k, v, q_pos, k_pos, freqs, pair_axis, out, lse = ctx.saved_tensors
+    dq, dk, dv = _rope_attention_backward_op(grad_out, grad_lse, q, k, v, q_pos, k_pos, freqs,
+                                             pair_axis, out, lse, ctx.causal, ctx.scale,
+                                             ctx.backend, ctx.axes)
     return (dq, dk, dv) + (None,) * (ctx.n_inputs - 3)  # positions, table, options: none
 
 
@@ -83,9 +111,13 @@ def rope_attention(q, k, v, q_pos, k_pos, table, *, causal=False, scale=None, ba
     Gradients: ``.backward()`` / ``torch.autograd.grad`` (and ``torch.compile``, which traces
     forward and backward) give ``q``, ``k`` and ``v`` their gradients, through ``out`` and
     ``lse``; positions and the table get none. With GQA, ``dk`` and ``dv`` sum the group's
-    query heads, each un-rotated with its own head's frequencies. Triton forward, torch
-    backward until the fused backward lands: every backend's backward recomputes the scores
-    in the torch path (:mod:`lol_kernels.attention.backward`, ``[B, Hq, N, Nk]`` in fp32).
+    query heads, each un-rotated with its own head's frequencies. The backward reuses the
+    saved ``out`` and ``lse`` and forms no ``[N, Nk]`` matrix: the Triton backend runs the
+    fused FA2-style Triton kernels with RoPE in registers
+    (:mod:`lol_kernels.attention.triton_backward`); the torch backend one fused CPU
+    flash-attention backward on the re-rotated inputs, and elsewhere (and in fp64) a
+    recompute of the scores a block of query rows at a time
+    (:mod:`lol_kernels.attention.backward`).
     ``torch.func`` transforms (``grad``, ``vjp``) raise ``RuntimeError``: not supported.
 
     Example:
