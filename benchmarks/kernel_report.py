@@ -7,7 +7,11 @@ the kernel walks 300 pages; ``Hq = Hkv = 12`` heads of ``D = 128``, bf16, jitter
 applied to the un-rotated keys in registers. :data:`TINY` is the same layout at a toy size
 (partial pages, ``Nq`` not a multiple of a frame, GQA) for the interpreter.
 
-For every autotune config it reports, without a GPU:
+For every autotune config of both key paths (``path``: ``fused``, the keys rotated in the key
+loop, :mod:`lol_kernels.attention.triton_kernel`; ``once``, rotated once per call then a plain
+paged loop, :mod:`lol_kernels.attention.triton_rotate`: the "rotate once + a standard attention
+kernel" alternative, with its prologue's traffic ``prologue_ms`` added) it reports, without a
+GPU:
 
 * ``flops``: matmul FLOPs ``4 Nq Nk Hq D`` (FlashAttention's count; RoPE and softmax excluded);
 * ``min_bytes``: compulsory HBM traffic: Q, K, V, positions read once, out and lse written once;
@@ -31,7 +35,16 @@ For every autotune config it reports, without a GPU:
   while no product is in flight (only the key loads and rotation overlap the previous
   ``P V``), CTAs resident on one SM interleaving. A GPU run lands between the two.
   ``exp_ms``: ``Hq * Nq * Nk`` ``exp2`` on the MUFU at 16 per SM per clock (the RoPE sin/cos
-  add ``ctas * Nk * D`` more MUFU ops, ``mufu_ms`` counts both).
+  add ``ctas * Nk * D`` more MUFU ops on the fused path, ``mufu_ms`` counts both);
+* ``mufu_hot``, ``bar_hot``: MUFU and CTA-wide barrier (``BAR``) instructions per key tile on
+  the common path (``aot.loop_counts``), ``instr_per_pair``: ``loop_hot * threads /
+  (BLOCK_M * BLOCK_N)``; ``best`` in the JSON: each path's config with the highest
+  ``predicted + serial`` TFLOP/s.
+
+The static mode also compiles ``rope_attention``'s backward kernels (preprocess, dq, dk/dv;
+:mod:`lol_kernels.attention.backward_aot`) for the same dtypes and head dim and reports their
+registers, shared memory, stack, spills, HGMMA and MUFU counts (``backward`` in the JSON;
+``--no-backward`` skips them).
 
 On a machine with a CUDA GPU it also measures (``triton.testing.do_bench``) the Triton kernel
 (autotuned) next to torch SDPA, FlexAttention and flash-attn (when installed) on keys that were
@@ -120,8 +133,28 @@ def occupancy(row) -> int:
     return max(1, min(by_regs, by_smem, 2048 // threads))
 
 
-def static_rows(dtypes, shape=None) -> list[dict]:
-    """The sm_90 compile model of every autotune config for ``dtypes`` at ``shape``."""
+def prologue_bytes(s, elem: int = 2, pos_bytes: int = 4) -> float:
+    """HBM traffic of the rotate-once prologue (``triton_rotate.rotate_keys_fwd``) beyond what
+    the attention kernel reads anyway: the cached K, V and positions read, the rotated keys
+    (one copy per query head) and the packed values written; the kernel then reads those
+    instead of the pools. Rows padded as the launcher pads them (``scratch_rows``)."""
+    from lol_kernels.attention.triton_rotate import scratch_rows
+
+    P = frame_layout(s)[3]
+    _, rows = scratch_rows(P, s["S"], 0)
+    read = 2 * s["Nk"] * s["Hkv"] * s["D"] * elem + s["Nk"] * s["A"] * pos_bytes
+    write = s["B"] * (s["Hq"] + s["Hkv"]) * rows * s["D"] * elem
+    return float(read + write)
+
+
+#: the two key paths the launcher chooses between (``rope_keys``): kernel name per path
+PATHS = {"fused": "paged_rope_attn_fwd", "once": "paged_attn_rotated_fwd"}
+
+
+def static_rows(dtypes, shape=None, paths=("fused", "once")) -> list[dict]:
+    """The sm_90 compile model of every autotune config for ``dtypes`` at ``shape``, for each
+    key path: ``fused`` (keys rotated in the key loop) and ``once`` (rotate once per call,
+    then a plain paged loop: ``prologue_ms`` of traffic added to its prediction)."""
     from lol_kernels.attention.triton_split import PART_FIXED_TILES, num_splits_for
     from lol_kernels.common import aot
 
@@ -129,51 +162,66 @@ def static_rows(dtypes, shape=None) -> list[dict]:
     fl, by = flops(s), min_bytes(s)
     roof = max(fl / PEAK_FLOPS, by / PEAK_BYTES)
     rows = []
-    report = aot.sm90_report(dtypes, (s["D"],), rope=False, causal=False, group=s["Hq"] // s["Hkv"],
-                             has_new=False, has_shift=True, page_size=s["S"])
-    for r in report:
-        per_sm = occupancy(r)
-        ctas = math.ceil(s["Nq"] / r["BLOCK_M"]) * s["Hq"] * s["B"]
-        # the cached-key loop (has_new=False: the only loop); mask/rescale blocks run rarely
-        body = max(r["loop_hot_instructions"] or [0])
-        tiles = key_tiles(s, r["BLOCK_N"])
-        issue_s = ctas * tiles * body * r["num_warps"] / (ISSUE_PER_SM * NUM_SMS * CLOCK)
-        exp_s = s["Hq"] * s["Nq"] * s["Nk"] * s["B"] / (16 * NUM_SMS * CLOCK)
-        mufu_s = exp_s + ctas * s["Nk"] * s["D"] / (16 * NUM_SMS * CLOCK)
-        bound = max(roof, issue_s, mufu_s)
-        # pessimistic: a warp waits for its scores product, then issues the softmax while no
-        # product is in flight; only the key loads and rotation overlap the previous P V.
-        # One CTA's tile then takes s1 cycles; per_sm CTAs interleave, so a tile costs
-        # s1 / per_sm unless issue or the tensor cores bind first
-        t_mma = 4.0 * r["BLOCK_M"] * r["BLOCK_N"] * s["D"] / (PEAK_FLOPS / NUM_SMS) * CLOCK
-        warp_cycles = r["num_warps"] / ISSUE_PER_SM  # issue cycles per instruction per SM
-        soft = (r["loop_softmax_instructions"] or [0])[0] * warp_cycles
-        s1 = max(body * warp_cycles - soft, t_mma / 2) + t_mma / 2 + soft
-        tile = max(body * warp_cycles, t_mma, s1 / per_sm)
-        serial_s = ctas * tiles * tile / (NUM_SMS * CLOCK)
-        # split-KV as the launcher picks it; waves of ctas * splits programs, each with the
-        # part's tiles plus the fixed per-part work; the merge moves fp32 parts through HBM
-        splits = num_splits_for(ctas, tiles, NUM_SMS, per_sm)
-        slots = NUM_SMS * per_sm
-        waves = math.ceil(ctas * splits / slots)
-        eff = ctas * tiles / (waves * slots * (tiles / splits + PART_FIXED_TILES))
-        merge_s = 0.0 if splits == 1 else (
-            splits * s["B"] * s["Hq"] * s["Nq"] * (s["D"] + 1) * 8 / PEAK_BYTES)
-        pred = bound / eff + merge_s
-        serial = max(serial_s, bound) / eff + merge_s
-        rows.append({"config": f"M{r['BLOCK_M']}-N{r['BLOCK_N']}-w{r['num_warps']}"
-                               f"-s{r['num_stages']}", "dtype": r["dtype"],
-                     "registers": r["registers"], "shared_B": r["shared"], "stack_B": r["stack"],
-                     "local_B": r["local"], "hgmma": r["hgmma"], "ctas_per_sm": per_sm,
-                     "splits": splits, "wave_eff": eff, "gflop": fl / 1e9, "min_MB": by / 1e6,
-                     "roofline_ms": roof * 1e3, "loop_instr": max(r["loop_instructions"] or [0]),
-                     "loop_hot": body, "issue_ms": issue_s * 1e3,
-                     "exp_ms": exp_s * 1e3, "mufu_ms": mufu_s * 1e3, "merge_ms": merge_s * 1e3,
-                     "predicted_ms": pred * 1e3,
-                     "predicted_tflops": fl / pred / 1e12, "serial_ms": serial * 1e3,
-                     "serial_tflops": fl / serial / 1e12,
-                     "goal_ms": fl / (GOAL * PEAK_FLOPS) * 1e3})
+    for path in paths:
+        report = aot.sm90_report(dtypes, (s["D"],), kernel=PATHS[path], rope=False,
+                                 causal=False, group=s["Hq"] // s["Hkv"], has_new=False,
+                                 has_shift=True, page_size=s["S"])
+        prologue_s = prologue_bytes(s) / PEAK_BYTES if path == "once" else 0.0
+        rows += [static_row(r, s, path, fl, roof, prologue_s, PART_FIXED_TILES, num_splits_for)
+                 for r in report]
     return rows
+
+
+def static_row(r, s, path, fl, roof, prologue_s, part_fixed_tiles, num_splits_for) -> dict:
+    """One config's row of :func:`static_rows` from its sm_90 report ``r``."""
+    per_sm = occupancy(r)
+    ctas = math.ceil(s["Nq"] / r["BLOCK_M"]) * s["Hq"] * s["B"]
+    # the cached-key loop (has_new=False: the only loop); mask/rescale blocks run rarely
+    body = max(r["loop_hot_instructions"] or [0])
+    i_loop = (r["loop_hot_instructions"] or [0]).index(body)
+    # packed keys (once): only the valid ones; fused: every slot of every page
+    tiles = math.ceil(s["Nk"] / r["BLOCK_N"]) if path == "once" else key_tiles(s, r["BLOCK_N"])
+    issue_s = ctas * tiles * body * r["num_warps"] / (ISSUE_PER_SM * NUM_SMS * CLOCK)
+    exp_s = s["Hq"] * s["Nq"] * s["Nk"] * s["B"] / (16 * NUM_SMS * CLOCK)
+    trig = ctas * s["Nk"] * s["D"] if path == "fused" else 0  # RoPE sin/cos in the loop
+    mufu_s = exp_s + trig / (16 * NUM_SMS * CLOCK)
+    bound = max(roof, issue_s, mufu_s)
+    # pessimistic: a warp waits for its scores product, then issues the softmax while no
+    # product is in flight; only the key loads (and rotation) overlap the previous P V.
+    # One CTA's tile then takes s1 cycles; per_sm CTAs interleave, so a tile costs
+    # s1 / per_sm unless issue or the tensor cores bind first
+    t_mma = 4.0 * r["BLOCK_M"] * r["BLOCK_N"] * s["D"] / (PEAK_FLOPS / NUM_SMS) * CLOCK
+    warp_cycles = r["num_warps"] / ISSUE_PER_SM  # issue cycles per instruction per SM
+    soft = (r["loop_softmax_instructions"] or [0])[i_loop] * warp_cycles
+    s1 = max(body * warp_cycles - soft, t_mma / 2) + t_mma / 2 + soft
+    tile = max(body * warp_cycles, t_mma, s1 / per_sm)
+    serial_s = ctas * tiles * tile / (NUM_SMS * CLOCK)
+    # split-KV as the launcher picks it; waves of ctas * splits programs, each with the
+    # part's tiles plus the fixed per-part work; the merge moves fp32 parts through HBM
+    splits = num_splits_for(ctas, tiles, NUM_SMS, per_sm)
+    slots = NUM_SMS * per_sm
+    waves = math.ceil(ctas * splits / slots)
+    eff = ctas * tiles / (waves * slots * (tiles / splits + part_fixed_tiles))
+    merge_s = 0.0 if splits == 1 else (
+        splits * s["B"] * s["Hq"] * s["Nq"] * (s["D"] + 1) * 8 / PEAK_BYTES)
+    pred = bound / eff + merge_s + prologue_s
+    serial = max(serial_s, bound) / eff + merge_s + prologue_s
+    threads = 32 * r["num_warps"]
+    return {"path": path,
+            "config": f"M{r['BLOCK_M']}-N{r['BLOCK_N']}-w{r['num_warps']}-s{r['num_stages']}",
+            "dtype": r["dtype"], "registers": r["registers"], "shared_B": r["shared"],
+            "stack_B": r["stack"], "local_B": r["local"], "hgmma": r["hgmma"],
+            "ctas_per_sm": per_sm, "splits": splits, "wave_eff": eff, "gflop": fl / 1e9,
+            "min_MB": min_bytes(s) / 1e6, "roofline_ms": roof * 1e3,
+            "loop_instr": max(r["loop_instructions"] or [0]), "loop_hot": body,
+            "mufu_hot": (r["loop_hot_mufu"] or [0])[i_loop],
+            "bar_hot": (r["loop_hot_bar"] or [0])[i_loop],
+            "instr_per_pair": body * threads / (r["BLOCK_M"] * r["BLOCK_N"]),
+            "issue_ms": issue_s * 1e3, "exp_ms": exp_s * 1e3, "mufu_ms": mufu_s * 1e3,
+            "merge_ms": merge_s * 1e3, "prologue_ms": prologue_s * 1e3,
+            "predicted_ms": pred * 1e3, "predicted_tflops": fl / pred / 1e12,
+            "serial_ms": serial * 1e3, "serial_tflops": fl / serial / 1e12,
+            "goal_ms": fl / (GOAL * PEAK_FLOPS) * 1e3}
 
 
 def make_inputs(s, dtype, device):
@@ -238,6 +286,7 @@ def measured_rows(dtype=torch.bfloat16, shape=None, device="cuda", check=None) -
 
     import lol_kernels as lk
     from lol_kernels.attention import triton_kernel as tk
+    from lol_kernels.attention import triton_rotate as tk_rotate
     from lol_kernels.attention.reference import gather_keys
 
     s = SHAPE if shape is None else shape
@@ -266,12 +315,23 @@ def measured_rows(dtype=torch.bfloat16, shape=None, device="cuda", check=None) -
     def ours():
         return lk.paged_attention(x["q"], x["q_pos"], x["cache_k"], x["cache_v"], x["cache_pos"],
                                   x["page_len"], x["page_table"], x["table"], backend="triton")
+    def path(rope_keys):  # the kernel backend directly, one key path forced
+        return lambda: tk.paged_attention_triton(
+            x["q"], x["q_pos"], x["cache_k"], x["cache_v"], x["cache_pos"], x["page_len"],
+            x["page_table"], x["table"], config={"rope_keys": rope_keys})
     if check is not None:  # before timing: a wrong result is worth more than a fast one
         check.update(parity_check(x, *ours()))
-    add("lol triton (RoPE in registers, paged)", ours)
-    best = getattr(tk.paged_rope_attn_fwd_tuned, "best_config", None)
-    if best is not None:
-        rows[-1]["note"] = f"best config {best}"
+        check["paths"] = {p: parity_check(x, *path(p)()) for p in ("fused", "once")}
+        check["ok"] = check["ok"] and all(c["ok"] for c in check["paths"].values())
+    add("lol triton (public op, key path auto)", ours)
+    for name, p, kernel in (("lol triton fused (RoPE in the key loop)", "fused",
+                             tk.paged_rope_attn_fwd_tuned),
+                            ("lol triton rotate once + paged loop", "once",
+                             tk_rotate.paged_attn_rotated_fwd_tuned)):
+        add(name, path(p))
+        best = getattr(kernel, "best_config", None)
+        if best is not None:
+            rows[-1]["note"] = f"best config {best}"
 
     # baselines get keys gathered and rotated ahead of time (not counted); GQA: key head
     # h // G rotated with query head h's frequencies, as the kernel does
@@ -302,10 +362,13 @@ def measured_rows(dtype=torch.bfloat16, shape=None, device="cuda", check=None) -
     return rows
 
 
-STATIC_COLUMNS = ["config", "dtype", "registers", "shared_B", "stack_B", "local_B", "hgmma",
-                  "ctas_per_sm", "splits", "wave_eff", "gflop", "min_MB", "roofline_ms",
-                  "loop_instr", "loop_hot", "issue_ms", "mufu_ms", "merge_ms", "predicted_ms",
-                  "predicted_tflops", "serial_ms", "serial_tflops", "goal_ms"]
+BACKWARD_COLUMNS = ["kernel", "config", "dtype", "head_dim", "registers", "shared_B", "stack_B",
+                    "spills", "hgmma", "mufu", "loop_hot_instructions"]
+STATIC_COLUMNS = ["path", "config", "dtype", "registers", "shared_B", "stack_B", "local_B",
+                  "hgmma", "ctas_per_sm", "splits", "wave_eff", "roofline_ms", "loop_instr",
+                  "loop_hot", "mufu_hot", "bar_hot", "instr_per_pair", "issue_ms", "mufu_ms",
+                  "merge_ms", "prologue_ms", "predicted_ms", "predicted_tflops", "serial_ms",
+                  "serial_tflops", "goal_ms"]
 
 
 def main(argv=None):
@@ -317,6 +380,8 @@ def main(argv=None):
     ap.add_argument("--tiny", action="store_true",
                     help="the TINY shape; without a GPU the kernel runs under TRITON_INTERPRET=1")
     ap.add_argument("--repeats", type=int, default=None, help="unused (harness compatibility)")
+    ap.add_argument("--no-backward", action="store_true",
+                    help="skip the sm_90 compile of rope_attention's backward kernels")
     args = ap.parse_args(argv)
     shape = TINY if args.tiny else SHAPE
     cuda = torch.cuda.is_available()
@@ -325,6 +390,10 @@ def main(argv=None):
             ap.error("--measure needs a CUDA GPU; add --tiny to run it in the Triton interpreter")
         os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
     static = [] if args.measure else static_rows(tuple(args.dtypes.split(",")), shape)
+    backward = []
+    if not (args.measure or args.no_backward):
+        from lol_kernels.attention.backward_aot import backward_static_rows
+        backward = backward_static_rows(tuple(args.dtypes.split(",")), (shape["D"],))
     measured, parity = [], {}
     if args.measure or cuda:
         # the interpreter computes bf16 products wrongly (docs/design.md §8): fp16 there
@@ -333,12 +402,20 @@ def main(argv=None):
     mode = "measured" if args.measure else "static" + ("+measured" if measured else "")
     payload = {"shape": shape, "mode": mode, "flops": flops(shape), "min_bytes": min_bytes(shape),
                "ceilings": {"flops": PEAK_FLOPS, "bytes_per_s": PEAK_BYTES, "sms": NUM_SMS},
-               "goal_tflops": GOAL * PEAK_FLOPS / 1e12, "configs": static, "measured": measured,
+               "goal_tflops": GOAL * PEAK_FLOPS / 1e12, "configs": static,
+               "best": {p: max((r for r in static if r["path"] == p),
+                               key=lambda r: r["serial_tflops"] + r["predicted_tflops"])
+                        for p in {r["path"] for r in static}},
+               "backward": backward,
+               "measured": measured,
                "parity": parity or None,
                "measured_note": None if cuda else (
                    "no CUDA device: Triton interpreter on the CPU, host timings (not kernel "
                    "speed)" if measured else "no CUDA device: static report only")}
     table = markdown_table(static, STATIC_COLUMNS) if static else ""
+    if backward:
+        table += "\nBackward kernels of rope_attention (sm_90 compile, per key or query tile):\n"
+        table += markdown_table(backward, BACKWARD_COLUMNS)
     if measured:
         table += "\n" + markdown_table(measured, ["method", "ms", "tflops", "pct_of_800",
                                                   "note"])

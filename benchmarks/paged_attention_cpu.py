@@ -4,7 +4,10 @@ Scaled-down Wan shape: one block of 3 frames x 390 tokens (1170 queries) over a 
 12 frames (4680 keys: 3 sink + 9 window) plus the block's own keys, 12 heads, D = 128, fp32.
 
 * ``sdpa_prerotated``: the floor: ``scaled_dot_product_attention`` on rotated contiguous K/V.
-* ``paged``: ``lk.paged_attention`` (gather pages, rotate in place of read, one fused call).
+* ``paged``: ``lk.paged_attention`` (gather pages, rotate in place of read, one fused call):
+  the CPU path rotates every key once per call, as the GPU's rotate-once path does (issue 14:
+  target within about 1.05x of ``sdpa_prerotated``; ``ratio_of_minima`` is the figure to
+  read on a shared machine, the medians move with the load).
 * ``rerotate_sdpa``: what streaming code does today: re-rotate the dense window with a RoPE
   table (float32 angles), then SDPA.
 

@@ -29,12 +29,14 @@ def test_measure_tiny_writes_json_and_table(tmp_path):
     assert data["shape"] == kernel_report.TINY and data["mode"] == "measured"
     assert data["configs"] == []  # --measure: no sm_90 compile
     rows = {r["method"]: r for r in data["measured"]}
-    ours = rows["lol triton (RoPE in registers, paged)"]
-    assert ours["ms"] > 0 and ours["tflops"] > 0
+    for name in ("lol triton (public op, key path auto)", "lol triton fused (RoPE in the key loop)",
+                 "lol triton rotate once + paged loop"):
+        assert rows[name]["ms"] > 0 and rows[name]["tflops"] > 0, name
     assert rows["torch SDPA (pre-rotated dense K)"]["ms"] > 0  # GQA baselines got Hq heads
     assert all("ms" in r or r.get("note") for r in data["measured"])
     par = data["parity"]
     assert par["ok"] and par["queries"] == kernel_report.TINY["Nq"], par
+    assert par["paths"]["fused"]["ok"] and par["paths"]["once"]["ok"], par
     table = (tmp_path / "kernel_report.md").read_text()
     assert "lol triton" in table and "Parity of the first 40 queries vs float64: ok" in table
 

@@ -302,3 +302,95 @@ def test_num_splits_heuristic():
     assert num_splits_for(264, 300, 132) == 1
     assert num_splits_for(156, 12, 132) == 1
     assert num_splits_for(444, 300, 0) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# rotate once per call (issue 14): keys rotated and packed by a prologue, a plain key loop
+# ---------------------------------------------------------------------------------------------
+
+ONCE_CASES = {
+    "gqa-jitter-shift-S16-causal": (dict(D=64, S=16, M=5), True, None),
+    "S64-split3": (dict(B=1, N=45, Hq=2, Hkv=1, D=32, S=64, M=3), False, {"num_splits": 3}),
+    "tiles16-cache-only": (dict(B=1, N=20, Hq=2, Hkv=2, D=32, S=16, P=4, M=3, new=False,
+                                shift=False), False, {"BLOCK_M": 16, "BLOCK_N": 16}),
+}
+
+
+@pytest.mark.parametrize("case", list(ONCE_CASES), ids=list(ONCE_CASES))
+def test_rotate_once_parity_and_matches_fused(case):
+    """The rotate-once path against the float64 reference (docs/design.md §5 rule, NaN-filled
+    outputs) and against the fused path: the same rotated key operands, so the two differ
+    only by the softmax's summation order (one fp16 rounding of the output)."""
+    kw, causal, cfg = ONCE_CASES[case]
+    c, dt = make_case(dtype=torch.float16, **kw)
+    cfg = cfg or {}
+    o1, l1 = run_and_check(c, dt, causal=causal, config={**cfg, "rope_keys": "once"})
+    o2, l2 = _call(tk.paged_attention_triton, _cast(c, dt), causal=causal,
+                   config={**cfg, "rope_keys": "fused"})
+    assert max_err(o1, o2.cpu()) <= 2e-3 and max_err(l1, l2.cpu()) <= 1e-5
+
+
+def test_rotate_once_shift_invariance_2pow24_and_empty_rows():
+    """fp32, every position shifted by 2^24: < 1e-3 relative change (docs/design.md §5); a
+    batch row whose entries are all empty gets out 0, lse -inf."""
+    c, dt = make_case(B=2, N=35, Hq=2, Hkv=1, D=128, S=32, P=5, M=4, dtype=torch.float32,
+                      new=False)
+    c["page_table"][1] = -1
+    cfg = {"rope_keys": "once"}
+    o1, l1 = run_and_check(c, dt, config=cfg)
+    assert (o1[1] == 0).all() and torch.isneginf(l1[1]).all()
+    c2 = dict(c, q_pos=c["q_pos"].clone(), cache_pos=c["cache_pos"].clone())
+    c2["q_pos"][..., 0] += 2**24
+    c2["cache_pos"][..., 0] += 2**24
+    o2, l2 = _call(tk.paged_attention_triton, _cast(c2, dt), config=cfg)
+    assert max_err(o1, o2.cpu()) / o1.abs().max().item() < 1e-3
+    assert max_err(l1[0], l2[0].cpu()) < 1e-3
+
+
+def test_rotate_once_dense_rope_attention():
+    """rope_attention (no cache: only the block's own keys, N_new != N) on the rotate-once
+    path equals the fused path up to one fp16 rounding."""
+    from lol_kernels.attention.triton_kernel import rope_attention_triton
+    c, dt = make_case(B=1, N=24, Hq=2, Hkv=1, D=32, dtype=torch.float16)
+    cd = _cast(c, dt)
+    k, v, kpos = cd["k_new"][:, :17], cd["v_new"][:, :17], cd["q_pos"][:, 5:22]
+    outs = [rope_attention_triton(cd["q"], k, v, cd["q_pos"], kpos, cd["table"], causal=True,
+                                  config={"rope_keys": p}) for p in ("once", "fused")]
+    assert max_err(outs[0][0], outs[1][0]) <= 2e-3
+    assert max_err(outs[0][1], outs[1][1]) <= 1e-5
+
+
+def test_rope_keys_policy():
+    """auto: rotate once when more than one 128-query tile reads every key and the scratch
+    fits; fused for one query tile (each key tile read once anyway) or a huge scratch; any
+    other value is refused naming the option."""
+    from lol_kernels.attention.triton_rotate import SCRATCH_LIMIT, choose_rope_keys
+    assert choose_rope_keys("auto", 4680, 1, 12, 19200 + 4736, 128, 2) == "once"
+    assert choose_rope_keys("auto", 128, 1, 12, 19200, 128, 2) == "fused"
+    assert choose_rope_keys("auto", 4680, 1, 12, SCRATCH_LIMIT, 128, 2) == "fused"
+    assert choose_rope_keys("fused", 4680, 1, 12, 19200, 128, 2) == "fused"
+    assert choose_rope_keys("once", 8, 1, 12, 19200, 128, 2) == "once"
+    with pytest.raises(ValueError, match="rope_keys"):
+        choose_rope_keys("twice", 8, 1, 1, 1, 16, 2)
+
+
+def test_rotated_kernel_token_counts_not_specialized():
+    """Token counts and strides that scale with them stay runtime scalars in both
+    rotate-once kernels (no recompile per block)."""
+    from lol_kernels.common.aot import compiled_module
+    mod = compiled_module("lol_kernels.attention.triton_rotate")
+    for fn, names in ((mod.paged_attn_rotated_fwd, {"N", "N_new", "M", "stride_rb",
+                                                    "stride_wb", "stride_lb"}),
+                      (mod.rotate_keys_fwd, {"M", "N_new", "Lc", "stride_rb", "stride_rob"})):
+        assert names <= {p.name for p in fn.params if p.do_not_specialize}, fn
+
+
+def test_rotate_once_makes_no_host_sync():
+    """The rotate-once launch (packed-row offsets, scratch, two kernels) reads no tensor value
+    on the host (the counter of tests/test_host_syncs.py), so a block step stays capturable."""
+    from test_host_syncs import count_syncs
+    c, dt = make_case(B=1, N=20, Hq=2, Hkv=1, D=32, S=16, P=4, M=3, dtype=torch.float32)
+    cd = _cast(c, dt)
+    _, counter = count_syncs(_call, tk.paged_attention_triton, cd,
+                             config={"rope_keys": "once"})
+    assert counter.total == 0, dict(counter.events)

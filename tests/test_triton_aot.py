@@ -40,9 +40,14 @@ def report():
 EDGE = (("fp32", 128, (128, 32, 8, 2)), ("fp32", 256, (128, 32, 8, 2)))
 
 
+#: the kernels whose shared memory the one estimate gives exactly (the rotate-once kernel stages
+#: no positions: the estimate errs high there, checked below)
+FUSED_KERNELS = ("paged_rope_attn_fwd", "moc_attn_fwd")
+
+
 @pytest.fixture(scope="module")
 def edge_report():
-    return [r for kernel in aot.ATTENTION_KERNELS
+    return [r for kernel in FUSED_KERNELS
             for r in aot.sm90_report((), (), kernel=kernel, rope=False, extra=EDGE)]
 
 
@@ -61,7 +66,7 @@ def test_every_config_compiles_for_sm90(report):
     fp32 = [r for r in report if r["dtype"] == "fp32"]  # the 3xTF32 configs offered at D=64
     assert len(fp32) == len(offered_configs(torch.float32, 64)) > 0
     assert {r["kernel"] for r in report} == {"paged_rope_attn_fwd", "apply_rope_fwd",
-                                             "combine_splits"}
+                                             "combine_splits", "rotate_keys_fwd"}
 
 
 def test_no_spills_no_local_memory(report):
@@ -114,3 +119,75 @@ def test_fp32_d128_spill_stays_as_documented(edge_report):
             assert r["registers"] <= 255 and r["local"] == 0, _name(r)
             assert r["stack"] <= 192, f"{_name(r)}: stack {r['stack']} B"
             assert r["hgmma"] > 0 and r["calls"] == 0, _name(r)
+
+
+# ---------------------------------------------------------------------------------------------
+# rotate once per call (issue 14): the prologue above, the plain paged loop here
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def once_report():
+    return aot.sm90_report(("fp16", "bf16"), (64, 128), kernel="paged_attn_rotated_fwd",
+                           rope=False, offered=(("bf16", 256),))
+
+
+def test_rotated_kernel_compiles_without_spills(once_report):
+    """Every config of the rotate-once kernel: HGMMA products, no calls, no spills at
+    D <= 128, shared memory equal to its estimate (``rotated_shared_memory_bytes``, the
+    autotune pruning's) and within sm_90's."""
+    from lol_kernels.attention.triton_rotate import rotated_shared_memory_bytes
+
+    assert len(once_report) == 2 * 2 * len(CONFIGS) + len(offered_configs(torch.bfloat16, 256))
+    for r in once_report:
+        assert r["hgmma"] > 0 and r["calls"] == 0 and r["registers"] <= 255, _name(r)
+        est = rotated_shared_memory_bytes(r["BLOCK_M"], r["BLOCK_N"], r["num_stages"],
+                                          r["num_warps"], r["head_dim"],
+                                          aot.DTYPES[r["dtype"]].itemsize)
+        assert r["shared"] == est <= SM90_SHARED_MEMORY, f"{_name(r)}: {r['shared']} != {est}"
+        if r["head_dim"] <= 128:
+            assert not (r["stack"] or r["local"] or r["local_ldst"]), _name(r)
+
+
+#: the issue-14 static targets (bf16, D = 128, the Wan launch: cached keys, shifts, no GQA)
+TARGET_CONFIGS = ((128, 64, 8, 2), (64, 64, 4, 2))
+
+
+@pytest.fixture(scope="module")
+def target_report():
+    extra = [("bf16", 128, c) for c in TARGET_CONFIGS]
+    kw = dict(rope=False, extra=extra, causal=False, has_new=False, group=1, page_size=64)
+    return {k: aot.sm90_report((), (), kernel=k, **kw)
+            for k in ("paged_rope_attn_fwd", "paged_attn_rotated_fwd")}
+
+
+def test_rotate_once_meets_the_static_targets(target_report):
+    """The key loop on the common path (``aot.loop_counts``): no RoPE MUFU (at most the
+    softmax's exp2: one per score, plus the rows' rescale factors), at most 2 CTA-wide
+    barriers for one warpgroup (3 for two: Triton's pipelined loads), and at most 13.9
+    instructions per query-key pair (the fused M128-N64-w8: 21.4)."""
+    for fused, once in zip(target_report["paged_rope_attn_fwd"],
+                           target_report["paged_attn_rotated_fwd"]):
+        threads = 32 * once["num_warps"]
+        pairs = once["BLOCK_M"] * once["BLOCK_N"]
+        softmax_mufu = pairs // threads + 2  # a thread holds 2 rows of a wgmma tile
+        hot = max(once["loop_hot_instructions"])
+        i = once["loop_hot_instructions"].index(hot)
+        assert once["loop_hot_mufu"][i] <= softmax_mufu < max(fused["loop_hot_mufu"]), \
+            _name(once)
+        assert once["loop_hot_bar"][i] <= (2 if once["num_warps"] == 4 else 3), _name(once)
+        assert hot * threads / pairs <= 13.9, _name(once)
+        assert hot < max(fused["loop_hot_instructions"]), _name(once)
+
+
+def test_loop_counts_reads_mufu_and_barriers():
+    """A hand-written SASS loop: the forward branch skips the rescale block, whose MUFU and
+    barrier are not on the common path."""
+    sass = "\n".join(f"        /*{a:04x}*/ {op} ;" for a, op in [
+        (0x10, "BAR.SYNC.DEFER_BLOCKING 0x0"), (0x20, "WARPGROUP.ARRIVE"),
+        (0x30, "WARPGROUP.DEPBAR.LE gsb0, 0x0"), (0x40, "@P0 BRA 0x70"),
+        (0x50, "MUFU.EX2 R1, R1"), (0x60, "BAR.SYNC.DEFER_BLOCKING 0x0"),
+        (0x70, "MUFU.EX2 R2, R2"), (0x80, "WARPGROUP.ARRIVE"), (0x90, "@!P1 BRA 0x10")])
+    assert aot.loop_counts(sass) == [{"all": 9, "hot": 7, "softmax": 3, "mufu_hot": 1,
+                                      "bar_hot": 1}]
+    assert aot.loop_sizes(sass) == [(9, 7, 3)]

@@ -42,6 +42,14 @@ key tile; with two split-KV parts the prediction went 402 -> 633 TFLOP/s with pe
 
 Larger query tiles would amortize the rotation further but spill next to the
 ``[BLOCK_M, D]`` fp32 accumulator (M256 with 8 or 16 warps: 264-304 bytes of stack).
+
+Rotate once (issue 14, :mod:`.triton_rotate`, the default when more than one query tile reads
+the keys): a prologue rotates and packs every valid key once per call and query head (the same
+operands, bit for bit), then a standard attention loop reads them: no RoPE MUFU, 361 / 373
+SASS instructions a key tile at M128-N64-w8 / M64-N64-w4 (11.3 / 11.7 per query-key pair
+against 21.4 / 34.0 here), 3 / 2 CTA-wide barriers against 5 / 5. The launcher's
+``rope_keys`` option picks the path (:func:`launch_rope_attention`); this kernel stays for one
+query tile, a scratch too large, and as the MoC kernel's per-tile steps.
 """
 
 from __future__ import annotations
@@ -54,6 +62,13 @@ from .._checks import check_out_buffer
 from .._dispatch import kernel_input_error, launch_device
 from ..common import triton_attention as ta
 from ..common.triton_utils import is_interpreted, kernel_supports, last_contig, stride_args
+from .triton_rotate import (
+    choose_rope_keys,
+    launch_rotated,
+    paged_attn_rotated_fwd_tuned,
+    rotate_keys,
+    scratch_rows,
+)
 from .triton_split import combine_splits, device_sms, num_splits_for, split_buffers, store_part
 
 # ---------------------------------------------------------------------------------------------
@@ -125,9 +140,10 @@ def paged_rope_attn_fwd(
 
 
 paged_rope_attn_fwd_tuned = ta.autotuned(paged_rope_attn_fwd)
-#: the names the GPU check (shared/gpu-check, gc_bench.py / gc_sweep.py) reads off this module
+#: the names the GPU check (shared/gpu-check, gc_bench.py / gc_sweep.py) reads off this module;
+#: the tuned alias is the kernel a default launch at the Wan shape runs (keys rotated once)
 CONFIGS = ta.CONFIGS
-_paged_rope_attn_fwd_tuned = paged_rope_attn_fwd_tuned
+_paged_rope_attn_fwd_tuned = paged_attn_rotated_fwd_tuned
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,7 +167,10 @@ def launch_rope_attention(q, q_pos, table, *, cache=None, new=None, causal=False
             anything else raises ``ValueError``/``TypeError`` naming the buffer).
             config: ``{"BLOCK_M", "BLOCK_N"[, "num_warps", "num_stages"]}`` skips autotuning;
             ``{"num_splits": s}`` (alone or with tiles) sets the split-KV parts
-            (:mod:`.triton_split`; default: :func:`num_splits_for` on a GPU, 1 elsewhere).
+            (:mod:`.triton_split`; default: :func:`num_splits_for` on a GPU, 1 elsewhere);
+            ``{"rope_keys": "once" | "fused" | "auto"}`` rotates the keys once into a scratch
+            before a plain paged loop (:mod:`.triton_rotate`) or in the key loop (this
+            kernel); ``"auto"`` (default): :func:`.triton_rotate.choose_rope_keys`.
 
     Returns:
         ``(out, lse)``.
@@ -226,6 +245,8 @@ def launch_paged(q, q_pos, table, cache, new, causal, scale, out, lse, config):
     )
     cfg = dict(config) if config is not None else {}
     splits = cfg.pop("num_splits", None)
+    Lc, L = scratch_rows(M, page_size, N_new)
+    mode = choose_rope_keys(cfg.pop("rope_keys", "auto"), N, B, Hq, L, D, q.element_size())
     if not cfg and is_interpreted(paged_rope_attn_fwd):
         cfg = dict(ta.INTERPRET_CONFIG)
     if splits is None:  # sized for the largest tiles; smaller ones only add programs
@@ -236,10 +257,15 @@ def launch_paged(q, q_pos, table, cache, new, causal, scale, out, lse, config):
     meta["num_splits"] = splits
     if cfg:
         grid = (triton.cdiv(N, cfg["BLOCK_M"]), B * Hq, splits)
-        paged_rope_attn_fwd[grid](**args, **strides, **meta, **cfg)
     else:
         def grid(meta_):
             return (triton.cdiv(N, meta_["BLOCK_M"]), B * Hq, splits)
+    if mode == "once":  # RoPE out of the key loop: one rotation per key and query head
+        rotated = rotate_keys(args, strides, meta, B, Hq, Lc, L, page_len, page_table)
+        launch_rotated(args, strides, meta, cfg, grid, rotated)
+    elif cfg:
+        paged_rope_attn_fwd[grid](**args, **strides, **meta, **cfg)
+    else:
         paged_rope_attn_fwd_tuned[grid](**args, **strides, **meta)
     if splits > 1:
         combine_splits(part[0], part[1], out, lse)

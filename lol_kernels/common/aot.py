@@ -31,19 +31,21 @@ from .triton_attention import CONFIGS, dot_precision, offered_configs
 #: every module that defines ``@triton.jit`` functions, helpers first: :func:`compiled_module`
 #: re-imports them all, so a compiled kernel never calls an interpreted helper
 KERNEL_MODULES = ("lol_kernels.common.triton_rope", "lol_kernels.common.triton_attention",
-                  "lol_kernels.attention.triton_split", "lol_kernels.attention.triton_kernel",
+                  "lol_kernels.attention.triton_split", "lol_kernels.attention.triton_rotate",
+                  "lol_kernels.attention.triton_kernel",
                   "lol_kernels.moc.attention_triton", "lol_kernels.rope.triton_kernel")
 #: the attention kernels :func:`compile_attention_config` compiles: jit name -> its module
 ATTENTION_KERNELS = {"paged_rope_attn_fwd": "lol_kernels.attention.triton_kernel",
+                     "paged_attn_rotated_fwd": "lol_kernels.attention.triton_rotate",
                      "moc_attn_fwd": "lol_kernels.moc.attention_triton"}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 #: runtime scalars of the attention kernels (i32, except the fp32 qk_scale)
-SCALARS = {"N", "N_new", "M", "T", "Hq", "num_splits"}
+SCALARS = {"N", "N_new", "M", "T", "Hq", "num_splits", "Lc"}
 #: strides that are multiples of 16 in any contiguous launch (head strides, row strides of
 #: [.., H, D] tensors); the JIT marks the same ones divisible
 ALIGNED_STRIDES = {"stride_qb", "stride_qn", "stride_kp", "stride_ks", "stride_vp", "stride_vs",
                    "stride_knb", "stride_knn", "stride_vnb", "stride_vnn", "stride_ob",
-                   "stride_on"}
+                   "stride_on", "stride_rb", "stride_rh", "stride_wb", "stride_wh"}
 HEAD_STRIDES = {"stride_qh", "stride_kh", "stride_vh", "stride_knh", "stride_vnh", "stride_oh"}
 
 
@@ -97,7 +99,7 @@ def attention_signature(kernel, dtype: str, *, head_dim: int, group: int = 1, nu
     t = dtype
     ptr = {"Q": f"*{t}", "K": f"*{t}", "V": f"*{t}", "KNew": f"*{t}", "VNew": f"*{t}",
            "Out": f"*{t}", "Lse": "*fp32", "OutPart": "*fp32", "LsePart": "*fp32",
-           "Turns": "*i64"}
+           "Turns": "*i64", "KRot": f"*{t}", "VRot": f"*{t}"}
     const = {"HEAD_DIM": head_dim, "PAGE_SIZE": page_size, "GROUP": group, "NUM_AXES": num_axes,
              "HAS_SHIFT": has_shift, "HAS_NEW": has_new, "IS_CAUSAL": causal,
              "DOT_PREC": dot_precision(DTYPES[dtype]), "FAST_TRIG": True, "BLOCK_M": block_m,
@@ -177,19 +179,28 @@ def sass_summary(cubin: bytes) -> dict:
     """Counts of the SASS instructions that matter: tensor-core HGMMA, local loads/stores,
     MUFU (special functions) and calls, and the loop sizes of :func:`loop_sizes`."""
     text = cuobjdump(cubin, "--dump-sass")
-    loops = loop_sizes(text)
+    counts = loop_counts(text)
+    loops = [(c["all"], c["hot"], c["softmax"]) for c in counts]
     return {"hgmma": len(re.findall(r"\bHGMMA\.", text)),
             "local_ldst": len(re.findall(r"\b(LDL|STL)\b", text)),
             "mufu": len(re.findall(r"\bMUFU\.", text)),
             "calls": len(re.findall(r"\bCALL\.", text)),
             "loop_instructions": [n[0] for n in loops],
             "loop_hot_instructions": [n[1] for n in loops],
-            "loop_softmax_instructions": [n[2] for n in loops]}
+            "loop_softmax_instructions": [n[2] for n in loops],
+            "loop_hot_mufu": [c["mufu_hot"] for c in counts],
+            "loop_hot_bar": [c["bar_hot"] for c in counts]}
 
 
 def loop_sizes(sass: str) -> list[tuple[int, int, int]]:
-    """``(all, hot, softmax)`` SASS instructions in the body of each loop (a backward branch
-    to a lower address), in address order: per-thread instructions of one key-tile iteration.
+    """``(all, hot, softmax)`` of each loop of :func:`loop_counts`."""
+    return [(c["all"], c["hot"], c["softmax"]) for c in loop_counts(sass)]
+
+
+def loop_counts(sass: str) -> list[dict]:
+    """``{"all", "hot", "softmax", "mufu_hot", "bar_hot"}`` SASS instructions in the body of
+    each loop (a backward branch to a lower address), in address order: per-thread
+    instructions of one key-tile iteration.
 
     ``hot`` leaves out the blocks that a forward conditional branch inside the body jumps
     over: in these kernels the partial-tile mask and the lazy accumulator rescale, which run
@@ -197,7 +208,9 @@ def loop_sizes(sass: str) -> list[tuple[int, int, int]]:
     the rescale slack), so ``hot`` is the per-tile cost of the common path. ``softmax``: the
     hot instructions from the first tensor-core wait (``WARPGROUP.DEPBAR``: the scores are
     ready) to the last ``WARPGROUP.ARRIVE`` (the ``P V`` product is issued), which run while
-    no product is in flight; the rest (key loads and rotation) overlaps the ``P V`` product."""
+    no product is in flight; the rest (key loads and rotation) overlaps the ``P V`` product.
+    ``mufu_hot`` / ``bar_hot``: the special-function (``MUFU``: exp2, sin, cos) and CTA-wide
+    barrier (``BAR``) instructions among the hot ones."""
     addr = {}
     order = []
     for line in sass.splitlines():
@@ -220,7 +233,9 @@ def loop_sizes(sass: str) -> list[tuple[int, int, int]]:
         hot = [x for x in body if x not in skipped]
         wait = next((i for i, x in enumerate(hot) if "WARPGROUP.DEPBAR" in addr[x]), 0)
         issue = max((i for i, x in enumerate(hot) if "WARPGROUP.ARRIVE" in addr[x]), default=0)
-        sizes.append((len(body), len(hot), max(issue - wait, 0)))
+        sizes.append({"all": len(body), "hot": len(hot), "softmax": max(issue - wait, 0),
+                      "mufu_hot": sum(bool(re.search(r"\bMUFU\.", addr[x])) for x in hot),
+                      "bar_hot": sum(bool(re.search(r"\bBAR\.", addr[x])) for x in hot)})
     return sizes
 
 
@@ -277,6 +292,23 @@ def compile_rope_kernel(dtype: str, head_dim: int, module=None) -> dict:
         mod.NUM_WARPS, dtype=dtype, head_dim=head_dim, BLOCK_R=mod.BLOCK_R)
 
 
+def compile_rotate_keys_kernel(dtype: str, head_dim: int, module=None, *, group: int = 1,
+                               page_size: int = 64) -> dict:
+    """Compile the rotate-once prologue (``triton_rotate.rotate_keys_fwd``: keys rotated and
+    packed, values packed) for sm_90, with shifts and new keys; same report as above."""
+    mod = module or compiled_module("lol_kernels.attention.triton_rotate")
+    t = f"*{dtype}"
+    ptrs = {n: "*i32" for n in ("KPos", "PageLen", "PageTable", "PageShift", "RowOff", "NValid",
+                                "NewPos", "PairAxis")}
+    ptrs.update(K=t, V=t, KNew=t, VNew=t, KRot=t, VRot=t, Turns="*i64")
+    rows = mod.rotate_rows(head_dim, DTYPES[dtype].itemsize)
+    return _compile_small_kernel(
+        mod.rotate_keys_fwd, "rotate_keys_fwd", ptrs,
+        {"HEAD_DIM": head_dim, "PAGE_SIZE": page_size, "GROUP": group, "NUM_AXES": 3,
+         "HAS_SHIFT": True, "HAS_NEW": True, "FAST_TRIG": True, "BLOCK_R": rows},
+        mod.NUM_WARPS, dtype=dtype, head_dim=head_dim, BLOCK_R=rows)
+
+
 def compile_combine_kernel(dtype: str, head_dim: int, module=None) -> dict:
     """Compile the split-KV merge kernel for sm_90; same report as above."""
     mod = module or compiled_module("lol_kernels.attention.triton_split")
@@ -293,6 +325,8 @@ def _job(job):
         return compile_rope_kernel(dtype, head_dim)
     if kind == "combine":
         return compile_combine_kernel(dtype, head_dim)
+    if kind == "rotate":
+        return compile_rotate_keys_kernel(dtype, head_dim, **kw)
     return compile_attention_config(dtype, head_dim, config, kernel=kind, **kw)
 
 
@@ -300,7 +334,8 @@ def sm90_report(dtypes=("fp16", "bf16"), head_dims=(64, 128), *,
                 kernel: str = "paged_rope_attn_fwd", rope: bool = True, offered=(), extra=(),
                 workers: int | None = None, **variant) -> list[dict]:
     """Compile every autotune config (:data:`CONFIGS`) of the attention kernel ``kernel`` (and
-    the apply_rope and split-KV merge kernels, ``rope=True``) for each dtype and head dim;
+    the apply_rope, split-KV merge and rotate-once prologue kernels, ``rope=True``) for each
+    dtype and head dim;
     ``offered``: ``(dtype, head_dim)`` pairs whose offered configs (``offered_configs``: what
     the autotuner may pick for them, e.g. fp32's narrow tiles) are compiled too; ``extra``:
     ``(dtype, head_dim, config)`` triples compiled as well. ``variant``: keyword
@@ -321,8 +356,8 @@ def sm90_report(dtypes=("fp16", "bf16"), head_dims=(64, 128), *,
     jobs += [(kernel, dt, d, c, variant) for dt, d in offered
              for c in offered_configs(DTYPES[dt], d)]
     jobs += [(kernel, dt, d, c, variant) for dt, d, c in extra]
-    if rope:  # and the split-KV merge
-        jobs += [(k, dt, d, None, {}) for k in ("rope", "combine") for dt in dtypes
+    if rope:  # and the split-KV merge and the rotate-once prologue
+        jobs += [(k, dt, d, None, {}) for k in ("rope", "combine", "rotate") for dt in dtypes
                  for d in head_dims]
     workers = workers or max(1, min(len(jobs), os.cpu_count() or 1))
     ctx = mp.get_context("spawn")
@@ -332,5 +367,6 @@ def sm90_report(dtypes=("fp16", "bf16"), head_dims=(64, 128), *,
 
 __all__ = ["ATTENTION_KERNELS", "KERNEL_MODULES", "ast_source", "attention_signature",
            "compile_attention_config", "compile_combine_kernel", "compile_rope_kernel",
-           "compile_sm90", "compiled_module", "cuobjdump", "interpret_flag", "loop_sizes",
-           "resource_usage", "sass_summary", "sm90_report", "tool"]
+           "compile_rotate_keys_kernel", "compile_sm90", "compiled_module", "cuobjdump",
+           "interpret_flag", "loop_counts", "loop_sizes", "resource_usage", "sass_summary",
+           "sm90_report", "tool"]
