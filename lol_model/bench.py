@@ -28,6 +28,8 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "moc_router": ("moc_router.py", [], ["--repeats", "3", "--ref-repeats", "1"]),
     "moc_attention": ("moc_attention.py", [], ["--quick"]),
     "streaming": ("streaming.py", [], ["--quick"]),
+    "rope_attention_train": ("rope_attention_train.py", ["--split"],
+                             ["--repeats", "3", "--shapes", "B2-N1560"]),
 }
 
 
