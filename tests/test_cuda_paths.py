@@ -8,7 +8,10 @@ router runs its C++ build. Here each of those runs on the GPU against the float6
 * the MUFU fast trig at positions up to 2^30 (``apply_rope``, the paged kernel);
 * bf16 tensor-core products (paged, dense and MoC attention);
 * autotuned launches whose split-KV part count comes from the device's SM count;
-* the CUDA router (``csrc/moc/router_cuda.cu``) against the C++ build and the reference.
+* the CUDA router (``csrc/moc/router_cuda.cu``) against the C++ build and the reference;
+* the rotate-once prologue and key loop (issue 14) next to the fused path, bf16, autotuned;
+* the fused Triton backward of ``rope_attention`` (issue 17) in bf16, autotuned, through
+  autograd.
 """
 
 import os
@@ -34,12 +37,15 @@ BF16 = torch.bfloat16
 
 def test_kernels_compile_for_the_gpu_with_fast_trig():
     """The kernels are compiled (not interpreted) and take the MUFU branch."""
+    from lol_kernels.attention import triton_backward as tb
     from lol_kernels.attention import triton_kernel as tk
+    from lol_kernels.attention import triton_rotate as tr
     from lol_kernels.common.triton_utils import fast_trig, is_interpreted
     from lol_kernels.moc.attention_triton import moc_attn_fwd
     from lol_kernels.rope.triton_kernel import apply_rope_fwd
 
-    for k in (tk.paged_rope_attn_fwd, moc_attn_fwd, apply_rope_fwd):
+    for k in (tk.paged_rope_attn_fwd, moc_attn_fwd, apply_rope_fwd, tr.rotate_keys_fwd,
+              tr.paged_attn_rotated_fwd, tb.rope_attn_bwd_dq, tb.rope_attn_bwd_dkdv):
         assert not is_interpreted(k) and fast_trig(k)
 
 
@@ -101,6 +107,36 @@ def test_autotuned_split_kv_from_the_sm_count():
     o_auto, l_auto = run_and_check(c, BF16)  # autotuned, splits from the heuristic
     o_one, l_one = run_and_check(c, BF16, config={"num_splits": 1})  # autotuned, one part
     assert max_err(l_auto, l_one) < 1e-2
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["block", "causal"])
+def test_rotate_once_and_fused_paths_bf16(causal):
+    """Keys rotated once by the prologue (MUFU trig) then the plain key loop, and the fused
+    path, both autotuned in bf16: each obeys the parity rule and they agree (same operands)."""
+    c, _ = make_case(B=2, N=300, Hq=4, Hkv=2, D=128, S=64, P=8, M=6, dtype=BF16)
+    o_once, l_once = run_and_check(c, BF16, causal=causal, config={"rope_keys": "once"})
+    o_fused, l_fused = run_and_check(c, BF16, causal=causal, config={"rope_keys": "fused"})
+    assert max_err(l_once, l_fused) < 1e-2
+
+
+@pytest.mark.parametrize("hq,hkv", [(12, 4), (12, 12)], ids=["gqa12-4", "mha12"])
+def test_fused_backward_bf16_through_autograd(hq, hkv):
+    """``rope_attention(backend="triton")`` forward and fused backward in bf16 with the
+    autotuner and the MUFU trig, against float64 autograd by the parity rule."""
+    from test_attention_grad_triton import make_case as dense_case
+    from test_attention_grad_triton import reference_grads
+
+    c = dense_case(B=2, N=150, Nk=170, Hq=hq, Hkv=hkv, D=128)
+    for causal in (False, True):
+        ref64 = reference_grads(c, torch.float64, causal)
+        ref_lo = reference_grads(c, BF16, causal)
+        xs = [c[n].to("cuda", BF16).requires_grad_() for n in "qkv"]
+        out, lse = lk.rope_attention(*xs, c["q_pos"].cuda(), c["k_pos"].cuda(), c["table"],
+                                     causal=causal, backend="triton", return_lse=True)
+        torch.autograd.backward([out, lse], [c["grad_out"].to("cuda", BF16),
+                                             c["grad_lse"].cuda()])
+        for name, x, lo, hi in zip(("dq", "dk", "dv"), xs, ref_lo, ref64):
+            assert_close_rule(x.grad.cpu(), lo, hi, f"{name} causal={causal}")
 
 
 ROUTE_SHAPES = [(1, 1, 1, 1, 1, 1), (2, 9, 3, 257, 128, 33), (1, 37, 3, 63, 100, 8),
