@@ -29,9 +29,10 @@ the MUFU sin/cos on a GPU and the portable polynomials under ``TRITON_INTERPRET=
 tiles that straddle the diagonal go through a masked loop of their own. Products take the
 input dtype (fp32: 3xTF32), accumulation is fp32, every output element is written.
 
-sm_90 compile (Triton 3.9, :mod:`.backward_aot`, GQA 3, causal): fp16/bf16 at D = 64 and 128
-spill nothing in any config. bf16 D = 128: dq ``M64-N64-w8`` 231 registers, 100 KB shared;
-dk/dv ``M32-N64-w8-s2`` 244 registers, 67 KB. The lean configs of fp32 and of D = 256
+sm_90 compile (:mod:`.backward_aot`, GQA 3, causal): fp16/bf16 at D = 64 and 128 spill
+nothing in any offered config under Triton 3.6 and 3.9. bf16 D = 128 (3.9 / 3.6): dq
+``M128-N32-w8`` 255 / 255 registers, 97 KB shared; dk/dv ``M16-N64-w8-s2`` 224 / 253
+registers, 49 KB. The lean configs of fp32 and of D = 256
 (:data:`LEAN_CONFIGS`) spill, as the forward's do; fp32 at D = 256 is refused.
 """
 
@@ -67,12 +68,14 @@ from ..common.triton_utils import (
 
 LOG2E = 1.4426950408889634
 #: (BLOCK_M, BLOCK_N, num_warps, num_stages) of the dq kernel: a wide query tile (rotated
-#: once, held with the fp32 dq accumulator and dO), narrow key tiles streamed
-DQ_CONFIGS = [(64, 64, 8, 2), (128, 32, 8, 2)]
-#: of the dk/dv kernel: a wide key tile (rotated once; fp32 dkr and dv accumulators), narrow
-#: query tiles streamed. Two warpgroups on 64 keys and 32 queries: one warpgroup, 128 keys or
-#: 64 queries spill at D = 128
-DKDV_CONFIGS = [(32, 64, 8, 2), (32, 64, 8, 3)]
+#: once, held with the fp32 dq accumulator and dO), narrow key tiles streamed. Spill-free at
+#: bf16 D = 128 under Triton 3.6 and 3.9 (M64-N64 spills 128 B under 3.6, one warpgroup
+#: spills under both)
+DQ_CONFIGS = [(128, 32, 8, 2), (64, 32, 8, 2)]
+#: of the dk/dv kernel: the key tile (rotated once; fp32 dkr and dv accumulators), query
+#: tiles of 16 streamed, two warpgroups. M32-N64 spills 32 B under Triton 3.6 (none under
+#: 3.9), one warpgroup or 128 keys spill under both, 32 keys take no HGMMA
+DKDV_CONFIGS = [(16, 64, 8, 2), (16, 64, 8, 3)]
 #: rows of the delta/lse preprocess kernel per program
 PRE_BLOCK_M = 64
 #: tiles under TRITON_INTERPRET=1 (no autotuning there)
