@@ -1,9 +1,10 @@
 """The CPU paths of ``paged_attention`` and ``rope_attention`` (what ``backend="torch"`` runs).
 
 Same outputs as :func:`~lol_kernels.attention.reference.paged_attention_reference`, but built
-for speed: the pool is gathered straight into a head-major ``[B, Hq, N, D]`` buffer, rotated in
-place with complex factors formed once per distinct position (:mod:`lol_kernels.rope.rope_cpu`),
-and attended by one fused flash-attention call that also returns the log-sum-exp
+for speed: the pool is gathered by whole token rows into a ``[B, N, Hq, D]`` buffer, rotated in
+place chunk by chunk with complex factors formed once per distinct position
+(:mod:`lol_kernels.rope.rope_cpu`), and attended, read head-major through strides, by one fused
+flash-attention call that also returns the log-sum-exp
 (``aten._scaled_dot_product_flash_attention_for_cpu``).
 
 Thread safety: the large temporaries live in scratch buffers owned by the calling thread
@@ -25,6 +26,7 @@ from .backward import expand_heads, rotate_tokens, same_tensor, token_factors
 from .reference import gather_index
 
 _SCRATCH = threading.local()  # per-thread scratch buffers: .buffers maps a role to a tensor
+GATHER_CHUNK_BYTES = 6 << 20  # rows gathered and rotated together: well inside a server L3
 
 
 def scratch(role: str, shape, dtype, device) -> torch.Tensor:
@@ -79,41 +81,51 @@ def empty_result(q: torch.Tensor):
 
 
 def gather_heads(pool, idx, new, kpos, table, Hq, ct, rotate, role):
-    """Keys/values a block reads, as one ``[B, Hq, L + N, D]`` :func:`scratch` buffer in ``ct``.
+    """Keys/values a block reads, as a head-major ``[B, Hq, L + N, D]`` view (in ``ct``) of one
+    token-major ``[B, L + N, Hq, D]`` :func:`scratch` buffer.
 
-    Gathered straight into the head-major layout the fused attention call reads best (one
-    ``index_select`` per query head from KV head ``h // g``: GQA needs no separate expand),
-    the block's own keys appended, then rotated in place when ``rotate``.
+    Whole token rows are gathered (one ``index_select`` per batch row; GQA copies KV head
+    ``h // g`` to query head ``h``), the block's own keys appended, then rotated in place when
+    ``rotate`` by the token-major :func:`rope_factors` of ``kpos [B, L + N, A]``. The fused
+    attention call reads the head-major view through its strides, as SDPA reads a transposed
+    tensor (within noise of contiguous head-major K/V; the gather itself is a third cheaper).
     """
     B, L = idx.shape
     P, S, Hkv, D = pool.shape
     g = Hq // Hkv
     Nn = 0 if new is None else new.shape[1]
-    buf = scratch(role, (B, Hq, L + Nn, D), ct, pool.device)
+    buf = scratch(role, (B, L + Nn, Hq, D), ct, pool.device)
     flat = pool.reshape(P * S, Hkv, D)
+    factors = rope_factors(kpos, table, ct) if rotate else None
+    # rotate each chunk while it is still in the last-level cache: one trip to memory, not two
+    step = max(1, GATHER_CHUNK_BYTES // (Hq * D * buf.element_size()))
     for b in range(B):
-        for h in range(Hq):
-            if pool.dtype == ct:
-                torch.index_select(flat[:, h // g], 0, idx[b], out=buf[b, h, :L])
+        for r0 in range(0, L, step):
+            r1 = min(L, r0 + step)
+            rows = buf[b, r0:r1]
+            if g == 1 and pool.dtype == ct:
+                torch.index_select(flat, 0, idx[b, r0:r1], out=rows)
             else:
-                buf[b, h, :L] = flat[:, h // g].index_select(0, idx[b])
+                rows.unflatten(1, (Hkv, g)).copy_(flat.index_select(0, idx[b, r0:r1]).unsqueeze(2))
+            if rotate:
+                rotate_(rows, [(i, j, f[b, r0:r1]) for i, j, f in factors])
     if Nn:
-        buf[:, :, L:] = new.repeat_interleave(g, dim=2).transpose(1, 2)
-    if rotate:
-        rotate_(buf, rope_factors(kpos, table, ct, head_major=True))
-    return buf
+        buf[:, L:].unflatten(2, (Hkv, g)).copy_(new.unsqueeze(3))
+        if rotate:
+            rotate_(buf[:, L:], [(i, j, f[:, L:]) for i, j, f in factors])
+    return buf.transpose(1, 2)
 
 
 def paged_attention_torch(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table,
                           table: RopeTable, *, k_new=None, v_new=None, causal=False,
                           page_shift=None, scale=None):
-    """CPU path of :func:`lol_kernels.paged_attention`: one gather, one in-place RoPE pass,
-    one fused flash call. Shapes, dtypes and outputs as there.
+    """CPU path of :func:`lol_kernels.paged_attention`: one chunked gather-and-rotate pass, one
+    fused flash call. Shapes, dtypes and outputs as there.
 
-    Keys are gathered straight into one head-major scratch buffer (cache slots, then the
-    block's own keys) and rotated in place with per-axis complex factors computed once per distinct
-    position (:func:`rope_factors`); the fused call then reads contiguous ``[B, H, N, D]``
-    tensors like a plain SDPA call.
+    Keys are gathered by token rows into one scratch buffer (cache slots, then the block's own
+    keys) and rotated in place, chunk by chunk, with per-axis complex factors computed once per
+    distinct position (:func:`rope_factors`); the fused call reads K and V head-major through
+    strides, and contiguous head-major queries.
     """
     B, N, Hq, D = q.shape
     dt = q.dtype
@@ -129,7 +141,7 @@ def paged_attention_torch(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_
         kpos = torch.cat([kpos, q_pos.long()], dim=1)
     kr = gather_heads(cache_k, idx, k_new, kpos, table, Hq, ct, True, "k").to(dt)
     vv = gather_heads(cache_v, idx, v_new, kpos, table, Hq, dt, False, "v")
-    qr = scratch("q", (B, Hq, N, D), ct, q.device)
+    qr = scratch("q", (B, Hq, N, D), ct, q.device)  # head-major: the fused call reads it faster
     qr.copy_(q.transpose(1, 2))
     qr = rotate_(qr, rope_factors(q_pos, table, ct, head_major=True)).to(dt)
     mask = None
