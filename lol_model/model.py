@@ -89,6 +89,21 @@ def cache_pools(cache: PagedKVCache) -> tuple:
     return cache.k, cache.v, cache.pos, cache.page_len, cache.summary
 
 
+def frame_timesteps(t, batch_size: int, num_frames: int, device,
+                    name: str = "timestep") -> torch.Tensor:
+    """``t`` (a scalar, ``[B]`` or ``[B, F]``) as ``[B, F]`` on ``device`` (dtype kept);
+    ``ValueError`` naming ``name`` for another shape."""
+    t = torch.as_tensor(t, device=device)
+    if t.dim() == 0:
+        t = t.expand(batch_size)
+    if t.dim() == 1 and t.shape[0] == batch_size:
+        t = t[:, None].expand(batch_size, num_frames)
+    if tuple(t.shape) != (batch_size, num_frames):
+        raise ValueError(f"{name} must have shape [B={batch_size}, F={num_frames}] (or [B] or "
+                         f"a scalar), got {list(t.shape)}")
+    return t
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Norms and modulation run in fp32, or fp64 for an fp64 model."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -470,24 +485,13 @@ class CausalWanModel(nn.Module):
             raise ValueError(f"text_kv has batch {text_kv.batch_size}; x has batch {B}")
         return (B, Fr, *self.grid(H, W))
 
-    def _timesteps(self, timestep, B, Fr):
-        t = torch.as_tensor(timestep, device=self.device)
-        if t.dim() == 0:
-            t = t.expand(B)
-        if t.dim() == 1 and t.shape[0] == B:
-            t = t[:, None].expand(B, Fr)
-        if tuple(t.shape) != (B, Fr):
-            raise ValueError(f"timestep must have shape [B={B}, F={Fr}] (or [B]), "
-                             f"got {list(t.shape)}")
-        return t
-
     def _run(self, x, timestep, text_k, text_v, attend, shard=None):
         dt, (B, _, Fr, H, W) = self.dtype, x.shape
         ct = compute_dtype(dt)
         gh, gw = self.grid(H, W)
         # [B, dim, F, gh, gw] -> [B, F, gh*gw, dim]: tokens row-major within a frame
         h = self.patch_embedding(x.to(self.device, dt)).flatten(3).permute(0, 2, 3, 1).contiguous()
-        t = self._timesteps(timestep, B, Fr).reshape(-1)
+        t = frame_timesteps(timestep, B, Fr, self.device).reshape(-1)
         s = timestep_sinusoid(t, self.cfg.freq_dim, ct)
         e = self.time_embedding(s.to(self.time_embedding[0].weight.dtype))
         e0 = self.time_projection(e.to(self.time_projection[1].weight.dtype))

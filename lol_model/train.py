@@ -39,6 +39,7 @@ import lol_kernels as lk
 from lol_kernels.cache import PagedKVCache, SlowFastCache
 
 from .caches import CacheConfig, GrowingKVCache, get_cache_config
+from .model import frame_timesteps
 from .sampling import randn, shift_sigma
 
 MODES = ("teacher", "diffusion")
@@ -146,22 +147,6 @@ def block_attention(table, context: list[list[int]], block_frames: int, streams:
 
 
 # --------------------------------------------------------------------------- forward
-def frame_timesteps(name: str, t, batch_size: int, num_frames: int, device) -> torch.Tensor:
-    """``t`` (scalar, ``[B]`` or ``[B, F]``) as ``[B, F]`` float32 on ``device``; ``ValueError``
-    naming ``name`` for another shape."""
-    t = torch.as_tensor(t, device=device)
-    if not t.is_floating_point():
-        t = t.float()
-    if t.dim() == 0:
-        t = t.expand(batch_size)
-    if t.dim() == 1 and t.shape[0] == batch_size:
-        t = t[:, None].expand(batch_size, num_frames)
-    if tuple(t.shape) != (batch_size, num_frames):
-        raise ValueError(f"{name} must have shape [B={batch_size}, F={num_frames}] (or [B] or a "
-                         f"scalar), got {list(t.shape)}")
-    return t.float()
-
-
 def training_forward(model, clean: torch.Tensor | None, noisy: torch.Tensor, timesteps,
                      text_kv, *, block_frames: int, mode: str = "teacher", cache=None,
                      context_timestep=0.0, backend: str = "auto") -> torch.Tensor:
@@ -207,10 +192,10 @@ def training_forward(model, clean: torch.Tensor | None, noisy: torch.Tensor, tim
                          "context); use mode='teacher' for a clean context")
     context = block_context(Fr, block_frames, cache)
     dev = model.device
-    t = frame_timesteps("timesteps", timesteps, B, Fr, dev)
+    t = frame_timesteps(timesteps, B, Fr, dev, "timesteps").float()
     x, streams = noisy, 1
     if mode == "teacher":
-        t = torch.cat([frame_timesteps("context_timestep", context_timestep, B, Fr, dev), t], 1)
+        t = torch.cat([frame_timesteps(context_timestep, B, Fr, dev, "context_timestep").float(), t], 1)
         x, streams = torch.cat([clean.to(noisy.dtype), noisy], 2), 2
     attend = block_attention(model.rope_table, context, block_frames, streams,
                              model.grid(H, W), device=dev, backend=backend)

@@ -47,11 +47,11 @@ from .._dispatch import kernel_input_error, launch_device
 from ..common.triton_attention import dot_precision
 from ..common.triton_rope import (
     interleave,
+    load_head_rope,
     load_pair_positions,
     rope_cos_sin,
     rope_kernel_tables,
     rope_rotate,
-    split_turns,
 )
 from ..common.triton_utils import (
     check_kernel_device,
@@ -305,9 +305,7 @@ def rope_attn_bwd_dq(
     m_m = o_m < N
     o_n = tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, HEAD_DIM)
-    o_j = tl.arange(0, HALF)
-    b_axis = tl.load(PairAxis + o_j)
-    b_thi, b_tlo = split_turns(tl.load(Turns + i_h * HALF + o_j))
+    b_axis, b_thi, b_tlo = load_head_rope(Turns, PairAxis, i_h, HALF)
 
     b_qr = load_rotated(Q, QPos, i_b, i_h, o_m, m_m, o_d, stride_qb, stride_qn, stride_qh,
                         stride_qpb, stride_qpn, b_axis, b_thi, b_tlo, NUM_AXES, FAST_TRIG)
@@ -371,9 +369,7 @@ def rope_attn_bwd_dkdv(
     m_t = o_t < Nk
     o_m0 = tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, HEAD_DIM)
-    o_j = tl.arange(0, HALF)
-    b_axis = tl.load(PairAxis + o_j)
-    b_thi, b_tlo = split_turns(tl.load(Turns + i_h * HALF + o_j))
+    b_axis, b_thi, b_tlo = load_head_rope(Turns, PairAxis, i_h, HALF)
     b_kr = load_rotated(K, KPos, i_b, i_kvh, o_t, m_t, o_d, stride_kb, stride_kn, stride_kh,
                         stride_kpb, stride_kpn, b_axis, b_thi, b_tlo, NUM_AXES, FAST_TRIG)
     b_v = load_rows(V, i_b, i_kvh, o_t, m_t, o_d, stride_vb, stride_vn, stride_vh)
