@@ -102,7 +102,7 @@ def run_shape(name, spec, *, dtype, device, backend, causal, repeats, warmup, sp
         return stats["rotate_sdpa_fwd" if m.endswith("_fwd") else "rotate_sdpa"]
 
     return [{"shape": name, "B": B, "N": N, "H": H, "D": D, "dtype": str(dtype)[6:],
-             "device": device, "backend": backend if m == "rope_attention" else "sdpa",
+             "device": device, "backend": backend if m.startswith("rope_attention") else "sdpa",
              "causal": causal, "method": m, **r,
              "gflops": (2 if m.endswith("_fwd") else 7) * flops / r["median_s"] / 1e9,
              "ratio": r["median_s"] / base(m)["median_s"],

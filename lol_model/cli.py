@@ -346,12 +346,13 @@ def dist_timeout(args) -> float:
     return getattr(args, "dist_timeout", None) or DEFAULT_TIMEOUT_S
 
 
-def generate_on_rank(args, s, ckpt: str) -> dict:
-    """:func:`_generate` on one rank of several: its own failure is recorded for the others'
-    error messages, and it leaves the process group either way."""
+def generate_on_rank(args, s, ckpt: str, store=None) -> dict:
+    """:func:`_generate` on one rank of several: joins the process group (rendezvous on
+    ``store`` when given, else torchrun's environment), records its own failure for the
+    others' error messages, and leaves the group either way."""
     from . import parallel
 
-    parallel.init_distributed(device=s.device, timeout_s=dist_timeout(args))
+    parallel.init_distributed(device=s.device, timeout_s=dist_timeout(args), store=store)
     try:
         out = _generate(args, s, ckpt)
     except BaseException as e:
@@ -370,15 +371,13 @@ def generate_rank(rank: int, world: int, port: int, args, s, ckpt: str) -> None:
     import torch.distributed as dist
     from tqdm import tqdm
 
-    from . import parallel
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     tqdm.set_lock(threading.RLock())  # tqdm's default process lock leaks when a rank is killed
     store = dist.TCPStore("127.0.0.1", port, is_master=False,
                           timeout=datetime.timedelta(seconds=dist_timeout(args)))
-    parallel.init_distributed(device=s.device, timeout_s=dist_timeout(args), store=store)
-    generate_on_rank(args, s, ckpt)
+    generate_on_rank(args, s, ckpt, store)
 
 
 def _spawn_generate(args, s, ckpt: str, nproc: int) -> dict:
@@ -415,8 +414,7 @@ def _generate(args, s, ckpt: str) -> dict:
     every = args.checkpoint_every
     st = None
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:  # head-parallel: every rank streams; rank 0 alone writes and reports
-        parallel.init_distributed(device=s.device, timeout_s=dist_timeout(args))
+    if world > 1:  # head-parallel (joined by generate_on_rank): rank 0 alone writes, reports
         s = dataclasses.replace(s, device=parallel.rank_device(s.device))
     main = parallel.is_main()
     try:
@@ -450,10 +448,6 @@ def _generate(args, s, ckpt: str) -> dict:
                           f"{keep_written(st, ckpt if every else None)}") from None
     dt = time.perf_counter() - t0
     frames = st.block * s.block_frames
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
     if not main:
         return {"blocks": st.block, "seconds": dt, "out": out}
     print(f"{st.block - start} blocks ({frames} latent frames total, {st.frames_out} video "

@@ -31,6 +31,8 @@ import time
 
 import torch.distributed as dist
 
+from .files import first_line
+
 PREFIX = "lol/live"
 
 _current: Liveness | None = None
@@ -258,8 +260,7 @@ def record_failure(exc: BaseException) -> None:
     diagnosis then names it. Skipped after a failed collective (the error, however wrapped,
     is then a peer's)."""
     if _current is not None and not (_current.ended or "").startswith(("survivor", "told")):
-        text = str(exc).strip().splitlines()
-        _current.end(f"failed: {type(exc).__name__}: {text[0] if text else ''}"[:500])
+        _current.end(f"failed: {first_line(exc, 500)}"[:500])
 
 
 # --------------------------------------------------------------------------- launcher

@@ -102,9 +102,9 @@ def block_keys(t: torch.Tensor, context: torch.Tensor, own: slice) -> torch.Tens
     frames ``context [n]`` int64 of stream 0, then each stream's own frames ``own``. Returns
     ``[streams * B, (n + |own|) * Nf, H, D]`` (stream-major on the batch axis)."""
     B, streams, _, _, H, D = t.shape
-    ctx = t[:, 0].index_select(1, context)
-    return torch.stack([torch.cat([ctx, t[:, s, own]], 1) for s in range(streams)]
-                       ).view(streams * B, -1, H, D)
+    ctx = t[:, 0].index_select(1, context)  # one copy in all: the streams share the context
+    return torch.cat([ctx.expand(streams, *ctx.shape), t[:, :, own].transpose(0, 1)], 2
+                     ).reshape(streams * B, -1, H, D)
 
 
 def block_attention(table, context: list[list[int]], block_frames: int, streams: int,

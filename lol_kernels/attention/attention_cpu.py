@@ -22,7 +22,7 @@ import torch
 from ..rope.reference import compute_dtype
 from ..rope.rope_cpu import rope_factors, rotate_
 from ..rope.table import RopeTable
-from .backward import expand_heads, rotate_tokens, same_tensor, token_factors
+from .backward import causal_mask, expand_heads, rotated_qk
 from .reference import gather_index
 
 _SCRATCH = threading.local()  # per-thread scratch buffers: .buffers maps a role to a tensor
@@ -63,9 +63,8 @@ def attention_with_lse(qr, kr, vv, bias, scale, causal: bool = False):
             qr, kr, vv, is_causal=causal, attn_mask=bias, scale=scale)
     if causal:
         N, Nk = qr.shape[-2], kr.shape[-2]
-        vis = torch.ones(N, Nk, dtype=torch.bool, device=qr.device).tril()
-        causal_bias = torch.zeros(N, Nk, dtype=qr.dtype, device=qr.device)
-        causal_bias = causal_bias.masked_fill_(~vis, float("-inf"))
+        causal_bias = torch.zeros(N, Nk, dtype=qr.dtype, device=qr.device).masked_fill_(
+            ~causal_mask(N, Nk, qr.device), float("-inf"))
         bias = causal_bias if bias is None else bias + causal_bias
     s = (qr @ kr.transpose(-1, -2)).to(compute_dtype(qr.dtype)) * scale
     if bias is not None:
@@ -180,15 +179,13 @@ def rope_attention_torch(q, k, v, q_pos, k_pos, table: RopeTable, *, causal=Fals
     """
     B, N, Hq, D = q.shape
     Nk, Hkv = k.shape[1], k.shape[2]
-    dt, ct = q.dtype, compute_dtype(q.dtype)
+    dt = q.dtype
     scale = D**-0.5 if scale is None else scale
     if Nk == 0:
         return empty_result(q)
     table = table.to(q.device)
-    fq = token_factors(q_pos, table, ct)
-    fk = fq if same_tensor(q_pos, k_pos) else token_factors(k_pos, table, ct)
-    qr = rotate_tokens(expand_heads(q, Hq, ct), fq).to(dt).transpose(1, 2)
-    kr = rotate_tokens(expand_heads(k, Hq, ct), fk).to(dt).transpose(1, 2)
+    qr, kr, _, _ = rotated_qk(q, k, q_pos, k_pos, table)
+    qr, kr = qr.transpose(1, 2), kr.transpose(1, 2)
     vv = (v if Hq == Hkv else expand_heads(v, Hq, dt)).transpose(1, 2)
     out, lse = attention_with_lse(qr, kr, vv, None, scale, causal)
     return out.transpose(1, 2).to(dt), lse.float()

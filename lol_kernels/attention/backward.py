@@ -166,6 +166,21 @@ def group_sum(d: torch.Tensor, Hx: int, dtype) -> torch.Tensor:
     return d.to(dtype).contiguous()
 
 
+def rotated_qk(q, k, q_pos, k_pos, table: RopeTable, pad: int = 0):
+    """The rotated operands of the dense torch path, formed one way for its forward and its
+    backward (so the backward recomputes exactly what the forward attended): ``qr, kr
+    [B, L, Hq, D + pad]`` in q's dtype (token-major memory, RoPE in fp32 / fp64, key head
+    ``h // g`` rotated with query head ``h``'s frequencies, ``pad`` zero channels) and the
+    factors ``fq, fk`` (:func:`token_factors`; ``fk is fq`` when the positions are the same
+    tensor). ``table`` on q's device."""
+    Hq, dt, ct = q.shape[2], q.dtype, compute_dtype(q.dtype)
+    fq = token_factors(q_pos, table, ct)
+    fk = fq if same_tensor(q_pos, k_pos) else token_factors(k_pos, table, ct)
+    qr = rotate_tokens(expand_heads(q, Hq, ct, pad), fq).to(dt)
+    kr = rotate_tokens(expand_heads(k, Hq, ct, pad), fk).to(dt)
+    return qr, kr, fq, fk
+
+
 def rope_attention_backward_torch(grad_out, grad_lse, q, k, v, q_pos, k_pos, table: RopeTable,
                                   out, lse, *, causal: bool, scale: float):
     """Gradients of :func:`lol_kernels.rope_attention` for ``q``, ``k`` and ``v``.
@@ -197,11 +212,8 @@ def rope_attention_backward_torch(grad_out, grad_lse, q, k, v, q_pos, k_pos, tab
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     dt, ct = q.dtype, compute_dtype(q.dtype)
     table = table.to(q.device)
-    fq = token_factors(q_pos, table, ct)
-    fk = fq if same_tensor(q_pos, k_pos) else token_factors(k_pos, table, ct)
     pad = 0 if grad_lse is None else LSE_PAD
-    qr = rotate_tokens(expand_heads(q, Hq, ct, pad), fq).to(dt)
-    kr = rotate_tokens(expand_heads(k, Hq, ct, pad), fk).to(dt)
+    qr, kr, fq, fk = rotated_qk(q, k, q_pos, k_pos, table, pad)
     vv = v if Hq == Hkv and not pad else expand_heads(v, Hq, dt, pad)
     do = q.new_zeros(B, N, Hq, D) if grad_out is None else grad_out.to(dt)
     o = out.to(dt)

@@ -44,18 +44,15 @@ import triton.language as tl
 
 from .._checks import check_out_buffer
 from .._dispatch import kernel_input_error, launch_device
-from ..common.triton_attention import dot_precision
+from ..common.triton_attention import launch_constants
 from ..common.triton_rope import (
     interleave,
     load_head_rope,
     load_pair_positions,
     rope_cos_sin,
-    rope_kernel_tables,
     rope_rotate,
 )
 from ..common.triton_utils import (
-    check_kernel_device,
-    fast_trig,
     is_interpreted,
     kernel_supports,
     last_contig,
@@ -66,7 +63,6 @@ from ..common.triton_utils import (
 # configs
 # ---------------------------------------------------------------------------------------------
 
-LOG2E = 1.4426950408889634
 #: (BLOCK_M, BLOCK_N, num_warps, num_stages) of the dq kernel: a wide query tile (rotated
 #: once, held with the fp32 dq accumulator and dO), narrow key tiles streamed. Spill-free at
 #: bf16 D = 128 under Triton 3.6 and 3.9 (M64-N64 spills 128 B under 3.6, one warpgroup
@@ -437,8 +433,8 @@ def launch_backward(grad_out, grad_lse, q, k, v, q_pos, k_pos, table, out, lse, 
     B, N, Hq, D = q.shape
     Nk, Hkv = k.shape[1], k.shape[2]
     dev = q.device
-    check_kernel_device(rope_attn_bwd_dq, q)
-    turns, pair_axis = rope_kernel_tables(table, dev)
+    const = launch_constants(rope_attn_bwd_dq, q, table, scale)  # RoPE words, qk_scale, ...
+    turns, pair_axis = const.pop("Turns"), const.pop("PairAxis")
     q, k, v, q_pos, k_pos = map(last_contig, (q, k, v, q_pos, k_pos))
     has_do = grad_out is not None
     grad_out = last_contig(grad_out.to(q.dtype)) if has_do else None
@@ -461,10 +457,8 @@ def launch_backward(grad_out, grad_lse, q, k, v, q_pos, k_pos, table, out, lse, 
         (q, "stride_qb stride_qn stride_qh"), (k, "stride_kb stride_kn stride_kh"),
         (v, "stride_vb stride_vn stride_vh"), (q_pos, "stride_qpb stride_qpn"),
         (k_pos, "stride_kpb stride_kpn"), (grad_out, "stride_dob stride_don stride_doh"))
-    meta = dict(N=N, Nk=Nk, Hq=Hq, qk_scale=scale * LOG2E, sm_scale=scale, HEAD_DIM=D,
-                GROUP=Hq // Hkv, NUM_AXES=q_pos.shape[-1], IS_CAUSAL=bool(causal),
-                HAS_DO=has_do, DOT_PREC=dot_precision(q.dtype),
-                FAST_TRIG=fast_trig(rope_attn_bwd_dq))
+    meta = dict(N=N, Nk=Nk, Hq=Hq, sm_scale=scale, GROUP=Hq // Hkv, NUM_AXES=q_pos.shape[-1],
+                IS_CAUSAL=bool(causal), HAS_DO=has_do, **const)
     if Nk:
         g = Hq // Hkv
         # GQA: each query head's share in fp32, summed over the group here
