@@ -43,7 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import markdown_table, write_results  # noqa: E402
 
-from lol_model.config import ModelConfig  # noqa: E402
+from lol_model.model.config import ModelConfig  # noqa: E402
 
 MODELS = {"wan-1.3b": ModelConfig.preset("wan-1.3b"), "wan-14b": ModelConfig.preset("wan-14b")}
 FRAME_TOKENS = (480 // 8 // 2) * (832 // 8 // 2)  # 30 x 52 = 1560
@@ -135,7 +135,7 @@ def measured_stream(world: int) -> float:
     root = Path(__file__).resolve().parent.parent
     code = (f"import time, sys; sys.path.insert(0, {str(root)!r}); "
             "import tests.test_parallel as T; "
-            "from lol_model.generate import new_stream; T.PRESETS['tiny12'] = T.TINY12; "
+            "from lol_model.streaming.stream import new_stream; T.PRESETS['tiny12'] = T.TINY12; "
             "T.register_test_caches(); import torch; torch.set_num_threads(1); "
             "t0 = time.perf_counter(); [T.stream_latents(new_stream(s)) for s in "
             "T.CASES.values()]; print(time.perf_counter() - t0)")

@@ -56,7 +56,8 @@ def worker(args) -> None:
         os.environ["LOL_VALIDATE"] = "1"
     import torch
 
-    from lol_model.generate import StreamSettings, new_stream, step
+    from lol_model.streaming.settings import StreamSettings
+    from lol_model.streaming.stream import advance, new_stream
 
     torch.set_num_threads(args.threads)
     s = StreamSettings(blocks=args.blocks, cache=args.cache, latent_height=args.latent,
@@ -66,7 +67,7 @@ def worker(args) -> None:
     times, cpu, rss, peak, cache_mib = [], [], [], [], []
     for _ in range(args.blocks):
         t0, c0 = time.perf_counter(), time.process_time()
-        step(st)
+        advance(st)
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
         rss.append(rss_mib())

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from lol_model import bench
+from lol_model.cli import bench
 
 SCRIPT = '''
 import argparse, json, pathlib
@@ -20,7 +20,7 @@ out = pathlib.Path(a.out); out.mkdir(parents=True, exist_ok=True)
 def _args(tmp_path, names, **kw):
     p = argparse.ArgumentParser()
     sub = p.add_subparsers()
-    bench.add_bench_parser(sub)
+    bench.add_parser(sub)
     argv = ["bench", *names, "--out", str(tmp_path / "out"), "--benchmarks-dir",
             str(tmp_path / "benchmarks")]
     if kw.get("readme"):

@@ -24,8 +24,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import lol_kernels as lk
 from lol_model.cli import main
-from lol_model.generate import StreamSettings, new_stream, step
-from lol_model.step import BlockForward, Captured, capture_eager
+from lol_model.streaming.forward import BlockForward, Captured, capture_eager
+from lol_model.streaming.settings import StreamSettings
+from lol_model.streaming.stream import advance, new_stream
 
 SCHEDULE = "a fox in snow[8b] | a cat on a roof[6b] | a dog on a beach[#]"
 POLICY_AT = 11  # block at which the stream's read policy changes
@@ -53,7 +54,7 @@ def run(blocks: int, *, cache: str = "longlive", compile=None, policy=None, forw
     for b in range(blocks):
         if b == POLICY_AT and policy is not None:
             st.cache_cfg = dataclasses.replace(st.cache_cfg, policy=policy)
-        outs.append(step(st))
+        outs.append(advance(st))
     return outs, st
 
 
@@ -127,13 +128,13 @@ def test_block_step_compiles_whole_without_recompiles(cache, blocks, policy):
     s = StreamSettings(prompt=SCHEDULE, blocks=blocks, cache=cache, decode=False,
                        compile="aot_eager")
     st = new_stream(s)
-    got = [step(st)]  # warm-up: the denoising graph and the write graph
+    got = [advance(st)]  # warm-up: the denoising graph and the write graph
     assert counters["stats"]["unique_graphs"] == 2
     with torch._dynamo.config.patch(error_on_recompile=True):
         for b in range(1, blocks):
             if b == POLICY_AT and policy is not None:
                 st.cache_cfg = dataclasses.replace(st.cache_cfg, policy=policy)
-            got.append(step(st))
+            got.append(advance(st))
     c = st.cache  # frames left the window (evicted, or promoted to slow memory)
     assert c.frames_written > c.sink_frames + c.window_frames + c.block_frames
     assert st.segment == 2  # both prompt switches happened
@@ -192,7 +193,7 @@ def test_captured_step_bookkeeping_on_cpu():
     g = next(iter(fns["write"].graphs.values()))
     ptrs = {n: t.data_ptr() for n, t in g["buffers"].items()}
     assert {"x", "timestep", "inputs.slots", "inputs.fids", "inputs.page_table"} <= set(ptrs)
-    step(st)  # one more block: the same buffers, refilled in place
+    advance(st)  # one more block: the same buffers, refilled in place
     assert {n: t.data_ptr() for n, t in g["buffers"].items()} == ptrs
     assert g["pools"] == Captured.addresses((st.cache.k, st.cache.v, st.cache.pos,
                                              st.cache.page_len, st.cache.summary))

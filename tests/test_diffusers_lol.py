@@ -22,7 +22,7 @@ from tiny_wan import TRANSFORMER, seeded, tiny_pipeline, tiny_transformer
 
 import lol_kernels as lk
 from lol_kernels.rope.reference import rope_cos_sin, rotate_pairs
-from lol_model.diffusers import (
+from lol_model.integrations.diffusers.processor import (
     STATE_ATTR,
     LolWanAttnProcessor,
     VideoGrid,

@@ -16,9 +16,9 @@ import torch
 from tiny_wan import TEXT_LEN, tiny_pipeline, tiny_text_encoder, write_tiny_folder
 
 from lol_model.cli import main
-from lol_model.pipeline import LolStreamingPipeline
-from lol_model.vae import StreamingDecoder, load_vae, to_uint8_frames
-from lol_model.video import load_latents
+from lol_model.integrations.diffusers.pipeline import LolStreamingPipeline
+from lol_model.model.vae import StreamingDecoder, load_vae, to_uint8_frames
+from lol_model.streaming.video import load_latents
 
 # a prompt switch (LongLive recache) and LoL jitter: the paths a plain prompt would not reach
 PROMPT = "a red fox running[2b] | a cat in the snow"
@@ -81,7 +81,7 @@ def test_frames_equal_lol_generate(pipe, folder, cli_run):
 def test_mp4_equals_lol_generate(pipe, cli_run, tmp_path, capfd):
     out = str(tmp_path / "pipe.mp4")
     assert pipe(PROMPT, output_type="mp4", out=out, **{**RUN, "progress": True}) == out
-    assert "3/3" in capfd.readouterr().err  # the tqdm bar of lol_model.generate.run
+    assert "3/3" in capfd.readouterr().err  # the tqdm bar of lol_model.streaming.driver.run
     assert np.array_equal(iio.imread(out), iio.imread(cli_run[0]))
     assert not os.path.exists(out + ".segments")  # joined into out
 
@@ -97,7 +97,7 @@ def test_from_wan_pipeline_components(pipe):
 def test_checkpoint_fills_transformer_slot(folder, pipe, tmp_path):
     """A causal checkpoint (trainer layout, original key names) replaces the folder's
     transformer weights, whose config alone is then needed."""
-    from lol_model.weights import load_model
+    from lol_model.model.weights import load_model
 
     other = LolStreamingPipeline.from_pretrained(folder, text_len=TEXT_LEN)
     sd = {f"model.{k}": torch.randn_like(v) * 0.05 for k, v in other.model.state_dict().items()}

@@ -5,15 +5,17 @@ import pytest
 import torch
 
 from lol_kernels.cache import PagedKVCache, read_cache, token_positions
-from lol_model.caches import CACHES, GrowingKVCache, get_cache_config
-from lol_model.generate import StreamSettings, new_stream, run, sample_block, step
-from lol_model.sampling import (
+from lol_model.streaming.driver import run
+from lol_model.streaming.presets import CACHES, GrowingKVCache, get_cache_config
+from lol_model.streaming.sampling import (
     denoise_block,
     sampling_sigmas,
     shift_sigma,
     sigmas_from_timesteps,
     write_block,
 )
+from lol_model.streaming.settings import StreamSettings
+from lol_model.streaming.stream import advance, new_stream, sample_block
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -87,7 +89,7 @@ def test_cache_configs_stream_in_constant_memory(name):
     mem = st.cache.memory_bytes()
     outs = []
     for _ in range(6):
-        outs.append(step(st))
+        outs.append(advance(st))
         assert [(t.data_ptr(), tuple(t.shape)) for t in _cache_tensors(st.cache)] == before
         assert st.cache.memory_bytes() == mem
         assert len(st.latents) == st.cache.num_frames  # kept latents follow the cache
@@ -148,12 +150,12 @@ def test_jitter_composes_with_caches():
 def test_recache_recomputes_kv_keeps_positions():
     st = new_stream(StreamSettings(blocks=4, cache="sink-window", prompt="a cat[2] | a dog"))
     for _ in range(2):
-        step(st)
+        advance(st)
     frames = st.cache.frames()
     t_before = [fr.t for fr in frames]
     k_before = st.cache.k[1].clone()
     pos_before = st.cache.pos.clone()
-    step(st)  # block 2 starts "a dog": recache, then sample
+    advance(st)  # block 2 starts "a dog": recache, then sample
     assert st.segment == 1
     assert [fr.t for fr in st.cache.frames()][:6] == t_before
     pages = torch.cat([fr.pages.reshape(-1) for fr in frames])
@@ -168,9 +170,9 @@ def test_hard_cut_flushes_and_jumps(name, q_t):
     st = new_stream(StreamSettings(blocks=4, cache=name, window_frames=6,
                                    prompt="a cat[3] | a dog[#]"))
     for _ in range(3):
-        step(st)
+        advance(st)
     sink = [fr.fid for fr in st.cache.sink]
-    step(st)
+    advance(st)
     frames = st.cache.frames()
     assert [fr.fid for fr in frames[: len(sink)]] == sink
     assert len(frames) == len(sink) + 2 + 3  # flush kept the newest 2 window frames
@@ -194,7 +196,7 @@ def test_bad_settings():
 
 
 def test_tiny_text_encoder_pads_and_is_deterministic():
-    from lol_model.text import ByteTokenizer, TextEncoder
+    from lol_model.model.text import ByteTokenizer, TextEncoder
 
     enc = TextEncoder.tiny(32, text_len=16, seed=0)
     a = enc(["a cat", "a much longer prompt that is cut at sixteen tokens"])
@@ -212,7 +214,7 @@ def test_tiny_text_encoder_pads_and_is_deterministic():
 def test_precomputed_prompt_embeddings(tmp_path, ext):
     from safetensors.torch import save_file
 
-    from lol_model.text import encode_prompt, load_text_encoder
+    from lol_model.model.text import encode_prompt, load_text_encoder
 
     table = {"a cat": torch.randn(5, 32), "1": torch.randn(40, 32)}
     path = str(tmp_path / f"emb.{ext}")
@@ -243,7 +245,7 @@ def test_stream_from_precomputed_embeddings(tmp_path):
 def test_checkpoint_weights_reproduce_the_random_model(tmp_path):
     from safetensors.torch import save_file
 
-    from lol_model.generate import build_model
+    from lol_model.streaming.stream import build_model
 
     s = StreamSettings(blocks=2, seed=4, decode=False)
     model = build_model(s, torch.float32, torch.device("cpu"))

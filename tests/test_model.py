@@ -11,9 +11,9 @@ from diffusers.models import embeddings
 
 import lol_kernels as lk
 from lol_kernels.cache.slowfast import SlowFastCache
-from lol_model.config import ModelConfig
-from lol_model.model import CausalWanModel
-from lol_model.weights import load_weights
+from lol_model.model.config import ModelConfig
+from lol_model.model.transformer import CausalWanModel
+from lol_model.model.weights import load_weights
 
 CFG = ModelConfig.preset("tiny")
 
@@ -119,7 +119,7 @@ def test_timestep_sinusoid_is_upstream_float64():
     [cos, sin] of the outer product, cast last. Angles written out in Python floats here."""
     from diffusers.models.embeddings import get_timestep_embedding
 
-    from lol_model.model import timestep_sinusoid
+    from lol_model.model.transformer import timestep_sinusoid
 
     dim, half = 256, 128
     t = torch.cat([torch.tensor([0.0, 0.5, 1.0, 250.0, 937.5, 999.0, 1000.0]),

@@ -1,6 +1,6 @@
 """Head-parallel streaming (lol_model.parallel) on CPU over gloo: world sizes 2, 3, 4 against one
 process (and over a DeviceMesh), a bad world size, dead and hung ranks named within a time
-bound (lol_model.liveness), and resume of a parallel checkpoint after a crash inside one."""
+bound (lol_model.parallel.liveness), and resume of a parallel checkpoint after a crash inside one."""
 
 from __future__ import annotations
 
@@ -19,8 +19,10 @@ import torch
 import torch.multiprocessing as mp
 from tqdm import tqdm
 
-from lol_model.config import PRESETS, ModelConfig
-from lol_model.generate import StreamSettings, new_stream, run
+from lol_model.model.config import PRESETS, ModelConfig
+from lol_model.streaming.driver import run
+from lol_model.streaming.settings import StreamSettings
+from lol_model.streaming.stream import new_stream
 
 TINY12 = ModelConfig(num_layers=2, dim=96, num_heads=12, ffn_dim=128, text_dim=32, text_len=16,
                      freq_dim=32)
@@ -41,7 +43,7 @@ def register_test_caches() -> None:
     """Slow-fast / moc with 3 slow frames and tau = 0.6: over the 8 blocks the tiny model
     promotes 7 frames, rejects 6 and evicts 4 from slow memory (every novelty path runs)."""
     from lol_kernels.cache import SlowFastCache
-    from lol_model.caches import CacheConfig, register_cache
+    from lol_model.streaming.presets import CacheConfig, register_cache
 
     for name, routed in (("test-slow-fast", False), ("test-moc", True)):
         register_cache(name, lambda routed=routed, name=name, **kw: CacheConfig(
@@ -56,7 +58,7 @@ def free_port() -> int:
 
 
 def setup_rank(rank: int, world: int, port: int, timeout_s: float = 30.0) -> None:
-    from lol_model.parallel import init_distributed
+    from lol_model.parallel.runner import init_distributed
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world))
@@ -74,7 +76,7 @@ def stream_latents(st, **kw) -> torch.Tensor:
 
 
 def worker_parity(rank, world, port, folder, mesh=False):
-    from lol_model.parallel import parallel_stream
+    from lol_model.parallel.runner import parallel_stream
 
     setup_rank(rank, world, port)
     res = {name: stream_latents(parallel_stream(s)) for name, s in CASES.items()}
@@ -100,7 +102,7 @@ FAULTS = {
 def worker_fault(rank, world, port, folder, victim, fault, timeout_s):
     """Streams 4 blocks; after block 1 rank ``victim`` suffers ``fault``; every rank that fails
     writes ``err<rank>.txt``: the wall time, then the error."""
-    from lol_model.parallel import parallel_stream, shutdown_distributed
+    from lol_model.parallel.runner import parallel_stream, shutdown_distributed
 
     setup_rank(rank, world, port, timeout_s=timeout_s)
     st = parallel_stream(replace(BASE, blocks=4))
@@ -122,7 +124,7 @@ def worker_fault(rank, world, port, folder, victim, fault, timeout_s):
 
 
 def worker_resume(rank, world, port, folder, mode):
-    from lol_model.parallel import parallel_stream, resume_parallel, save_parallel
+    from lol_model.parallel.runner import parallel_stream, resume_parallel, save_parallel
 
     setup_rank(rank, world, port)
     st = parallel_stream(CASES["slow-fast"])
@@ -132,7 +134,7 @@ def worker_resume(rank, world, port, folder, mode):
                              save=save_parallel)
         torch.save(lat, os.path.join(folder, f"full{rank}.pt"))
     elif mode == "kill":  # checkpoints at blocks 2 and 4; rank 1 dies inside the one at 6
-        import lol_model.generate as gen
+        import lol_model.parallel.runner as gen
 
         real = gen.save_stream
 
@@ -177,7 +179,7 @@ def reference():
         yield {name: stream_latents(new_stream(s)) for name, s in CASES.items()}
     finally:  # the registries are process-wide: other test files enumerate them
         torch.set_num_threads(threads)
-        from lol_model.caches import CACHES
+        from lol_model.streaming.presets import CACHES
 
         for name in ("test-slow-fast", "test-moc"):
             CACHES.pop(name, None)
@@ -197,14 +199,14 @@ def test_matches_one_process(world, reference, tmp_path):
 
 
 def test_mesh_must_be_one_dimensional():
-    from lol_model.parallel import UlyssesModel
+    from lol_model.parallel.ulysses import UlyssesModel
 
     with pytest.raises(TypeError, match="1-D torch.distributed DeviceMesh"):
         UlyssesModel(None, mesh=object())
 
 
 def test_world_size_must_divide_heads():
-    from lol_model.parallel import check_degree, head_split
+    from lol_model.parallel.ulysses import check_degree, head_split
 
     assert head_split(12, 3) == [[0, 4], [4, 8], [8, 12]]
     with pytest.raises(ValueError, match="ulysses_degree"):
@@ -289,15 +291,18 @@ def test_resume_after_kill_is_bit_exact(tmp_path):
 def test_crash_during_checkpoint_keeps_the_previous_one_and_world_size_checked(tmp_path, monkeypatch):
     import torch.distributed as dist
 
-    import lol_model.generate as gen
-    from lol_model.caches import CACHES
-    from lol_model.parallel import parallel_stream, resume_parallel, save_parallel
+    import lol_model.parallel.runner as gen
+    from lol_model.parallel.runner import parallel_stream, resume_parallel, save_parallel
+    from lol_model.parallel.ulysses import UlyssesModel
+    from lol_model.streaming.interfaces import StreamModel
+    from lol_model.streaming.presets import CACHES
 
     PRESETS["tiny12"] = TINY12
     register_test_caches()
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         st = parallel_stream(replace(CASES["moc"], blocks=2))
+        assert isinstance(st.model, UlyssesModel) and isinstance(st.model, StreamModel)
         run(st, progress=False, checkpoint_dir=str(tmp_path), checkpoint_every=2,
             save=save_parallel)
         st.settings.blocks = 3
@@ -366,7 +371,7 @@ def test_cli_names_a_killed_rank(tmp_path, capfd):
     rc, dt = cli_with_fault(tmp_path, signal.SIGKILL)
     err = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("lol: ")]
     assert rc == 1 and dt < 5.0, (rc, dt)
-    assert err == ["lol: error: rank 1 of 2 died (exit code -9, SIGKILL)"], err
+    assert err == ["lol: error: rank 1 of 2 died (killed by signal 9, SIGKILL)"], err
 
 
 def test_cli_names_a_stopped_rank_after_dist_timeout(tmp_path, capfd):

@@ -16,11 +16,13 @@ import torch
 
 from lol_kernels import rope_frequencies
 from lol_kernels.cache import token_positions
-from lol_model.caches import CACHES, get_cache_config
-from lol_model.cli import build_parser, main, settings_from_args
-from lol_model.config import ModelConfig
-from lol_model.generate import StreamSettings, new_stream, step
-from lol_model.model import CausalWanModel
+from lol_model.cli import build_parser, main
+from lol_model.cli.generate import settings_from_args
+from lol_model.model.config import ModelConfig
+from lol_model.model.transformer import CausalWanModel
+from lol_model.streaming.presets import CACHES, get_cache_config
+from lol_model.streaming.settings import StreamSettings
+from lol_model.streaming.stream import advance, new_stream
 
 F = 3  # frames a block (upstream's num_frame_per_block)
 BLOCKS = 16
@@ -288,7 +290,7 @@ def test_default_stream_attends_what_longlive_attends():
         serial = [fr.serial for fr in st.cache.frames()]
         assert serial + list(range(b * F, (b + 1) * F)) == up[b][0]
         assert read.frame_t.tolist() + read.q_t.tolist() == up[b][0]
-        step(st)
+        advance(st)
     args = build_parser().parse_args(["generate"])
     s = settings_from_args(args)
     assert (s.cache, s.local_attn_size, s.window_frames, s.jitter_sigma) == \

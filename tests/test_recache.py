@@ -17,15 +17,9 @@ import pytest
 import torch
 
 from lol_kernels.cache import PagedKVCache, build_read, token_positions
-from lol_model.generate import (
-    StreamSettings,
-    encode_text,
-    new_stream,
-    resume_stream,
-    save_stream,
-    step,
-    switch_prompt,
-)
+from lol_model.streaming.checkpoint import resume_stream, save_stream
+from lol_model.streaming.settings import StreamSettings
+from lol_model.streaming.stream import advance, encode_text, new_stream, switch_prompt
 
 S, W, F = 3, 6, 3
 L = S + W + F  # LongLive's local_attn_size = 12
@@ -43,7 +37,7 @@ def _stream(switch: int, *, recache="longlive", global_sink=True, prompt=None, b
 
 def _until_switch(st, switch: int):
     """Generate ``switch`` blocks; returns every frame's clean latent ``[B, Cz, cur, h, w]``."""
-    return torch.cat([step(st) for _ in range(switch)], dim=2)
+    return torch.cat([advance(st) for _ in range(switch)], dim=2)
 
 
 @contextmanager
@@ -160,14 +154,14 @@ def test_longlive_recache_frames_positions_prompt(switch, global_sink):
     assert all(v.abs().amax() > 0 for v in sink_now.values())  # never zeroed
     if ctx is not None:
         assert all(torch.equal(sink_now[k], before[k]) for k in before)  # global sink kept
-    else:
-        assert not any(torch.equal(sink_now[k], before[k]) for k in before)
+    else:  # recomputed under the new prompt; layer 0's K/V see only latents and timestep
+        assert not any(torch.equal(sink_now[k], before[k]) for k in before if k[1] > 0)
 
     # the next block attends the sink, the window and itself, then evicts the F oldest
     read = st.cache_cfg.read(st.cache, F)
     assert read.frame_t.tolist() == written and read.q_t.tolist() == [3 * switch + i
                                                                        for i in range(F)]
-    step(st)
+    advance(st)
     assert [fr.t for fr in st.cache.frames()] == sink + [t for t in written[len(sink):]
                                                          if t >= 3 * switch - W + F] + \
         [3 * switch + i for i in range(F)]
@@ -176,11 +170,11 @@ def test_longlive_recache_frames_positions_prompt(switch, global_sink):
 def test_recache_history_is_bounded_and_follows_the_span():
     st = _stream(20)
     for _ in range(7):
-        step(st)
+        advance(st)
     assert [s for s, _, _ in st.recent] == list(range(21 - L, 21))
     assert st.cache_cfg.recache_span(st.cache) == L
     bc = _stream(20, recache="block-causal")
-    step(bc)
+    advance(bc)
     assert bc.recent == []  # only the LongLive recache keeps evicted frames
 
 
@@ -200,10 +194,10 @@ def test_block_causal_recache_still_recomputes_block_by_block():
 def test_longlive_after_a_hard_cut_restarts_from_the_kept_frames():
     st = _stream(0, prompt="a cat[6] | a dog[3#] | a bird")
     for _ in range(7):
-        step(st)  # the cut at block 6 kept the sink and frames 16, 17
+        advance(st)  # the cut at block 6 kept the sink and frames 16, 17
     assert [s for s, _, _ in st.recent] == [0, 1, 2, 16, 17, 18, 19, 20]
     for _ in range(2):
-        step(st)
+        advance(st)
     assert [s for s, _, _ in st.recent] == [2, 16, 17, *range(18, 27)]  # the newest L
     sink = _cached_kv(st.cache, st.cache.sink)
     t = [fr.t for fr in st.cache.frames()]
@@ -218,25 +212,25 @@ def test_longlive_refuses_slow_memory():
     st = new_stream(StreamSettings(blocks=4, cache="slow-fast", window_frames=2,
                                    recache="longlive", prompt="a cat[2] | a dog", decode=False))
     for _ in range(2):
-        step(st)
+        advance(st)
     with pytest.raises(ValueError, match="block-causal"):
-        step(st)
+        advance(st)
 
 
 @pytest.mark.parametrize("global_sink", [True, False], ids=["global", "local"])
 def test_resume_across_longlive_switches_is_bit_exact(tmp_path, global_sink):
     prompt = "a cat[10] | a dog[2] | a bird"  # switches at blocks 10 and 12
     full = _stream(0, global_sink=global_sink, prompt=prompt, blocks=14)
-    want = [step(full) for _ in range(14)]
+    want = [advance(full) for _ in range(14)]
     part = _stream(0, global_sink=global_sink, prompt=prompt, blocks=14)
-    got = [step(part) for _ in range(9)]
+    got = [advance(part) for _ in range(9)]
     for stop in (11, 14):  # checkpoints before and right after the first switch
         save_stream(part, str(tmp_path / "ck"))
         del part
         part = _stream(0, global_sink=global_sink, prompt=prompt, blocks=14)
         resume_stream(part, str(tmp_path / "ck"))
         assert len(part.recent) == L
-        got += [step(part) for _ in range(stop - part.block)]
+        got += [advance(part) for _ in range(stop - part.block)]
     assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
     assert [fr.serial for fr in part.cache.sink] == ([0, 1, 2] if global_sink else [24, 25, 26])
 
@@ -269,7 +263,7 @@ def test_reassign_moves_frames_and_refuses_stale_blocks():
 
 def test_model_write_names_the_last_frames_of_x():
     st = _stream(4)
-    step(st)
+    advance(st)
     blk = st.cache.rewrite_block(st.cache.frames()[:2])
     x = torch.randn(1, st.model.cfg.in_channels, 1, 8, 8)
     with pytest.raises(ValueError, match="write must name"):

@@ -23,11 +23,15 @@ import torch
 from safetensors.torch import save_file
 
 from lol_model.cli import main
-from lol_model.config import ModelConfig
-from lol_model.generate import StreamSettings, attach_outputs, new_stream, run
-from lol_model.guard import GenerationError, RunLock
-from lol_model.model import CausalWanModel
-from lol_model.state import load_checkpoint
+from lol_model.cli.lock import RunLock
+from lol_model.errors import GenerationError
+from lol_model.model.config import ModelConfig
+from lol_model.model.transformer import CausalWanModel
+from lol_model.streaming.checkpoint import load_checkpoint
+from lol_model.streaming.driver import run
+from lol_model.streaming.outputs import attach_outputs
+from lol_model.streaming.settings import StreamSettings
+from lol_model.streaming.stream import new_stream
 
 FAST = ["--quiet", "--threads", "1", "--size", "64x64"]
 
@@ -218,7 +222,7 @@ def _nan_text(d):
 
 
 def _nan_vae(d):
-    from lol_model.vae import tiny_vae
+    from lol_model.model.vae import tiny_vae
 
     vae = tiny_vae()
     with torch.no_grad():
@@ -253,7 +257,7 @@ def test_nonfinite_latents_stop_the_run(tmp_path, capsys, build, what):
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 def test_nonfinite_weights_warn(tmp_path, value):
-    from lol_model.weights import load_model
+    from lol_model.model.weights import load_model
 
     path = tiny_weights(tmp_path / "w.safetensors", poison="blocks.0.self_attn.q.weight",
                         value=value)
@@ -266,7 +270,7 @@ def test_nonfinite_block_keeps_what_was_written(tmp_path):
     checkpoint after them stays resumable."""
     import imageio.v3 as iio
 
-    from lol_model.generate import keep_written
+    from lol_model.streaming.driver import keep_written
 
     st = new_stream(StreamSettings(blocks=2, latent_height=8, latent_width=8))
     out, ck = str(tmp_path / "x.mp4"), str(tmp_path / "ck")
@@ -364,7 +368,7 @@ def test_diagnose_bad_option_is_one_line_error(tmp_path, capsys, build, expect):
 
 
 # --------------------------------------------------------------------------- one output, two runs
-HOLD = ("import sys, time; from lol_model.guard import RunLock; "
+HOLD = ("import sys, time; from lol_model.cli.lock import RunLock; "
         "RunLock(sys.argv[1:]).acquire(); print('locked', flush=True); time.sleep(120)")
 
 
@@ -472,10 +476,10 @@ MEMORY = [
 def test_run_beyond_memory_is_refused(monkeypatch, kw, expect):
     """Against a machine with 8 GiB: the estimate refuses what cannot fit, naming the options
     that size it, and lets through what fits."""
-    import lol_model.guard as guard
+    import lol_model.streaming.memory as guard
 
     monkeypatch.setattr(guard, "available_memory", lambda device: (8 * GiB, "available in RAM"))
-    from lol_model.generate import DTYPES
+    from lol_model.streaming.settings import DTYPES
 
     s = StreamSettings(**kw)
     need = guard.estimate_memory(s, DTYPES[s.dtype])
@@ -510,24 +514,24 @@ def _raise_at(monkeypatch, target, name, when):
 
 
 def _at_block(k):  # sampling block k (1-based)
-    return ("lol_model.generate", "sample_block", lambda n, st: st.block == k - 1)
+    return ("lol_model.streaming.stream", "sample_block", lambda n, st: st.block == k - 1)
 
 
 # (id, extra argv, (module, function, when), expected line after "lol: ", checkpoint block)
 INTERRUPTS = [
-    ("while-building", [], ("lol_model.generate", "new_stream", lambda n, s: True),
+    ("while-building", [], ("lol_model.cli.generate", "new_stream", lambda n, s: True),
      "interrupted before the first block; nothing was written", None),
     ("block-1", [], _at_block(1), "interrupted at block 1; nothing was written", None),
     ("block-3", [], _at_block(3), "interrupted at block 3; kept: 21 video frames in {seg} "
      "(ffmpeg concat list: list.txt); 6 latent frames in {lat}; the last good checkpoint "
      "(block 2) in {ck} is intact (--resume continues from it)", 2),
-    ("writing-video", [], ("lol_model.video:SegmentedVideoWriter", "append",
+    ("writing-video", [], ("lol_model.streaming.video:SegmentedVideoWriter", "append",
                            lambda n, w, f: n == 3),
      "interrupted at block 4; kept: 21 video frames", 2),
-    ("saving-checkpoint", [], ("lol_model.state", "save_checkpoint", lambda n, *a: n == 2),
+    ("saving-checkpoint", [], ("lol_model.streaming.checkpoint", "save_checkpoint", lambda n, *a: n == 2),
      "interrupted at block 5; kept: 45 video frames in {seg} (ffmpeg concat list: list.txt); "
      "12 latent frames", 2),
-    ("joining", [], ("lol_model.video:SegmentedVideoWriter", "finalize",
+    ("joining", [], ("lol_model.streaming.video:SegmentedVideoWriter", "finalize",
                      lambda n, *a: True), "interrupted at block 6; kept: 69 video frames", 6),
     ("latents-only", ["--no-decode"], _at_block(4),
      "interrupted at block 4; kept: 9 latent frames in {lat}; the last good checkpoint "
@@ -539,7 +543,7 @@ INTERRUPTS = [
 def small_latents(tmp_path_factory):
     d = tmp_path_factory.mktemp("small")
     assert main([*SMALL, "--no-decode", "--out", str(d / "x.mp4")]) == 0
-    from lol_model.video import load_latents
+    from lol_model.streaming.video import load_latents
 
     return load_latents(str(d / "x.latents"))
 
@@ -550,7 +554,7 @@ def test_ctrl_c_prints_one_line_and_keeps_the_output(tmp_path, capsys, monkeypat
                                                      small_latents, argv, patch, expect, block):
     import importlib
 
-    from lol_model.video import count_video_frames, load_latents
+    from lol_model.streaming.video import count_video_frames, load_latents
 
     module, _, attr = patch[0].partition(":")
     target = importlib.import_module(module)
@@ -577,8 +581,8 @@ def test_ctrl_c_prints_one_line_and_keeps_the_output(tmp_path, capsys, monkeypat
 
 
 def test_second_ctrl_c_during_cleanup_is_one_line(tmp_path, capsys, monkeypatch):
-    import lol_model.generate as gen
-    from lol_model.video import SegmentedVideoWriter
+    import lol_model.streaming.stream as gen
+    from lol_model.streaming.video import SegmentedVideoWriter
 
     _raise_at(monkeypatch, gen, *_at_block(3)[1:])
     _raise_at(monkeypatch, SegmentedVideoWriter, "close_segment", lambda n, w: n >= 2)
@@ -593,7 +597,7 @@ def test_real_sigint_prints_one_line(tmp_path, every):
     and every kept segment plays."""
     import re
 
-    from lol_model.video import count_video_frames
+    from lol_model.streaming.video import count_video_frames
 
     out = tmp_path / "x.mp4"
     cmd = [sys.executable, "-m", "lol_model.cli", *SMALL[:1], "--blocks", "400",
@@ -628,7 +632,7 @@ def test_ctrl_c_while_torch_loads_is_an_interrupt(monkeypatch, capsys):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
-    def interrupted():
+    def interrupted(*args):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli, "build_parser", interrupted)

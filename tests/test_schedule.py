@@ -2,7 +2,7 @@
 
 import pytest
 
-from lol_model.schedule import Segment, parse_schedule
+from lol_model.streaming.prompts import Segment, parse_schedule
 
 
 def test_parse_seconds_blocks_and_cuts():

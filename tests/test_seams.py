@@ -1,5 +1,5 @@
-"""The seams between modules (docs/design.md §2): public names across modules, no import cycles,
-one backend resolver, references free of process-wide side effects.
+"""The seams between modules (docs/design.md §2): the layers of lol_model, public names across
+modules, no import cycles, one backend resolver, references free of process-wide side effects.
 
 These read the source as text (``ast``), so they run in milliseconds and need no imports.
 """
@@ -166,3 +166,141 @@ def test_docs_point_inside_the_project(folder):
            if "DESIGN.md" in p.read_text() and p.name != "test_seams.py"]
     assert not bad, f"references to DESIGN.md (use docs/design.md): {bad}"
     assert (ROOT / "docs" / "design.md").is_file()
+
+
+# --------------------------------------------------------------------------- layers of lol_model
+# lowest first; a module may import its own group and the groups of lower layers, never a group
+# of its own layer or of a higher one (docs/design.md §2)
+LAYERS = [
+    {"errors": ("lol_model.errors",)},
+    {"model": ("lol_model.model",)},
+    {"streaming": ("lol_model.streaming",)},
+    {"training": ("lol_model.training",), "parallel": ("lol_model.parallel",),
+     "integrations": ("lol_model.integrations", "lol_model.diffusers", "lol_model.pipeline")},
+    {"cli": ("lol_model.cli",)},
+]
+HEAVY_OR_OPTIONAL = {"torch", "triton", "diffusers", "transformers", "safetensors", "imageio",
+                     "imageio_ffmpeg", "tqdm", "matplotlib", "numpy", "fcntl", "av"}
+
+
+def _group(mod: str) -> tuple[int, str] | None:
+    """``(layer, group)`` of a ``lol_model`` module; ``None`` for the package facade."""
+    for level, groups in enumerate(LAYERS):
+        for name, prefixes in groups.items():
+            if any(mod == p or mod.startswith(p + ".") for p in prefixes):
+                return level, name
+    return None
+
+
+def _import_sites(mod: str, source: str):
+    """``(target module, line, in_function)`` of every import in ``source`` (module ``mod``)."""
+    tree = ast.parse(source)
+    in_fn = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            in_fn.update(id(n) for n in ast.walk(node) if n is not node)
+    is_pkg = mod in PKG_MODULES
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                yield a.name, node.lineno, id(node) in in_fn
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = mod.split(".") if is_pkg else mod.split(".")[:-1]
+                base = base[: len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            for a in node.names:  # ``from pkg import submodule`` names the submodule
+                sub = f"{target}.{a.name}"
+                yield (sub if sub in MODULES else target), node.lineno, id(node) in in_fn
+
+
+PKG_MODULES = {m for m, p in MODULES.items() if p.name == "__init__.py"}
+
+
+def layer_violations(sources: dict[str, str]) -> list[str]:
+    """Every import in ``sources`` (module -> text) that breaks the layer rule: an import of a
+    higher layer or of a peer group of the same layer, of ``lol_model.cli`` from outside it, of
+    ``lol_model`` from ``lol_kernels``, or a function-level import in ``lol_model`` of a project
+    or standard library module (kept only for heavy or optional third-party packages; in
+    ``lol_kernels`` the Triton modules load in functions, Triton being optional)."""
+    bad = []
+    for mod, source in sources.items():
+        here = _group(mod)
+        for target, line, in_fn in _import_sites(mod, source):
+            top = target.split(".")[0]
+            where = f"{mod}:{line} imports {target}"
+            if in_fn and mod.startswith("lol_model") and top not in HEAVY_OR_OPTIONAL:
+                bad.append(f"{where} inside a function")
+            if mod.startswith("lol_kernels") and top == "lol_model":
+                bad.append(f"{where}: lol_kernels is below lol_model")
+            if top != "lol_model" or not mod.startswith("lol_model"):
+                continue
+            there = _group(target)
+            if there is not None and there[1] == "cli" and (here is None or here[1] != "cli"):
+                bad.append(f"{where}: only lol_model.cli imports the command line")
+            elif there is not None and here is not None and there[1] != here[1] \
+                    and there[0] >= here[0]:
+                bad.append(f"{where}: layer {here[1]} may not import {there[1]}")
+    return bad
+
+
+def _sources(prefixes=PACKAGES) -> dict[str, str]:
+    return {m: p.read_text() for m, p in MODULES.items() if m.split(".")[0] in prefixes}
+
+
+def test_layers_of_lol_model():
+    bad = layer_violations(_sources())
+    assert not bad, "layer rule broken (docs/design.md §2):\n" + "\n".join(bad)
+
+
+def test_every_lol_model_module_has_a_layer():
+    loose = [m for m in MODULES if m.startswith("lol_model.") and _group(m) is None]
+    assert not loose, f"modules outside every layer (add them to LAYERS): {loose}"
+
+
+@pytest.mark.parametrize("mod,source,why", [
+    ("lol_model.model.transformer", "from lol_model.streaming.presets import CacheConfig\n",
+     "layer model may not import streaming"),
+    ("lol_model.streaming.stream", "from ..parallel import runner\n",
+     "layer streaming may not import parallel"),
+    ("lol_model.parallel.runner", "from ..integrations.diffusers import pipeline\n",
+     "layer parallel may not import integrations"),
+    ("lol_model.streaming.outputs", "from lol_model.cli.options import bounded_int\n",
+     "only lol_model.cli imports the command line"),
+    ("lol_model.integrations.diffusers.pipeline", "from ...cli import generate\n",
+     "only lol_model.cli imports the command line"),
+    ("lol_model.streaming.stream", "def f():\n    from .sampling import SHIFT\n",
+     "inside a function"),
+    ("lol_model.streaming.stream", "def f():\n    import json\n", "inside a function"),
+    ("lol_kernels.cache.paged", "import lol_model\n", "lol_kernels is below lol_model"),
+])
+def test_layer_rule_catches_a_planted_import(mod, source, why):
+    """The rule can fail: each planted import is reported, with its reason."""
+    bad = layer_violations({mod: source})
+    assert len(bad) == 1 and why in bad[0], bad
+
+
+def test_function_level_import_of_a_heavy_dependency_is_allowed():
+    assert layer_violations({"lol_model.model.vae": "def f():\n    import diffusers\n"}) == []
+
+
+def test_lol_help_imports_no_torch():
+    """``lol --help`` lists the commands from a static table, importing none of them."""
+    import subprocess
+    import sys
+
+    code = ("import sys, contextlib, io\n"
+            "from lol_model.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+            "    try:\n"
+            "        main(['--help'])\n"
+            "    except SystemExit:\n"
+            "        pass\n"
+            "assert 'generate' in out.getvalue() and 'diagnose' in out.getvalue()\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('torch', 'lol_kernels', 'numpy')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]", r.stdout

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from lol_model.cli import main
-from lol_model.state import load_checkpoint
-from lol_model.video import count_video_frames, ffmpeg_exe, file_sha256, load_latents
+from lol_model.streaming.checkpoint import load_checkpoint
+from lol_model.streaming.video import count_video_frames, ffmpeg_exe, file_sha256, load_latents
 
 RUN = ["generate", "--blocks", "6", "--size", "32x32", "--quiet", "--threads", "1",
        "--checkpoint-every", "2", "--save-latents", "--prompt", "a cat[3] | a dog"]

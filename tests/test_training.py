@@ -1,4 +1,4 @@
-"""Training forward of CausalWanModel (lol_model.train): teacher and diffusion forcing equal the
+"""Training forward of CausalWanModel (lol_model.training): teacher and diffusion forcing equal the
 streaming generator's cache reads (sink/window eviction, RoPE jitter), AdamW lowers the
 flow-matching loss, gradients reach every parameter, bad arguments are named, bf16 trains.
 Tiny random models on the CPU, fp32."""
@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import lol_kernels as lk
-from lol_model.caches import get_cache_config
-from lol_model.config import ModelConfig
-from lol_model.model import CausalWanModel
-from lol_model.sampling import write_block
-from lol_model.train import (
+from lol_model.model.config import ModelConfig
+from lol_model.model.transformer import CausalWanModel
+from lol_model.streaming.presets import get_cache_config
+from lol_model.streaming.sampling import write_block
+from lol_model.training import (
     add_noise,
     block_context,
     flow_matching_loss,
@@ -54,7 +54,7 @@ def text(model, B, grad=False):
 
 
 def stream(model, cc, context, ctx_t, noisy, t, Fb):
-    """The generator's loop (lol_model.sampling): per block a denoising forward of ``noisy`` at
+    """The generator's loop (lol_model.streaming.sampling): per block a denoising forward of ``noisy`` at
     ``t`` against the cache read, then the write pass of ``context`` at ``ctx_t`` (the
     generator's ``write_block`` when ``ctx_t`` is 0). Returns (predictions, write outputs)."""
     B, _, Fr, H, W = context.shape

@@ -13,10 +13,11 @@ import pytest
 import torch
 from upstream_reference import UpstreamStream
 
-from lol_model.config import ModelConfig
-from lol_model.generate import StreamSettings, new_stream, step
-from lol_model.model import CausalWanModel
-from lol_model.text import encode_prompt
+from lol_model.model.config import ModelConfig
+from lol_model.model.text import encode_prompt
+from lol_model.model.transformer import CausalWanModel
+from lol_model.streaming.settings import StreamSettings
+from lol_model.streaming.stream import advance, new_stream
 
 TOL64 = 1e-10  # float64: measured ~1e-15
 TOL32 = 2e-5  # float32 lol_model against the float64 reference: measured ~5e-7
@@ -50,7 +51,7 @@ def side_by_side(settings: StreamSettings, refs: dict, *, blocks: int = BLOCKS):
     errors = {name: [] for name in refs}
     seg = 0
     for b in range(blocks):
-        x0 = step(st).double()
+        x0 = advance(st).double()
         new_seg = st.schedule.segment_index(b)
         for name, ref in streams.items():
             if new_seg != seg:

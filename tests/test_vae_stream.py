@@ -6,8 +6,8 @@ import imageio.v3 as iio
 import pytest
 import torch
 
-from lol_model.vae import StreamingDecoder, tiny_vae, to_uint8_frames
-from lol_model.video import LatentWriter, SegmentedVideoWriter, load_latents
+from lol_model.model.vae import StreamingDecoder, tiny_vae, to_uint8_frames
+from lol_model.streaming.video import LatentWriter, SegmentedVideoWriter, load_latents
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,7 @@ def test_uint8_frames():
 
 
 def test_load_vae_from_a_diffusers_folder(tmp_path, vae64):
-    from lol_model.vae import load_vae
+    from lol_model.model.vae import load_vae
 
     vae = tiny_vae(seed=5)
     vae.save_pretrained(str(tmp_path / "wan" / "vae"))

@@ -1,4 +1,4 @@
-"""lol_model.weights: both key layouts (diffusers, original Wan / Self-Forcing / LongLive) load to
+"""lol_model.model.weights: both key layouts (diffusers, original Wan / Self-Forcing / LongLive) load to
 the same model, LoRA merging, and clear errors for bad checkpoints."""
 
 import json
@@ -11,11 +11,11 @@ from safetensors.torch import save_file
 from test_model import CFG, diffusers_model
 
 import lol_kernels as lk
-from lol_model.config import ModelConfig
-from lol_model.model import CausalWanModel
-from lol_model.weights import load_model, load_weights, read_state_dict
+from lol_model.model.config import ModelConfig
+from lol_model.model.transformer import CausalWanModel
+from lol_model.model.weights import load_model, load_weights, read_state_dict
 
-# the Wan <-> diffusers rename table, written out independently of lol_model.weights
+# the Wan <-> diffusers rename table, written out independently of lol_model.model.weights
 DESIGN_TABLE = [
     ("condition_embedder.time_embedder.linear_1.", "time_embedding.0."),
     ("condition_embedder.time_embedder.linear_2.", "time_embedding.2."),
@@ -481,8 +481,9 @@ def test_bad_loras_give_one_clear_error(ref, tmp_path):
 
 
 def test_cli_passes_ema_and_lora_alpha(ref, tmp_path, capsys):
-    from lol_model.cli import build_parser, main, settings_from_args
-    from lol_model.generate import build_model
+    from lol_model.cli import build_parser, main
+    from lol_model.cli.generate import settings_from_args
+    from lol_model.streaming.stream import build_model
 
     orig = to_original(ref.state_dict())
     path, ema = _trainer(tmp_path, orig)
@@ -523,7 +524,7 @@ def test_presets_match_diffusers_wan_configs(preset, heads):
     the same size (built on the meta device: no memory, no init)."""
     from diffusers import WanTransformer3DModel
 
-    from lol_model.weights import to_original_layout
+    from lol_model.model.weights import to_original_layout
 
     cfg = ModelConfig.preset(preset)
     with torch.device("meta"):

@@ -3,7 +3,7 @@
 The transformer has the shape of the ``tiny`` preset (2 layers, 4 heads of 16, text width 32),
 so ``lol generate --preset tiny --checkpoint <folder>/transformer`` loads it. The tokenizer is
 a word-level ``tokenizers`` model over a small vocabulary, wrapped so that ``AutoTokenizer``
-(and :meth:`lol_model.text.TextEncoder.from_pretrained`) loads it; like T5's it appends ``</s>``.
+(and :meth:`lol_model.model.text.TextEncoder.from_pretrained`) loads it; like T5's it appends ``</s>``.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def tiny_text_encoder(seed: int = 0, d_model: int = 32):
 
 
 def tiny_vae(seed: int = 0):
-    from lol_model.vae import tiny_vae as build
+    from lol_model.model.vae import tiny_vae as build
 
     return build(seed=seed)
 

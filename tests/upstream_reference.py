@@ -43,7 +43,7 @@ nothing is protected (``current_start == 0``): the sink frames are recomputed ei
 
 Sampler: ``x = noise``; per step ``x0 = x - sigma * flow``, re-noised with fresh noise to the next
 sigma; then a clean pass at ``t = 0``. The caller injects the sigmas and the generator so both
-sides draw the same noise in the same order as :func:`lol_model.sampling.denoise_block`.
+sides draw the same noise in the same order as :func:`lol_model.streaming.sampling.denoise_block`.
 Upstream's own sigmas come from a float32 scheduler table (2e-8 off at t = 833.33, exact at the
 other three); the timesteps the model sees are the same float32 values on both sides. Precision
 is float64 throughout (upstream's ``WanRMSNorm`` would compute in float32 via ``x.float()``).
@@ -57,7 +57,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lol_model.sampling import randn
+from lol_model.streaming.sampling import randn
 
 SELF_FORCING_GLOBAL_FRAMES = 21  # 32760 tokens / 1560 tokens per Wan frame
 

@@ -1,12 +1,13 @@
-"""The block step compiled whole, or captured once and replayed as CUDA graphs (issue 13).
+"""The forwards of a block: eager, compiled whole, or captured once and replayed as CUDA graphs.
 
 A block is ``steps`` denoising forwards against one cache read, then the write pass
-(:mod:`lol_model.sampling`). Every cached forward splits into host work, once per read
-(:meth:`~lol_model.model.CausalWanModel.prepare`: checks, the read's tensors, a few small
-host -> device copies), and a tensors-only step (:meth:`~lol_model.model.CausalWanModel.step`)
-that reads no value on the host and sees the same shapes for the whole stream: page tables are
-padded to the cache's ``max_read_pages``, absent page shifts are zeros, the cache's pools are
-written in place. :class:`BlockForward` runs that step
+(:mod:`lol_model.streaming.sampling`). Every cached forward splits into host work, once per read
+(:meth:`~lol_model.model.CausalWanModel.prepare`: checks, the read's tensors, a few
+small host -> device copies), and a tensors-only step
+(:meth:`~lol_model.model.CausalWanModel.step`) that reads no value on the host and
+sees the same shapes for the whole stream: page tables are padded to the cache's
+``max_read_pages``, absent page shifts are zeros, the cache's pools are written in place.
+:class:`BlockForward` runs that step
 
 * eagerly (the default);
 * compiled (``compile="inductor"``, ``"aot_eager"``, ...): ``torch.compile(fullgraph=True)`` of
@@ -31,7 +32,8 @@ from __future__ import annotations
 
 import torch
 
-from .model import CausalWanModel, StepInputs, cache_pools
+from ..model.transformer import StepInputs, cache_pools
+from .interfaces import StreamModel
 
 #: warm-up runs before a CUDA graph is captured (compilation, autotuning, lazy workspaces)
 WARMUP = 2
@@ -147,12 +149,12 @@ class Captured:
 
 
 class BlockForward:
-    """Called like a :class:`~lol_model.model.CausalWanModel` on a cache (``(x, timestep,
-    text_kv, cache, read, *, write=None)``); runs the step eagerly, compiled or captured
+    """Called like a :class:`~lol_model.model.CausalWanModel` on a cache (``(x,
+    timestep, text_kv, cache, read, *, write=None)``); runs the step eagerly, compiled or captured
     (module doc). ``cfg`` is the model's, so the sampling functions take either.
 
     Args:
-        model: the transformer.
+        model: the transformer, or its head-parallel stand-in (eager only).
         compile: a ``torch.compile`` backend (``"inductor"``, ``"aot_eager"``, ``"eager"``) or
             ``None`` (no compilation).
         cuda_graphs: capture each step once and replay it (needs CUDA unless ``capture`` is
@@ -163,7 +165,7 @@ class BlockForward:
             ``moc_tile_size``, ``causal_within_block``).
     """
 
-    def __init__(self, model: CausalWanModel, *, compile: str | None = None,
+    def __init__(self, model: StreamModel, *, compile: str | None = None,
                  cuda_graphs: bool = False, capture=None, **opts):
         self.model, self.cfg, self.opts = model, model.cfg, opts
         fns = {"denoise": denoise_forward, "write": write_forward}

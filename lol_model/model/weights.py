@@ -39,9 +39,10 @@ from collections.abc import Mapping
 
 import torch
 
+from ..errors import first_line
 from .config import ModelConfig
-from .files import first_line, load_tensor_file
-from .model import CausalWanModel
+from .tensor_files import load_tensor_file
+from .transformer import CausalWanModel
 
 # diffusers -> original, applied in order to each key
 _DIFFUSERS_TO_ORIGINAL = [

@@ -20,7 +20,7 @@ cost is what streaming pays and no mask is built. Teacher forcing with clean con
 (``context_timestep=0``) reproduces, block for block, what the streaming generator predicts
 after writing the clean blocks (tests/test_training.py).
 
-Flow matching as :mod:`lol_model.sampling`: ``x_t = (1 - sigma) x0 + sigma noise`` with
+Flow matching as :mod:`lol_model.streaming.sampling`: ``x_t = (1 - sigma) x0 + sigma noise`` with
 ``sigma = t / 1000``; the model predicts the flow ``noise - x0`` (:func:`flow_matching_loss`).
 
 Example::
@@ -38,9 +38,9 @@ import torch
 import lol_kernels as lk
 from lol_kernels.cache import PagedKVCache, SlowFastCache
 
-from .caches import CacheConfig, GrowingKVCache, get_cache_config
-from .model import frame_timesteps
-from .sampling import randn, shift_sigma
+from .model.transformer import frame_timesteps
+from .streaming.presets import CacheConfig, GrowingKVCache, get_cache_config
+from .streaming.sampling import randn, shift_sigma
 
 MODES = ("teacher", "diffusion")
 
@@ -166,7 +166,7 @@ def training_forward(model, clean: torch.Tensor | None, noisy: torch.Tensor, tim
             cache's window, and itself; the clean blocks are block-causal among themselves) or
             ``"diffusion"`` (the noisy clip block-causal over itself).
         cache: which earlier frames a block sees: ``None`` (all), or a cache name /
-            :class:`~lol_model.caches.CacheConfig` with absolute positions (see
+            :class:`~lol_model.streaming.presets.CacheConfig` with absolute positions (see
             :func:`resolve_cache`); its ``jitter_sigma`` is not applied (the model's table is).
         context_timestep: teacher only: timestep of the clean clip (scalar, ``[B]`` or
             ``[B, F]``; 0 = clean, what the streaming write pass uses).
@@ -210,7 +210,7 @@ def sample_block_timesteps(batch_size: int, num_frames: int, block_frames: int, 
     """Per-block noise levels ``[B, F]`` float32: one timestep per block (every frame of a block
     shares it; ``uniform``: one per clip), drawn uniformly in ``[min_t, max_t)`` on the CPU
     ``generator``, then warped by the flow-matching ``shift`` (as
-    :func:`~lol_model.sampling.shift_sigma`; 1 = none) and clamped back into the range
+    :func:`~lol_model.streaming.sampling.shift_sigma`; 1 = none) and clamped back into the range
     (Self-Forcing / CausVid's diffusion-forcing sampler, in continuous time)."""
     if not isinstance(block_frames, int) or block_frames < 1 or num_frames % block_frames:
         raise ValueError(f"block_frames={block_frames!r} must split num_frames={num_frames}")

@@ -19,7 +19,8 @@ import os
 
 import torch
 
-from .files import first_line, load_tensor_file
+from ..errors import first_line
+from .tensor_files import load_tensor_file
 
 
 class ByteTokenizer:

@@ -25,48 +25,27 @@ Layout over ``w`` ranks (``w`` = ``ulysses_degree``, the process group's size):
 The world size must divide the head count (12 for Wan-1.3B, 40 for Wan-14B). Parameters are
 named after diffusers' ``ContextParallelConfig(ulysses_degree=...)``; there is no ring degree.
 
-Example (every rank runs this)::
-
-    init_distributed()                          # torchrun / lol generate --nproc env vars
-    st = parallel_stream(StreamSettings(...))   # UlyssesModel over the default group
-    run(st, progress=is_main())
-
-Checkpoints (:func:`save_parallel`): each rank saves its stream (cache shard included) under
-``<dir>/slot<k>/rank<r>``, two slots in turn; after a barrier rank 0 atomically writes the
-manifest ``<dir>/parallel.json`` naming the slot, the world size and the head split. A crash
-at any time leaves the previous manifest and its slot intact. Resuming with another world size
-is refused with a ``ValueError`` naming both sizes (no re-sharding).
-
 Faults: every rank keeps a heartbeat and its collective count in the rendezvous store
-(:mod:`lol_model.liveness`). A collective that fails (a peer closed its sockets: at once; a
-peer hung: after ``timeout_s``) raises :class:`RankFailure` naming the rank that died, failed,
-is stopped or fell behind, e.g. ``rank 2 of 4 died (its process 812 is gone); rank 0 of 4 saw
-all_to_all fail: Connection reset by peer``. ``lol generate --nproc`` names a rank killed by a
-signal from its exit code. With nccl a hung collective is ended by its watchdog instead (the
-launcher, torchrun or ``--nproc``, then names the rank that went first).
+(:mod:`lol_model.parallel.liveness`). A collective that fails (a peer closed its sockets: at
+once; a peer hung: after ``timeout_s``) raises :class:`~lol_model.errors.RankFailure` naming the
+rank that died, failed, is stopped or fell behind, e.g. ``rank 2 of 4 died (its process 812 is
+gone); rank 0 of 4 saw all_to_all fail: Connection reset by peer``. ``lol generate --nproc``
+names a rank killed by a signal from its exit code. With nccl a hung collective is ended by its
+watchdog instead (the launcher, torchrun or ``--nproc``, then names the rank that went first).
 """
 
 from __future__ import annotations
 
-import datetime
-import json
-import os
-
 import torch
 import torch.distributed as dist
 
+from lol_kernels.cache import PagedKVCache, SlowFastCache
+
+from ..errors import RankFailure
+from ..model.transformer import CausalWanModel, cache_arguments, cache_pools
 from . import liveness
-from .caches import default_page_size
-from .model import CausalWanModel
 
-MANIFEST = "parallel.json"
-MANIFEST_FORMAT = "lol-parallel/1"
 DEFAULT_TIMEOUT_S = 300.0  # a hung rank is named after this; a dead one at once
-
-
-class RankFailure(RuntimeError):
-    """A collective failed: another rank died, timed out or failed first. The message names
-    that rank when the liveness records tell (:mod:`lol_model.liveness`)."""
 
 
 def check_degree(num_heads: int, world: int) -> None:
@@ -91,7 +70,7 @@ def _short(e: Exception) -> str:
     return text.split(". ", 1)[0]
 
 
-def _checked(what: str, rank: int, world: int, fn, *args, **kwargs):
+def checked(what: str, rank: int, world: int, fn, *args, **kwargs):
     live = liveness.current()
     if live is not None:
         live.enter(what)
@@ -128,7 +107,7 @@ class TokenShard:
 
     def _all_to_all(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(x)
-        _checked("all_to_all", self.rank, self.world, dist.all_to_all_single, out, x,
+        checked("all_to_all", self.rank, self.world, dist.all_to_all_single, out, x,
                  group=self.group)
         return out
 
@@ -139,7 +118,7 @@ class TokenShard:
     def gather(self, out: torch.Tensor) -> torch.Tensor:
         """``[B, F, Nf/w, C] -> [B, F, Nf, C]`` on every rank (all_gather)."""
         parts = [torch.empty_like(out) for _ in range(self.world)]
-        _checked("all_gather", self.rank, self.world, dist.all_gather, parts,
+        checked("all_gather", self.rank, self.world, dist.all_gather, parts,
                  out.contiguous(), group=self.group)
         return torch.cat(parts, dim=2)
 
@@ -172,7 +151,7 @@ class HeadShardedNovelty:
     def _sum(self, t: torch.Tensor) -> torch.Tensor:
         t = t.contiguous()
         g = self.process_group
-        _checked("all_reduce", dist.get_rank(g), dist.get_world_size(g), dist.all_reduce, t,
+        checked("all_reduce", dist.get_rank(g), dist.get_world_size(g), dist.all_reduce, t,
                  group=g)
         return t
 
@@ -198,8 +177,6 @@ class HeadShardedNovelty:
 def sharded_cache_class(cache_cls, process_group=None):
     """``cache_cls`` itself, or for a slow-fast cache a subclass with
     :class:`HeadShardedNovelty` over ``process_group``."""
-    from lol_kernels.cache import SlowFastCache
-
     if not issubclass(cache_cls, SlowFastCache):
         return cache_cls
     return type("HeadSharded" + cache_cls.__name__, (HeadShardedNovelty, cache_cls),
@@ -209,7 +186,8 @@ def sharded_cache_class(cache_cls, process_group=None):
 class UlyssesModel:
     """A :class:`~lol_model.model.CausalWanModel` run head-parallel over a process group,
     called like the model (``forward``, ``prepare``, ``step``, ``new_cache``, ``encode_text``),
-    so :mod:`lol_model.generate` and :class:`~lol_model.step.BlockForward` (eager) take it.
+    so :mod:`lol_model.streaming` and :class:`~lol_model.streaming.forward.BlockForward`
+    (eager) take it (:class:`~lol_model.streaming.interfaces.StreamModel`).
 
     Args:
         model: the full model, identical on every rank (same weights, same RoPE table).
@@ -266,14 +244,11 @@ class UlyssesModel:
     def new_cache(self, *, frame_tokens: int, page_size: int | None = None, dtype=None,
                   device=None, cache_cls=None, **cache_kwargs):
         """As :meth:`CausalWanModel.new_cache`, with this rank's ``H / w`` heads."""
-        from lol_kernels.cache import PagedKVCache
-
-        cfg = self.model.cfg
-        return sharded_cache_class(cache_cls or PagedKVCache, self.group)(
-            num_layers=cfg.num_layers, num_kv_heads=cfg.num_heads // self.world,
-            head_dim=cfg.head_dim, num_axes=3, frame_tokens=frame_tokens,
-            page_size=default_page_size(frame_tokens) if page_size is None else page_size,
-            dtype=dtype or self.dtype, device=device or self.device, **cache_kwargs)
+        cls = sharded_cache_class(cache_cls or PagedKVCache, self.group)
+        return cls(**cache_arguments(self.model.cfg, num_kv_heads=self.cfg.num_heads // self.world,
+                                     frame_tokens=frame_tokens, page_size=page_size,
+                                     dtype=dtype or self.dtype, device=device or self.device),
+                   **cache_kwargs)
 
     def shard(self, x: torch.Tensor) -> TokenShard:
         """The :class:`TokenShard` of latents ``x [B, Cz, F, H, W]``."""
@@ -291,131 +266,7 @@ class UlyssesModel:
                                shard=self.shard(x), **opts)
 
     def __call__(self, x, timestep, text_kv, cache, read, *, write=None, **opts):
-        from .model import cache_pools
-
         inputs = self.prepare(x, text_kv, cache, read, write=write)
         return self.step(x, timestep, text_kv.k, text_kv.v, cache_pools(cache), inputs, **opts)
 
     forward = __call__
-
-
-# --------------------------------------------------------------------------- processes
-def init_distributed(*, backend: str | None = None, device: str = "cpu",
-                     timeout_s: float = DEFAULT_TIMEOUT_S, store=None) -> tuple[int, int]:
-    """Join the default process group and start this rank's liveness record
-    (:mod:`lol_model.liveness`). The rank and world size come from the ``torchrun`` environment
-    (``RANK``, ``WORLD_SIZE``), the store from ``store`` (a client of a launcher's store, as
-    :func:`lol_model.liveness.spawn_ranks` gives) or else ``env://`` (``MASTER_ADDR``,
-    ``MASTER_PORT``: rank 0 hosts it, or torchrun's agent). ``backend`` defaults to nccl for a
-    CUDA ``device`` and gloo otherwise. A collective waiting longer than ``timeout_s`` fails,
-    naming the rank that stopped responding. Returns ``(rank, world_size)``."""
-    if not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < float("inf"):
-        raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
-    if not dist.is_initialized():
-        backend = backend or ("nccl" if str(device).startswith("cuda") else "gloo")
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        timeout = datetime.timedelta(seconds=timeout_s)
-        if store is None:
-            store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
-            host = None if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else 0
-        else:
-            rank, world, host = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), None
-        dist.init_process_group(backend, store=dist.PrefixStore("default_pg", store),
-                                rank=rank, world_size=world, timeout=timeout)
-        if world > 1:
-            liveness.start(store, rank, world, timeout_s=timeout_s, store_host=host)
-    return dist.get_rank(), dist.get_world_size()
-
-
-def shutdown_distributed(error: BaseException | None = None) -> None:
-    """Leave the process group; ``error``: this rank's own failure, recorded for the others
-    (:func:`lol_model.liveness.record_failure`) before it goes."""
-    if error is not None:
-        liveness.record_failure(error)
-    liveness.stop(None if error is not None else "exited")  # keep what the error recorded
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def is_main() -> bool:
-    """True on rank 0, or without ``torch.distributed``."""
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def rank_device(device: str) -> str:
-    """``cuda`` -> ``cuda:<LOCAL_RANK>`` under torchrun; other devices unchanged."""
-    if device == "cuda" and "LOCAL_RANK" in os.environ:
-        return f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    return device
-
-
-def parallel_stream(s, *, process_group=None, mesh=None, text_encoder=None):
-    """:func:`lol_model.generate.new_stream` with a :class:`UlyssesModel` over
-    ``process_group`` or a 1-D ``mesh`` (every rank calls it with the same settings).
-    ``ValueError`` for ``compile`` / ``cuda_graphs`` (eager only)."""
-    from .generate import DTYPES, build_model, new_stream
-
-    if s.compile or s.cuda_graphs:
-        raise ValueError("--compile / --cuda-graphs are not supported with --nproc > 1")
-    if s.dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {s.dtype!r}")
-    model = UlyssesModel(build_model(s, DTYPES[s.dtype], torch.device(s.device)),
-                         process_group=process_group, mesh=mesh)
-    return new_stream(s, model=model, text_encoder=text_encoder)
-
-
-# --------------------------------------------------------------------------- checkpoints
-def read_manifest(folder: str) -> dict | None:
-    """The manifest of a parallel checkpoint in ``folder``, or ``None``."""
-    try:
-        with open(os.path.join(folder, MANIFEST)) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return None
-
-
-def save_parallel(st, folder: str, *, process_group=None) -> str:
-    """Every rank saves its stream (its cache shard) to the next slot; then rank 0 atomically
-    points the manifest at it. Call on every rank; returns the manifest's path."""
-    from .generate import save_stream
-
-    rank, world = dist.get_rank(process_group), dist.get_world_size(process_group)
-    old = read_manifest(folder) if rank == 0 else None
-    slot = 0 if old is None else 1 - int(old["slot"])  # never the slot the manifest names
-    slot_t = torch.tensor([slot])
-    _checked("broadcast", rank, world, dist.broadcast, slot_t, 0, group=process_group)
-    slot = int(slot_t)
-    save_stream(st, os.path.join(folder, f"slot{slot}", f"rank{rank}"))
-    _checked("barrier", rank, world, dist.barrier, group=process_group)
-    path = os.path.join(folder, MANIFEST)
-    if rank == 0:
-        doc = {"format": MANIFEST_FORMAT, "world_size": world, "slot": slot, "block": st.block,
-               "num_heads": st.model.cfg.num_heads,
-               "head_split": head_split(st.model.cfg.num_heads, world)}
-        with open(path + ".tmp", "w") as f:
-            json.dump(doc, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
-    _checked("barrier", rank, world, dist.barrier, group=process_group)
-    return path
-
-
-def resume_parallel(st, folder: str, *, process_group=None) -> None:
-    """Load this rank's shard of the checkpoint the manifest names. ``ValueError`` when the
-    checkpoint was written by another world size or is not a parallel checkpoint."""
-    from .generate import resume_stream
-
-    rank, world = dist.get_rank(process_group), dist.get_world_size(process_group)
-    doc = read_manifest(folder)
-    if doc is None:
-        raise ValueError(f"{folder} holds no parallel checkpoint ({MANIFEST}); a single-process "
-                         f"checkpoint resumes without --nproc")
-    if doc.get("format") != MANIFEST_FORMAT:
-        raise ValueError(f"unknown parallel checkpoint format {doc.get('format')!r}")
-    if doc["world_size"] != world:
-        raise ValueError(f"the checkpoint in {folder} was written by {doc['world_size']} ranks; "
-                         f"resume it with --nproc {doc['world_size']}, not {world} (cache "
-                         f"shards are not re-sharded)")
-    resume_stream(st, os.path.join(folder, f"slot{doc['slot']}", f"rank{rank}"))

@@ -327,11 +327,6 @@ class CacheConfig:
         return cut(read, start=start)
 
 
-def default_page_size(frame_tokens: int) -> int:
-    """256 slots (the Triton tile), or the next power of two >= 16 for tiny frames."""
-    return 256 if frame_tokens >= 256 else max(16, 1 << (frame_tokens - 1).bit_length())
-
-
 CACHES: dict[str, Callable[..., CacheConfig]] = {}
 
 

@@ -12,7 +12,7 @@ finishes, :meth:`SegmentedVideoWriter.finalize` joins the segments into ``<out>`
 A segment counts as closed only when ffmpeg exited with status 0 **and** the file holds exactly
 the frames sent (counted by ffmpeg from the container, :func:`count_video_frames`). Otherwise
 (ffmpeg died, the disk filled, the file is truncated) the segment is deleted, never recorded,
-and :class:`~lol_model.guard.SegmentError` is raised: no checkpoint is written after it (the
+and :class:`~lol_model.errors.SegmentError` is raised: no checkpoint is written after it (the
 generator closes the segments before it saves), so the last checkpoint stays consistent and
 ``--resume`` regenerates the lost blocks. The final join is checked the same way (exit status,
 and the joined file holds the sum of the segments' frames); if it fails the segments are kept.
@@ -35,8 +35,7 @@ from fractions import Fraction
 
 import torch
 
-from .files import first_line
-from .guard import SegmentError
+from ..errors import SegmentError, exit_status, first_line
 
 RESTORE = "restore it, or start the stream again with --overwrite"
 
@@ -70,9 +69,8 @@ def ffmpeg_exe() -> str:
 
 
 def exit_text(rc: int, message: str = "") -> str:
-    """``"ffmpeg exited with status 1: <its last message>"`` / ``"... killed by signal 9"``."""
-    how = f"killed by signal {-rc}" if rc < 0 else f"exited with status {rc}"
-    return f"ffmpeg {how}" + (f": {message}" if message else "")
+    """``"ffmpeg exited with status 1: <its last message>"`` / ``"... killed by signal 9, ..."``."""
+    return f"ffmpeg {exit_status(rc)}" + (f": {message}" if message else "")
 
 
 def last_line(data: bytes) -> str:
@@ -180,7 +178,7 @@ class SegmentedVideoWriter(SegmentLog):
 
     def append(self, frames: torch.Tensor) -> None:
         """Encode frames ``[Fv, H, W, 3]`` uint8 into the open segment (opened on demand).
-        :class:`~lol_model.guard.SegmentError` if ffmpeg has stopped (the segment is lost)."""
+        :class:`~lol_model.errors.SegmentError` if ffmpeg has stopped (the segment is lost)."""
         if frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[-1] != 3:
             raise ValueError(f"frames must be uint8 [Fv, H, W, 3], got {frames.dtype} "
                              f"{list(frames.shape)}")
@@ -216,7 +214,7 @@ class SegmentedVideoWriter(SegmentLog):
     def close_segment(self) -> None:
         """Close the open segment (now playable) and update ``list.txt``; no-op if none.
 
-        :class:`~lol_model.guard.SegmentError` (the segment deleted, not recorded) if ffmpeg
+        :class:`~lol_model.errors.SegmentError` (the segment deleted, not recorded) if ffmpeg
         exits non-zero or the file does not hold every frame sent."""
         if self._gen is None:
             return
@@ -277,7 +275,7 @@ class SegmentedVideoWriter(SegmentLog):
         unless ``keep_segments`` (kept when checkpointing, so a finished run can be extended
         with ``--resume --blocks N``).
 
-        :class:`~lol_model.guard.SegmentError` if the join fails (ffmpeg's exit status, or the
+        :class:`~lol_model.errors.SegmentError` if the join fails (ffmpeg's exit status, or the
         joined file does not hold the sum of the segments' frames); the segments are kept."""
         self.close_segment()
         if not self.segments:
@@ -343,7 +341,7 @@ class LatentWriter(SegmentLog):
         self._buf.append(z.detach().cpu())
 
     def close_segment(self) -> None:
-        """Write the buffered latents as the next segment; :class:`~lol_model.guard.SegmentError`
+        """Write the buffered latents as the next segment; :class:`~lol_model.errors.SegmentError`
         (nothing recorded) if the file cannot be written."""
         from safetensors.torch import save_file
 

@@ -10,7 +10,8 @@ The math is diffusers' ``WanTransformer3DModel`` (Wan2.1 T2V) with two changes f
   the cache stores un-rotated keys and a position policy only changes integer positions.
 
 Parameter names follow the original Wan / Self-Forcing / LongLive layout (``self_attn.q``,
-``norm3``, ``ffn.0``, ``head.head``, ...); :mod:`lol_model.weights` also loads diffusers names.
+``norm3``, ``ffn.0``, ``head.head``, ...); :mod:`lol_model.model.weights` also loads diffusers
+names.
 
 Precision: activations stay in the parameters' dtype; LayerNorms, RMSNorms, modulation and the
 residual updates with their gates are computed in fp32 (fp64 for an fp64 model), as diffusers
@@ -29,7 +30,6 @@ import torch.nn.functional as F
 import lol_kernels as lk
 from lol_kernels.cache import CacheRead, FrameBlock, PagedKVCache, write_frames
 
-from .caches import default_page_size
 from .config import ModelConfig
 
 
@@ -55,7 +55,7 @@ class StepInputs:
     """The tensors one cached forward reads besides ``x``, the timesteps and the text K/V, all on
     the model's device, of one shape for the whole stream (a page table is padded to the
     cache's ``max_read_pages``), so that a compiled step never recompiles and a captured one
-    copies them into fixed buffers (:mod:`lol_model.step`).
+    copies them into fixed buffers (:mod:`lol_model.streaming.forward`).
 
     Attributes:
         q_pos: ``[B, F * Nf, 3]`` int32 positions of the block's tokens.
@@ -102,6 +102,22 @@ def frame_timesteps(t, batch_size: int, num_frames: int, device,
         raise ValueError(f"{name} must have shape [B={batch_size}, F={num_frames}] (or [B] or "
                          f"a scalar), got {list(t.shape)}")
     return t
+
+
+def default_page_size(frame_tokens: int) -> int:
+    """256 slots (the Triton tile), or the next power of two >= 16 for tiny frames."""
+    return 256 if frame_tokens >= 256 else max(16, 1 << (frame_tokens - 1).bit_length())
+
+
+def cache_arguments(cfg: ModelConfig, *, num_kv_heads: int, frame_tokens: int,
+                    page_size: int | None, dtype: torch.dtype, device) -> dict:
+    """The constructor arguments a cache of a model with ``cfg`` takes from the model: layers,
+    ``num_kv_heads`` heads (all, or one rank's share), head_dim, 3 RoPE axes, and the page size
+    (default: :func:`default_page_size`)."""
+    return dict(num_layers=cfg.num_layers, num_kv_heads=num_kv_heads, head_dim=cfg.head_dim,
+                num_axes=3, frame_tokens=frame_tokens,
+                page_size=default_page_size(frame_tokens) if page_size is None else page_size,
+                dtype=dtype, device=device)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -292,12 +308,10 @@ class CausalWanModel(nn.Module):
         device by default); ``cache_kwargs`` (``sink_frames``, ``window_frames``,
         ``block_frames``, ``batch_size``, ``slow_frames``, ...) go to the cache unchanged.
         ``page_size`` defaults to the power of two covering a frame, in [16, 256]."""
-        return cache_cls(num_layers=self.cfg.num_layers, num_kv_heads=self.cfg.num_heads,
-                         head_dim=self.cfg.head_dim, num_axes=3, frame_tokens=frame_tokens,
-                         page_size=default_page_size(frame_tokens) if page_size is None
-                         else page_size,
-                         dtype=dtype or self.dtype, device=device or self.device,
-                         **cache_kwargs)
+        return cache_cls(**cache_arguments(self.cfg, num_kv_heads=self.cfg.num_heads,
+                                           frame_tokens=frame_tokens, page_size=page_size,
+                                           dtype=dtype or self.dtype,
+                                           device=device or self.device), **cache_kwargs)
 
     def encode_text(self, context: torch.Tensor) -> TextKV:
         """Text embedding and every layer's cross-attention K/V of ``context [B, L, text_dim]``
@@ -340,7 +354,7 @@ class CausalWanModel(nn.Module):
             ``[B, Cz_out, F, H, W]`` in ``x.dtype``.
 
         The host work (:meth:`prepare`) and the tensors-only :meth:`step` (what
-        :mod:`lol_model.step` compiles and captures) are also callable apart.
+        :mod:`lol_model.streaming.forward` compiles and captures) are also callable apart.
         """
         inputs = self.prepare(x, text_kv, cache, read, write=write)
         return self.step(x, timestep, text_kv.k, text_kv.v, cache_pools(cache), inputs,
@@ -396,7 +410,7 @@ class CausalWanModel(nn.Module):
         ``inputs`` from :meth:`prepare`; with ``inputs.slots`` each layer writes the un-rotated
         K/V of the last ``slots.shape[1]`` tokens into the pools.
 
-        ``shard`` (head parallelism, :class:`lol_model.parallel.TokenShard`): the layers run
+        ``shard`` (head parallelism, :class:`lol_model.parallel.ulysses.TokenShard`): the layers run
         on this rank's tokens of every frame, each attention exchanges ``q, k, v`` for all
         tokens of this rank's heads (``shard.to_heads``) and back (``shard.to_tokens``), the
         pools hold those heads and ``shard.rope_table`` is their RoPE table."""
@@ -464,7 +478,7 @@ class CausalWanModel(nn.Module):
         """One forward of ``x [B, Cz, F, H, W]`` at ``timestep [B, F]`` (or ``[B]`` / scalar)
         whose self-attention is the caller's ``attend(layer, q, k, v) -> [B, N, H, D]``, with
         ``q, k, v [B, N, H, D]`` un-rotated (after the q/k RMSNorm) and ``N = F * gh * gw``
-        tokens, frame-major then row-major. The seam :mod:`lol_model.train` builds teacher and
+        tokens, frame-major then row-major. The seam :mod:`lol_model.training` builds teacher and
         diffusion forcing on; differentiable. Returns ``[B, Cz_out, F, H, W]`` in ``x.dtype``."""
         self._check_input(x, text_kv)
         return self._run(x, timestep, text_kv.k, text_kv.v, attend)

@@ -10,11 +10,7 @@ import os
 
 import torch
 
-
-def first_line(e: BaseException, limit: int = 200) -> str:
-    """``"Type: first line of the message"``, cut to ``limit`` characters (one-line errors)."""
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:limit] if text else ''}"
+from ..errors import first_line
 
 
 def load_tensor_file(path: str, what: str = "tensor file"):

@@ -23,15 +23,16 @@ from __future__ import annotations
 
 import datetime
 import json
+import multiprocessing.connection
 import os
-import signal
+import pickle
 import socket
 import threading
 import time
 
 import torch.distributed as dist
 
-from .files import first_line
+from ..errors import exit_status, first_line
 
 PREFIX = "lol/live"
 
@@ -264,19 +265,8 @@ def record_failure(exc: BaseException) -> None:
 
 
 # --------------------------------------------------------------------------- launcher
-def _exit_text(code: int) -> str:
-    if code < 0:
-        try:
-            return f"exit code {code}, {signal.Signals(-code).name}"
-        except ValueError:
-            return f"exit code {code}"
-    return f"exit code {code}"
-
-
 def _error_line(path: str) -> str | None:
     """The last line of the traceback a spawned child left in ``path`` (torch's error file)."""
-    import pickle
-
     try:
         with open(path, "rb") as f:
             lines = [ln for ln in pickle.load(f).strip().splitlines() if ln.strip()]
@@ -294,8 +284,6 @@ def spawn_ranks(fn, nproc: int, args: tuple = (), *, timeout_s: float, poll_s: f
     than 1), else the first error (a survivor's diagnosis names the culprit itself). A run whose
     heartbeats all stop for ``timeout_s`` + 5 s (no rank timed out by itself) is killed too.
     """
-    import multiprocessing.connection
-
     import torch.multiprocessing as mp
 
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
@@ -313,7 +301,7 @@ def spawn_ranks(fn, nproc: int, args: tuple = (), *, timeout_s: float, poll_s: f
             dead = [r for r, c in enumerate(codes) if c not in (None, 0, 1)]
             if dead:
                 r = dead[0]
-                raise RuntimeError(f"rank {r} of {nproc} died ({_exit_text(codes[r])})")
+                raise RuntimeError(f"rank {r} of {nproc} died ({exit_status(codes[r])})")
             err = [r for r, c in enumerate(codes) if c == 1]
             if err:
                 r = err[0]

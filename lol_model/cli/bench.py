@@ -35,7 +35,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
 
 def default_benchmarks_dir() -> Path:
     """``benchmarks/`` of the source checkout (the package is installed editable from it)."""
-    return Path(__file__).resolve().parent.parent / "benchmarks"
+    return Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def versions() -> dict:
@@ -155,7 +155,7 @@ def update_readme(readme: Path, report: dict, info: dict) -> list[str]:
     return ok
 
 
-def add_bench_parser(subparsers) -> None:
+def add_parser(subparsers) -> None:
     p = subparsers.add_parser("bench", help="run the benchmark scripts and write a report",
                               description=__doc__.splitlines()[0])
     p.add_argument("names", nargs="*", default=[],

@@ -14,7 +14,7 @@ bytes, by name), and the metadata key ``"lol.sha256"`` the SHA-256 of the JSON t
 changed byte anywhere in the file is refused: in the safetensors header or offsets by
 safetensors, in the JSON by its digest, in a tensor by that tensor's digest (the error names
 it). Each closed segment is recorded as ``{"file", "sha256", "frames"}`` (see
-:mod:`lol_model.video`), so ``--resume`` refuses a segment changed since the checkpoint.
+:mod:`lol_model.streaming.video`), so ``--resume`` refuses a segment changed since the checkpoint.
 
 Format versions:
 
@@ -35,7 +35,9 @@ import os
 
 import torch
 
-from .files import first_line
+from ..errors import first_line
+from .outputs import close_segments
+from .stream import Stream, encode_text
 
 FORMAT = "lol-stream/3"
 UNCHECKED = "lol-stream/2"  # readable, but written before checksums
@@ -177,3 +179,52 @@ def check_fingerprint(saved: dict, current: dict) -> None:
     if diff:
         raise ValueError("cannot resume: the run's settings differ from the checkpoint's:\n  "
                          + "\n  ".join(diff))
+
+
+def save_stream(st: Stream, folder: str) -> str:
+    """Close the output segments, then atomically save the stream state to ``folder`` (in this
+    order: a segment that fails to close raises before anything is saved, so the checkpoint
+    never records a broken segment)."""
+    close_segments(st)
+    cmeta, tensors = cache_state(st.cache)
+    tensors["rng.noise"] = st.generator.get_state()
+    for fid, z in st.latents.items():
+        tensors[f"latents.{fid}"] = z
+    for i, (_, _, z) in enumerate(st.recent):
+        tensors[f"recent.{i}"] = z
+    meta = {"fingerprint": st.settings.fingerprint(), "block": st.block, "segment": st.segment,
+            "pending_cut": st.pending_cut, "cache": cmeta, "frames_out": st.frames_out,
+            "latent_fids": sorted(st.latents), "recent": [[s, t] for s, t, _ in st.recent],
+            "video_segments": list(st.video.segments) if st.video is not None else None,
+            "latent_segments": list(st.latent_writer.segments)
+            if st.latent_writer is not None else None}
+    if st.decoder is not None:
+        dmeta, dt = st.decoder.state()
+        meta["decoder"] = dmeta
+        tensors.update(dt)
+    return save_checkpoint(folder, meta, tensors)
+
+
+def resume_stream(st: Stream, folder: str) -> None:
+    """Load a checkpoint into a freshly built stream with the same settings."""
+    meta, tensors = load_checkpoint(folder)
+    check_fingerprint(meta["fingerprint"], st.settings.fingerprint())
+    load_cache_state(st.cache, meta["cache"], tensors)
+    st.generator.set_state(tensors["rng.noise"])
+    st.latents = {fid: tensors[f"latents.{fid}"].to(st.device) for fid in meta["latent_fids"]}
+    st.recent = [(s, t, tensors[f"recent.{i}"].to(st.device))
+                 for i, (s, t) in enumerate(meta.get("recent", []))]
+    st.block, st.pending_cut, st.frames_out = meta["block"], meta["pending_cut"], meta["frames_out"]
+    if meta["segment"] != st.segment:
+        st.segment = meta["segment"]
+        st.text_kv = encode_text(st, st.segment)
+    if (meta.get("decoder") is None) != (st.decoder is None):
+        raise ValueError("cannot resume: the checkpoint and this run disagree on whether video "
+                         "is decoded (--out / --no-decode)")
+    if st.decoder is not None:
+        st.decoder.load_state(meta["decoder"], tensors)
+        st.video.truncate(meta["video_segments"])
+    if st.latent_writer is not None:
+        if meta["latent_segments"] is None:
+            raise ValueError("cannot resume with --save-latents: the checkpoint saved none")
+        st.latent_writer.truncate(meta["latent_segments"])

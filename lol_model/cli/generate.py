@@ -1,82 +1,63 @@
-"""``lol`` command line: ``lol generate``, ``lol diagnose``, ``lol bench``.
+"""``lol generate``: stream a video block by block, from the command line.
 
-Examples::
-
-    lol generate                                   # tiny random model, ~1 min on a CPU
-    lol generate --prompt "a cat[10s] | a dog[20s#]" --cache relativistic --jitter-sigma 0.8
-    lol generate --checkpoint wan.safetensors --preset wan-1.3b --size 832x480 \\
-        --device cuda --dtype bf16 --text-encoder umt5/ --vae Wan2.1-T2V-1.3B-Diffusers/ \\
-        --seconds 3600 --checkpoint-every 50 --out hour.mp4
-    lol generate --resume --out hour.mp4           # continue from hour.mp4.ckpt/
-
-Other subcommands register through :data:`SUBCOMMANDS` (``module``, ``add_parser function``):
-each function gets the argparse subparsers object and sets ``func`` on its parser.
+Options are checked before any work (:func:`check_args`: one ``lol: error: ...`` line naming the
+option, exit 2); the run locks ``--out`` and ``--checkpoint-dir`` (:class:`~.lock.RunLock`),
+then streams through :func:`lol_model.streaming.driver.run_to_outputs`, on one process, on the
+ranks it spawns (``--nproc``) or on torchrun's.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
+import datetime
+import glob
 import math
 import os
+import shutil
 import sys
+import threading
 import time
 
-from .guard import (
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from ..errors import GenerationError, Interrupted
+from ..model.config import ModelConfig
+from ..parallel import runner
+from ..parallel.liveness import spawn_ranks
+from ..parallel.ulysses import DEFAULT_TIMEOUT_S, check_degree
+from ..streaming.checkpoint import FILE, resume_stream
+from ..streaming.driver import keep_written, run_to_outputs
+from ..streaming.memory import check_memory
+from ..streaming.outputs import attach_outputs, latents_folder
+from ..streaming.presets import get_cache_config
+from ..streaming.prompts import LATENT_FPS, parse_schedule
+from ..streaming.sampling import sigmas_from_timesteps
+from ..streaming.settings import (
+    DEFAULT_BLOCKS,
     MAX_LATENT_FRAMES,
     MAX_STEPS,
     SEED_RANGE,
-    GenerationError,
-    Interrupted,
-    RunLock,
+    StreamSettings,
+)
+from ..streaming.stream import new_stream
+from .lock import RunLock
+from .options import (
     bounded_int,
     check_device,
     check_input_path,
-    check_memory,
     check_writable_dir,
     check_writable_file,
     finite_float,
+    frame_size,
+    named,
+    timestep_list,
 )
 
-SUBCOMMANDS = [
-    ("lol_kernels.diagnostics.cli", "add_diagnose_parser", "diagnose"),
-    ("lol_model.bench", "add_bench_parser", "bench"),
-]
 
-DEFAULT_BLOCKS = 40  # tiny defaults: 30 s of 128x128 video at 16 fps in about a minute on a CPU
-
-
-def _size(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must be WIDTHxHEIGHT, got {text!r}") from None
-    if w <= 0 or h <= 0 or w % 16 or h % 16:
-        raise argparse.ArgumentTypeError(f"size must be positive multiples of 16 (VAE stride 8 "
-                                         f"x patch 2), got {text!r}")
-    return w, h
-
-
-def _timesteps(text: str) -> tuple[float, ...]:
-    try:
-        ts = tuple(float(t) for t in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"timesteps must be comma-separated numbers, got "
-                                         f"{text!r}") from None
-    if not all(math.isfinite(t) for t in ts):
-        raise argparse.ArgumentTypeError(f"timesteps must be finite, got {text!r}")
-    return ts
-
-
-class Parser(argparse.ArgumentParser):
-    """One-line errors: ``lol: error: argument --shift: ...`` and exit 2 (no usage dump)."""
-
-    def error(self, message: str):
-        self.exit(2, f"lol: error: {message}\n")
-
-
-def add_generate_parser(sub) -> argparse.ArgumentParser:
+def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="stream a video block by block",
                        description="Stream video from a causal Wan model in constant memory. "
                                    "Defaults run a tiny random model on the CPU in about a "
@@ -131,12 +112,12 @@ def add_generate_parser(sub) -> argparse.ArgumentParser:
                         "the cache preset's (0.8 for lol, else 0)")
     p.add_argument("--jitter-seed", type=bounded_int(*SEED_RANGE), default=0,
                    help="seed of the per-head jitter draw")
-    p.add_argument("--size", type=_size, default=(128, 128),
+    p.add_argument("--size", type=frame_size, default=(128, 128),
                    help="video WIDTHxHEIGHT (default 128x128; Wan: 832x480)")
     p.add_argument("--steps", type=bounded_int(1), default=4, help="denoising steps per block")
     p.add_argument("--shift", type=finite_float(0, lo_open=True), default=5.0,
                    help="flow-matching timestep shift")
-    p.add_argument("--timesteps", type=_timesteps,
+    p.add_argument("--timesteps", type=timestep_list,
                    help="explicit timesteps, e.g. 1000,937.5,833.33,625 (overrides --steps)")
     p.add_argument("--seed", type=bounded_int(*SEED_RANGE), default=0,
                    help="noise seed, in [-2**63, 2**64 - 1]")
@@ -177,14 +158,12 @@ def add_generate_parser(sub) -> argparse.ArgumentParser:
                    help="with --nproc / torchrun: a rank that stops responding for this long "
                         "fails the run, named in the error (default 300; a rank that dies is "
                         "named at once)")
-    p.set_defaults(func=run_generate)
+    p.set_defaults(func=run_command)
     return p
 
 
-def settings_from_args(args):
-    from .generate import StreamSettings
-    from .schedule import LATENT_FPS, parse_schedule
-
+def settings_from_args(args: argparse.Namespace) -> StreamSettings:
+    """The :class:`~lol_model.streaming.settings.StreamSettings` of parsed options."""
     w, h = args.size
     block_frames = 3
     blocks = args.blocks
@@ -193,8 +172,8 @@ def settings_from_args(args):
             raise ValueError(f"--seconds must be a finite number > 0, got {args.seconds}")
         blocks = max(1, math.ceil(args.seconds * LATENT_FPS / block_frames))
     if blocks is None:
-        blocks = _named("--prompt", parse_schedule, args.prompt,
-                        block_frames=block_frames).total_blocks or DEFAULT_BLOCKS
+        blocks = named("--prompt", parse_schedule, args.prompt,
+                       block_frames=block_frames).total_blocks or DEFAULT_BLOCKS
     preset = args.preset or ("wan-1.3b" if args.checkpoint else "tiny")
     check_step_options(args)
     return StreamSettings(
@@ -216,32 +195,15 @@ def check_step_options(args) -> None:
     if args.cuda_graphs and not str(args.device).startswith("cuda"):
         raise ValueError(f"--cuda-graphs needs --device cuda, got --device {args.device}")
     if args.compile is not None:
-        from torch._dynamo import list_backends
-
-        names = list_backends(exclude_tags=())
+        names = torch._dynamo.list_backends(exclude_tags=())
         if args.compile not in names:
             raise ValueError(f"--compile: unknown torch.compile backend {args.compile!r}; "
                              f"one of {', '.join(sorted(names))}")
 
 
-def _named(option: str, check, *a, **kw):
-    """Run ``check``; a ``ValueError`` it raises is re-raised naming ``option``."""
-    try:
-        return check(*a, **kw)
-    except ValueError as e:
-        raise ValueError(f"{option}: {e}") from None
-
-
 def check_generate_args(args, s, ckpt: str) -> None:
     """Every check that needs no model: refuse bad options before any work starts."""
-    from .caches import get_cache_config
-    from .config import ModelConfig
-    from .generate import DTYPES
-    from .sampling import sigmas_from_timesteps
-    from .schedule import parse_schedule
-
-    if s.dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {s.dtype!r}")
+    dtype = named("--dtype", s.torch_dtype)
     check_device(s.device)
     if args.lora and not args.checkpoint:
         raise ValueError("--lora needs --checkpoint (the LoRA is merged into its weights)")
@@ -254,17 +216,15 @@ def check_generate_args(args, s, ckpt: str) -> None:
     for option, path in (("--checkpoint", args.checkpoint), ("--lora", args.lora),
                          ("--text-encoder", args.text_encoder), ("--vae", args.vae)):
         check_input_path(option, path)
-    _named("--prompt", parse_schedule, s.prompt, block_frames=s.block_frames)
-    _named("--preset", ModelConfig.preset, s.preset)
-    _named("--cache", get_cache_config, s.cache)
+    named("--prompt", parse_schedule, s.prompt, block_frames=s.block_frames)
+    named("--preset", ModelConfig.preset, s.preset)
+    named("--cache", get_cache_config, s.cache)
     size = "--local-attn-size" if s.local_attn_size is not None else \
         "--window-frames" if s.window_frames is not None else "--sink-size"
-    cache_cfg = _named(size, get_cache_config, s.cache, sink_frames=s.sink_frames,
-                       local_attn_size=s.local_attn_size, window_frames=s.window_frames,
-                       recache=s.recache, global_sink=s.global_sink)
-    _named(size, cache_cfg.window_for, s.block_frames)
+    cache_cfg = named(size, s.cache_config)
+    named(size, cache_cfg.window_for, s.block_frames)
     if s.timesteps:
-        _named("--timesteps", sigmas_from_timesteps, s.timesteps)
+        named("--timesteps", sigmas_from_timesteps, s.timesteps)
     if s.blocks * s.block_frames > MAX_LATENT_FRAMES:
         raise ValueError(f"--blocks/--seconds/--prompt durations ask for {s.blocks:.3g} "
                          f"blocks; at most {MAX_LATENT_FRAMES // s.block_frames} fit the "
@@ -281,16 +241,11 @@ def check_generate_args(args, s, ckpt: str) -> None:
     if args.threads and args.threads > 4 * cores:  # OpenMP aborts or crashes on absurd counts
         raise ValueError(f"--threads {args.threads}: this machine has {cores} CPU cores; use "
                          f"at most {4 * cores}")
-    check_memory(s, DTYPES[s.dtype])  # last: it needs every size option validated
+    check_memory(s, dtype)  # last: it needs every size option validated
 
 
 def previous_run(args, ckpt: str) -> list[str]:
     """Paths of an earlier run's data that a fresh run onto ``--out`` would replace or mix."""
-    import glob
-
-    from .generate import latents_folder
-    from .state import FILE
-
     found = [p for p in [os.path.join(ckpt, FILE)] if os.path.isfile(p)]
     if glob.glob(os.path.join(args.out + ".segments", "seg_*.mp4")):
         found.append(args.out + ".segments")
@@ -302,11 +257,6 @@ def previous_run(args, ckpt: str) -> list[str]:
 
 def remove_previous_run(args, ckpt: str) -> None:
     """``--overwrite``: delete the checkpoint files and the segment folders of ``--out``."""
-    import shutil
-
-    from .generate import latents_folder
-    from .state import FILE
-
     for name in (FILE, "stream.json"):
         if os.path.isfile(os.path.join(ckpt, name)):
             os.remove(os.path.join(ckpt, name))
@@ -314,7 +264,9 @@ def remove_previous_run(args, ckpt: str) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def run_generate(args) -> dict:
+def run_command(args: argparse.Namespace) -> dict:
+    """``lol generate``: check, lock, then stream on this process, on ``--nproc`` spawned ranks
+    or on this torchrun rank. Returns ``{"blocks", "seconds", "out"}``."""
     ckpt = args.checkpoint_dir or args.out + ".ckpt"
     s = settings_from_args(args)
     world = int(os.environ.get("WORLD_SIZE", "1"))  # > 1 under torchrun / --nproc workers
@@ -322,7 +274,7 @@ def run_generate(args) -> dict:
     if world > 1 and nproc not in (None, world):
         raise ValueError(f"--nproc {nproc} disagrees with torchrun's world size {world}")
     if world > 1 and int(os.environ.get("RANK", "0")) != 0:
-        return generate_on_rank(args, s, ckpt)  # rank 0 checks and locks the outputs
+        return on_rank(args, s, ckpt)  # rank 0 checks and locks the outputs
     check_generate_args(args, s, ckpt)
     with RunLock([args.out, ckpt]):
         if not args.resume:
@@ -335,56 +287,39 @@ def run_generate(args) -> dict:
             if found:
                 remove_previous_run(args, ckpt)
         if world == 1 and (nproc or 1) > 1:
-            return _spawn_generate(args, s, ckpt, nproc)
-        return (_generate if world == 1 else generate_on_rank)(args, s, ckpt)
+            return spawn(args, s, ckpt, nproc)
+        return (stream_to_outputs if world == 1 else on_rank)(args, s, ckpt)
 
 
-def dist_timeout(args) -> float:
-    """``--dist-timeout`` in seconds (default :data:`lol_model.parallel.DEFAULT_TIMEOUT_S`)."""
-    from .parallel import DEFAULT_TIMEOUT_S
-
+def dist_timeout(args: argparse.Namespace) -> float:
+    """``--dist-timeout`` in seconds (default
+    :data:`lol_model.parallel.ulysses.DEFAULT_TIMEOUT_S`)."""
     return getattr(args, "dist_timeout", None) or DEFAULT_TIMEOUT_S
 
 
-def generate_on_rank(args, s, ckpt: str, store=None) -> dict:
-    """:func:`_generate` on one rank of several: joins the process group (rendezvous on
-    ``store`` when given, else torchrun's environment), records its own failure for the
-    others' error messages, and leaves the group either way."""
-    from . import parallel
-
-    parallel.init_distributed(device=s.device, timeout_s=dist_timeout(args), store=store)
-    try:
-        out = _generate(args, s, ckpt)
-    except BaseException as e:
-        parallel.shutdown_distributed(e)
-        raise
-    parallel.shutdown_distributed()
-    return out
+def on_rank(args: argparse.Namespace, s: StreamSettings, ckpt: str, store=None) -> dict:
+    """:func:`stream_to_outputs` on one rank of several, inside the process group
+    (:func:`lol_model.parallel.runner.on_rank`; rendezvous on ``store`` when given, else
+    torchrun's environment)."""
+    return runner.on_rank(lambda: stream_to_outputs(args, s, ckpt), device=s.device,
+                          timeout_s=dist_timeout(args), store=store)
 
 
-def generate_rank(rank: int, world: int, port: int, args, s, ckpt: str) -> None:
+def spawned_rank(rank: int, world: int, port: int, args: argparse.Namespace,
+                 s: StreamSettings, ckpt: str) -> None:
     """One ``lol generate --nproc`` worker: the torchrun environment, a client of the parent's
-    store on ``port``, then :func:`generate_on_rank`."""
-    import datetime
-    import threading
-
-    import torch.distributed as dist
-    from tqdm import tqdm
-
-
+    store on ``port``, then :func:`on_rank`."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     tqdm.set_lock(threading.RLock())  # tqdm's default process lock leaks when a rank is killed
     store = dist.TCPStore("127.0.0.1", port, is_master=False,
                           timeout=datetime.timedelta(seconds=dist_timeout(args)))
-    generate_on_rank(args, s, ckpt, store)
+    on_rank(args, s, ckpt, store)
 
 
-def _spawn_generate(args, s, ckpt: str, nproc: int) -> dict:
-    from .config import ModelConfig
-    from .liveness import spawn_ranks
-    from .parallel import check_degree
-
+def spawn(args: argparse.Namespace, s: StreamSettings, ckpt: str, nproc: int) -> dict:
+    """``--nproc``: run :func:`spawned_rank` in ``nproc`` processes; this one hosts their store
+    and names the rank that died or hung (and kills the rest)."""
     cfg = ModelConfig.preset(s.preset)
     check_degree(cfg.num_heads, nproc)
     tokens = (s.latent_height // cfg.patch_size[1]) * (s.latent_width // cfg.patch_size[2])
@@ -392,20 +327,16 @@ def _spawn_generate(args, s, ckpt: str, nproc: int) -> dict:
         raise ValueError(f"--nproc {nproc} must divide the {tokens} tokens of a latent frame "
                          f"(--size)")
     t0 = time.perf_counter()
-    try:  # the parent hosts the ranks' store, names the rank that died or hung, kills the rest
-        spawn_ranks(generate_rank, nproc, (args, s, ckpt), timeout_s=dist_timeout(args))
+    try:
+        spawn_ranks(spawned_rank, nproc, (args, s, ckpt), timeout_s=dist_timeout(args))
     except RuntimeError as e:
         raise GenerationError(str(e)) from None
     return {"blocks": s.blocks, "seconds": time.perf_counter() - t0, "out": args.out}
 
 
-def _generate(args, s, ckpt: str) -> dict:
-    import torch
-
-    from . import parallel
-    from .files import first_line
-    from .generate import attach_outputs, finish, keep_written, new_stream, resume_stream, run
-
+def stream_to_outputs(args: argparse.Namespace, s: StreamSettings, ckpt: str) -> dict:
+    """Build (or resume) the stream and run it to its outputs on this process; rank 0 of a
+    head-parallel run alone writes the outputs and reports."""
     threads = args.threads or (1 if s.preset == "tiny" and s.device == "cpu" else None)
     if threads:
         torch.set_num_threads(threads)
@@ -414,91 +345,30 @@ def _generate(args, s, ckpt: str) -> dict:
     every = args.checkpoint_every
     st = None
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:  # head-parallel (joined by generate_on_rank): rank 0 alone writes, reports
-        s = dataclasses.replace(s, device=parallel.rank_device(s.device))
-    main = parallel.is_main()
+    if world > 1:  # head-parallel (joined by on_rank)
+        s = dataclasses.replace(s, device=runner.rank_device(s.device))
+    main = runner.is_main()
     try:
-        st = new_stream(s) if world == 1 else parallel.parallel_stream(s)
+        st = new_stream(s) if world == 1 else runner.parallel_stream(s)
         if main:
             attach_outputs(st, args.out, save_latents=args.save_latents)
         if args.resume:
-            (resume_stream if world == 1 else parallel.resume_parallel)(st, ckpt)
+            (resume_stream if world == 1 else runner.resume_parallel)(st, ckpt)
             if main:
                 print(f"resumed at block {st.block} from {ckpt}", file=sys.stderr)
-        start = st.block
-        try:
-            run(st, checkpoint_dir=ckpt if every else None, checkpoint_every=every,
-                progress=not args.quiet and main,
-                save=parallel.save_parallel if world > 1 else None)
-            out = finish(st, keep_segments=bool(every))
-        except parallel.RankFailure as e:
-            raise GenerationError(f"{e} (at block {st.block + 1})") from None
-        except (GenerationError, OSError) as e:  # stop; say what stays (keep_written closes it)
-            kept = keep_written(st, ckpt if every else None)
-            what = str(e) if isinstance(e, GenerationError) else \
-                f"writing the output failed at block {st.block}: {first_line(e, 1000)}"
-            raise GenerationError(f"{what}. {kept[0].upper()}{kept[1:]}",
-                                  block=getattr(e, "block", None)) from None
     except KeyboardInterrupt:
         if st is None:
             raise Interrupted("interrupted before the first block; nothing was written") \
                 from None
-        at = min(st.block + 1, s.blocks)
-        raise Interrupted(f"interrupted at block {at}; "
+        raise Interrupted(f"interrupted at block {min(st.block + 1, s.blocks)}; "
                           f"{keep_written(st, ckpt if every else None)}") from None
+    start = st.block
+    out = run_to_outputs(st, checkpoint_dir=ckpt, checkpoint_every=every,
+                         progress=not args.quiet and main,
+                         save=runner.save_parallel if world > 1 else None)
     dt = time.perf_counter() - t0
-    frames = st.block * s.block_frames
-    if not main:
-        return {"blocks": st.block, "seconds": dt, "out": out}
-    print(f"{st.block - start} blocks ({frames} latent frames total, {st.frames_out} video "
-          f"frames) in {dt:.1f} s -> {out or '(latents only)'}", file=sys.stderr)
+    if main:
+        print(f"{st.block - start} blocks ({st.block * s.block_frames} latent frames total, "
+              f"{st.frames_out} video frames) in {dt:.1f} s -> {out or '(latents only)'}",
+              file=sys.stderr)
     return {"blocks": st.block, "seconds": dt, "out": out}
-
-
-def _missing(name: str, module: str, err: Exception):
-    def run(args):
-        raise SystemExit(f"lol {name} is unavailable: {module} could not be imported ({err})")
-    return run
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="lol", description="LoL streaming video kernels and "
-                                                             "generator")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_generate_parser(sub)
-    for module, fn, name in SUBCOMMANDS:
-        try:
-            getattr(importlib.import_module(module), fn)(sub)
-        except (ImportError, AttributeError) as e:
-            # a stub that accepts any arguments ("-" is no option prefix here) and explains
-            p = sub.add_parser(name, help=f"(unavailable: {e})", add_help=False,
-                               prefix_chars="+")
-            p.set_defaults(func=_missing(name, module, e))
-            p.add_argument("rest", nargs="*")
-    return parser
-
-
-def main(argv=None) -> int:
-    """Run ``lol``; a user-facing failure prints one ``lol: error: ...`` line: exit 2 for bad
-    options and files (checked before any work), 1 when a run stops (non-finite latents, a
-    failed output segment); Ctrl-C prints ``lol: interrupted ...`` (what was kept), exit 130."""
-    try:  # building the parser imports torch (seconds): a Ctrl-C there is an interrupt too
-        args = build_parser().parse_args(argv)
-        rc = args.func(args)
-    except Interrupted as e:
-        print(f"lol: {e}", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        print("lol: interrupted", file=sys.stderr)
-        return 130
-    except GenerationError as e:
-        print(f"lol: error: {e}", file=sys.stderr)
-        return 1
-    except (ValueError, OSError) as e:
-        print(f"lol: error: {e}", file=sys.stderr)
-        return 2
-    return rc if isinstance(rc, int) else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -15,7 +15,11 @@ diffusers' Wan pipeline does (``z * std + mean``).
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+from ..errors import first_line
 
 TINY_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
                 temperal_downsample=[False, True, True])
@@ -42,11 +46,7 @@ def load_vae(spec: str | None, *, seed: int = 0, dtype=torch.float32, device="cp
     subfolder is found automatically)."""
     if spec in (None, "", "tiny"):
         return tiny_vae(seed=seed, dtype=dtype, device=device)
-    import os
-
     from diffusers import AutoencoderKLWan
-
-    from .files import first_line
 
     if not os.path.isdir(spec):
         raise ValueError(f"vae must be 'tiny' or a diffusers AutoencoderKLWan folder, got {spec!r}")

@@ -32,6 +32,9 @@ import torch
 
 from lol_kernels.cache import CacheRead, PagedKVCache, token_positions
 
+from ..model.transformer import TextKV
+from .interfaces import CacheForward
+
 SHIFT = 5.0
 NUM_STEPS = 4
 
@@ -64,13 +67,15 @@ def randn(shape, generator: torch.Generator, *, dtype, device) -> torch.Tensor:
                                                                            dtype=dtype)
 
 
-def denoise_block(model, shape, text_kv, cache: PagedKVCache, read: CacheRead, sigmas,
-                  generator: torch.Generator, *, dtype, device) -> torch.Tensor:
+def denoise_block(model: CacheForward, shape, text_kv: TextKV, cache: PagedKVCache,
+                  read: CacheRead, sigmas, generator: torch.Generator, *, dtype,
+                  device) -> torch.Tensor:
     """Sample the clean latents ``x0 [B, Cz, F, H, W]`` of one block against ``read``.
 
     ``model`` is a :class:`~lol_model.model.CausalWanModel` or anything called like one on a
-    cache (a :class:`~lol_model.step.BlockForward`: compiled or captured forwards). The cache
-    is only read here; :func:`write_block` stores the block's K/V afterwards.
+    cache (:class:`~lol_model.streaming.interfaces.CacheForward`: compiled or captured forwards,
+    the head-parallel model). The cache is only read here; :func:`write_block` stores the
+    block's K/V afterwards.
     """
     B, _, F = shape[:3]
     x = randn(shape, generator, dtype=dtype, device=device)
@@ -85,8 +90,8 @@ def denoise_block(model, shape, text_kv, cache: PagedKVCache, read: CacheRead, s
     return x0
 
 
-def write_block(model, x0: torch.Tensor, text_kv, cache: PagedKVCache, read: CacheRead,
-                q_t: torch.Tensor | None = None):
+def write_block(model: CacheForward, x0: torch.Tensor, text_kv: TextKV, cache: PagedKVCache,
+                read: CacheRead, q_t: torch.Tensor | None = None):
     """Clean pass at ``t = 0``: append the block's frames at ``q_t`` (default ``read.q_t``) and
     write their K/V (``model`` as in :func:`denoise_block`). Returns the
     :class:`~lol_kernels.cache.FrameBlock`."""

@@ -1,0 +1,1 @@
+"""Integrations with other libraries: :mod:`lol_model.integrations.diffusers`."""
