@@ -8,18 +8,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lol_model.cli import main
-from lol_model.generate import (
-    StreamSettings,
-    attach_outputs,
-    finish,
-    new_stream,
+from lol_model.streaming.checkpoint import (
+    load_cache_state,
+    load_checkpoint,
     resume_stream,
-    run,
+    save_checkpoint,
     save_stream,
-    step,
 )
-from lol_model.state import load_cache_state, load_checkpoint, save_checkpoint
-from lol_model.video import load_latents
+from lol_model.streaming.driver import run
+from lol_model.streaming.outputs import attach_outputs, finish
+from lol_model.streaming.settings import StreamSettings
+from lol_model.streaming.stream import advance, new_stream
+from lol_model.streaming.video import load_latents
 
 SCHEDULE = "a cat[3] | a dog[2] | a bird[#]"  # recache at block 3, flush + cut at block 5
 
@@ -45,9 +45,9 @@ def test_resume_is_bit_exact_after_a_kill(tmp_path, cache):
     ck = str(tmp_path / "ck")
     part = _stream(tmp_path, "part", 7, cache, decode)
     for _ in range(4):
-        step(part)
+        advance(part)
     save_stream(part, ck)  # checkpoint after block 4 (past the recache at block 3)
-    step(part)  # block 5 is generated, then the process is "killed" before any checkpoint
+    advance(part)  # block 5 is generated, then the process is "killed" before any checkpoint
     if decode:
         part.video._gen.close()
         seg = tmp_path / "part.mp4.segments"
@@ -68,7 +68,7 @@ def test_resume_is_bit_exact_after_a_kill(tmp_path, cache):
 
 def test_bad_checkpoints(tmp_path):
     st = new_stream(StreamSettings(blocks=2, decode=False))
-    step(st)
+    advance(st)
     ck = tmp_path / "ck"
     save_stream(st, str(ck))
     meta = json.loads((ck / "stream.json").read_text())
@@ -150,7 +150,7 @@ def test_cli_errors(tmp_path, capsys):
 def test_cli_missing_subcommand_module_is_reported(monkeypatch):
     import lol_model.cli as cli
 
-    monkeypatch.setattr(cli, "SUBCOMMANDS", [("lol_kernels.no_such_module", "add_x", "diagnose")])
+    monkeypatch.setitem(cli.COMMANDS, "diagnose", ("lol_kernels.no_such_module", "add_x", "x"))
     with pytest.raises(SystemExit, match="lol diagnose is unavailable"):
         main(["diagnose", "--anything"])
 
@@ -307,7 +307,7 @@ def test_unchecked_v2_checkpoint_still_resumes(tmp_path, decode):
     finish(full)
     part, ck = stream("part"), str(tmp_path / "ck")
     for _ in range(3):
-        step(part)
+        advance(part)
     save_stream(part, ck)
     meta, tensors = load_checkpoint(ck)
     v2 = {**meta, "format": "lol-stream/2",
