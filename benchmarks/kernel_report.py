@@ -8,17 +8,17 @@ applied to the un-rotated keys in registers. :data:`TINY` is the same layout at 
 (partial pages, ``Nq`` not a multiple of a frame, GQA) for the interpreter.
 
 For every autotune config of both key paths (``path``: ``fused``, the keys rotated in the key
-loop, :mod:`lol_kernels.attention.triton_kernel`; ``once``, rotated once per call then a plain
-paged loop, :mod:`lol_kernels.attention.triton_rotate`: the "rotate once + a standard attention
-kernel" alternative, with its prologue's traffic ``prologue_ms`` added) it reports, without a
-GPU:
+loop, :mod:`lol_kernels.attention.attention_triton`; ``once``, rotated once per call then a
+plain paged loop, :mod:`lol_kernels.attention.attention_triton_rotate`: the "rotate once + a
+standard attention kernel" alternative, with its prologue's traffic ``prologue_ms`` added) it
+reports, without a GPU:
 
 * ``flops``: matmul FLOPs ``4 Nq Nk Hq D`` (FlashAttention's count; RoPE and softmax excluded);
 * ``min_bytes``: compulsory HBM traffic: Q, K, V, positions read once, out and lse written once;
 * static resources from the sm_90 ahead-of-time compile (``cuobjdump``): registers per thread,
   shared memory per CTA, stack/local bytes, HGMMA count; CTAs per SM from registers and shared
-  memory; ``splits``: the split-KV parts the launcher picks (``triton_split.num_splits_for``)
-  and ``wave_eff``: the fraction of the grid's ``waves * slots`` filled with key tiles (the
+  memory; ``splits``: the split-KV parts the launcher picks
+  (``attention_triton_split.num_splits_for``) and ``wave_eff``: the fraction of the grid's ``waves * slots`` filled with key tiles (the
   ``cdiv(Nq, BLOCK_M) * Hq * splits`` programs on 132 SMs, each part also paying its fixed
   work); ``merge_ms``: the fp32 parts written and read back at 3.0 TB/s;
 * ``roofline_ms``: ``max(flops / 800 TFLOP/s, min_bytes / 3.0 TB/s)`` (H100 dense bf16 and copy
@@ -42,7 +42,7 @@ GPU:
   ``predicted + serial`` TFLOP/s.
 
 The static mode also compiles ``rope_attention``'s backward kernels (preprocess, dq, dk/dv;
-:mod:`lol_kernels.attention.backward_aot`) for the same dtypes and head dim and reports their
+:mod:`lol_kernels.attention.rope_attention_aot`) for the same dtypes and head dim and reports their
 registers, shared memory, stack, spills, HGMMA and MUFU counts (``backward`` in the JSON;
 ``--no-backward`` skips them).
 
@@ -134,11 +134,11 @@ def occupancy(row) -> int:
 
 
 def prologue_bytes(s, elem: int = 2, pos_bytes: int = 4) -> float:
-    """HBM traffic of the rotate-once prologue (``triton_rotate.rotate_keys_fwd``) beyond what
-    the attention kernel reads anyway: the cached K, V and positions read, the rotated keys
+    """HBM traffic of the rotate-once prologue (``attention_triton_rotate.rotate_keys_fwd``)
+    beyond what the attention kernel reads anyway: the cached K, V and positions read, the rotated keys
     (one copy per query head) and the packed values written; the kernel then reads those
     instead of the pools. Rows padded as the launcher pads them (``scratch_rows``)."""
-    from lol_kernels.attention.triton_rotate import scratch_rows
+    from lol_kernels.attention.attention_triton_rotate import scratch_rows
 
     P = frame_layout(s)[3]
     _, rows = scratch_rows(P, s["S"], 0)
@@ -155,7 +155,7 @@ def static_rows(dtypes, shape=None, paths=("fused", "once")) -> list[dict]:
     """The sm_90 compile model of every autotune config for ``dtypes`` at ``shape``, for each
     key path: ``fused`` (keys rotated in the key loop) and ``once`` (rotate once per call,
     then a plain paged loop: ``prologue_ms`` of traffic added to its prediction)."""
-    from lol_kernels.attention.triton_split import PART_FIXED_TILES, num_splits_for
+    from lol_kernels.attention.attention_triton_split import PART_FIXED_TILES, num_splits_for
     from lol_kernels.common import aot
 
     s = SHAPE if shape is None else shape
@@ -285,8 +285,8 @@ def measured_rows(dtype=torch.bfloat16, shape=None, device="cuda", check=None) -
     import torch.nn.functional as F
 
     import lol_kernels as lk
-    from lol_kernels.attention import triton_kernel as tk
-    from lol_kernels.attention import triton_rotate as tk_rotate
+    from lol_kernels.attention import attention_triton as tk
+    from lol_kernels.attention import attention_triton_rotate as tk_rotate
     from lol_kernels.attention.reference import gather_keys
 
     s = SHAPE if shape is None else shape
@@ -392,7 +392,7 @@ def main(argv=None):
     static = [] if args.measure else static_rows(tuple(args.dtypes.split(",")), shape)
     backward = []
     if not (args.measure or args.no_backward):
-        from lol_kernels.attention.backward_aot import backward_static_rows
+        from lol_kernels.attention.rope_attention_aot import backward_static_rows
         backward = backward_static_rows(tuple(args.dtypes.split(",")), (shape["D"],))
     measured, parity = [], {}
     if args.measure or cuda:

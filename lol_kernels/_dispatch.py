@@ -36,10 +36,10 @@ BACKENDS = {
 }
 #: op -> (module, function) of its Triton wrapper, imported on first use (Triton is optional)
 TRITON_KERNELS = {
-    "apply_rope": ("lol_kernels.rope.triton_kernel", "apply_rope_triton"),
-    "paged_attention": ("lol_kernels.attention.triton_kernel", "paged_attention_triton"),
-    "rope_attention": ("lol_kernels.attention.triton_kernel", "rope_attention_triton"),
-    "moc_attention": ("lol_kernels.moc.attention_triton", "moc_attention_triton"),
+    "apply_rope": ("lol_kernels.rope.rope_triton", "apply_rope_triton"),
+    "paged_attention": ("lol_kernels.attention.attention_triton", "paged_attention_triton"),
+    "rope_attention": ("lol_kernels.attention.attention_triton", "rope_attention_triton"),
+    "moc_attention": ("lol_kernels.moc.moc_attention_triton", "moc_attention_triton"),
 }
 EXTENSION = "lol_kernels._C"  # the router's C++/CUDA extension (csrc/moc), op lol_C::moc_route
 REBUILD = "rebuild it with `pip install --no-build-isolation -e .`"

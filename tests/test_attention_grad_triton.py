@@ -21,9 +21,9 @@ import pytest
 from conftest import assert_close_rule
 
 import lol_kernels as lk
-from lol_kernels.attention import triton_backward as tb
+from lol_kernels.attention import rope_attention_triton_backward as tb
+from lol_kernels.attention.attention_triton import rope_attention_triton
 from lol_kernels.attention.reference import masked_softmax, rotated_scores
-from lol_kernels.attention.triton_kernel import rope_attention_triton
 from lol_kernels.common import aot
 from lol_kernels.common.triton_utils import is_interpreted
 
@@ -202,7 +202,7 @@ def test_autograd_runs_the_fused_backward(monkeypatch, causal):
 def test_backward_op_fake_matches():
     """The backward is a custom op of its own (``torch.compile`` traces its fake, not the
     Triton launch): opcheck's schema, fake and autograd-registration checks pass."""
-    from lol_kernels.attention import dense
+    from lol_kernels.attention import rope_attention_op
     c = make_case(B=1, N=9, Nk=11, Hq=4, Hkv=2)
     t = c["table"]
     q, k, v = (c[n].to(DEV) for n in "qkv")
@@ -210,7 +210,7 @@ def test_backward_op_fake_matches():
     args = (c["grad_out"].to(DEV), c["grad_lse"].to(DEV), q, k, v, c["q_pos"].to(DEV),
             c["k_pos"].to(DEV), t.freqs.to(DEV), t.pair_axis.to(DEV), out, lse, True,
             q.shape[-1] ** -0.5, "triton", list(t.axes))
-    torch.library.opcheck(dense._rope_attention_backward_op, args,
+    torch.library.opcheck(rope_attention_op._rope_attention_backward_op, args,
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -281,7 +281,7 @@ def test_backward_compiles_for_sm90_without_spills():
     """Every config the autotuner may pick for each backward kernel, bf16 at D = 128 and fp16
     at D = 64 (GQA 3, causal; also benchmarks/kernel_report.py): HGMMA products, no stack or
     local memory, no calls, registers reported. CI runs it under Triton 3.6 and 3.9."""
-    from lol_kernels.attention.backward_aot import backward_static_rows
+    from lol_kernels.attention.rope_attention_aot import backward_static_rows
 
     rows = backward_static_rows(configs="offered", pairs=(("bf16", 128), ("fp16", 64)))
     assert len(rows) == 10

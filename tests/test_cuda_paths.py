@@ -28,7 +28,8 @@ from conftest import assert_close_rule, max_err  # noqa: E402
 from test_paged_attention_triton import _call, _cast, make_case, run_and_check  # noqa: E402
 
 import lol_kernels as lk  # noqa: E402
-from lol_kernels.moc import moc_route_reference, route  # noqa: E402
+from lol_kernels.moc import moc_route_op as route  # noqa: E402
+from lol_kernels.moc import moc_route_reference  # noqa: E402
 from lol_kernels.rope import apply_rope_torch  # noqa: E402
 from lol_kernels.rope.reference import apply_rope_reference  # noqa: E402
 
@@ -37,12 +38,12 @@ BF16 = torch.bfloat16
 
 def test_kernels_compile_for_the_gpu_with_fast_trig():
     """The kernels are compiled (not interpreted) and take the MUFU branch."""
-    from lol_kernels.attention import triton_backward as tb
-    from lol_kernels.attention import triton_kernel as tk
-    from lol_kernels.attention import triton_rotate as tr
+    from lol_kernels.attention import attention_triton as tk
+    from lol_kernels.attention import attention_triton_rotate as tr
+    from lol_kernels.attention import rope_attention_triton_backward as tb
     from lol_kernels.common.triton_utils import fast_trig, is_interpreted
-    from lol_kernels.moc.attention_triton import moc_attn_fwd
-    from lol_kernels.rope.triton_kernel import apply_rope_fwd
+    from lol_kernels.moc.moc_attention_triton import moc_attn_fwd
+    from lol_kernels.rope.rope_triton import apply_rope_fwd
 
     for k in (tk.paged_rope_attn_fwd, moc_attn_fwd, apply_rope_fwd, tr.rotate_keys_fwd,
               tr.paged_attn_rotated_fwd, tb.rope_attn_bwd_dq, tb.rope_attn_bwd_dkdv):
@@ -98,7 +99,7 @@ def test_autotuned_split_kv_from_the_sm_count():
     """A short query block over a long cache: the launcher picks several split-KV parts from
     the device's SM count (never under the interpreter); the merged result obeys the parity
     rule and matches one part."""
-    from lol_kernels.attention.triton_split import device_sms, num_splits_for
+    from lol_kernels.attention.attention_triton_split import device_sms, num_splits_for
 
     c, _ = make_case(B=1, N=150, Hq=4, Hkv=2, D=64, S=64, P=72, M=70, dtype=BF16)
     key_tiles = -(-70 * 64 // 64) + -(-150 // 64)

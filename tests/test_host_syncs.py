@@ -311,7 +311,7 @@ def test_tables_the_cache_builds_pass_validation(cls):
     ("out", lambda q: q.shape, TypeError, "out must be a torch.Tensor"),
 ])
 def test_caller_buffers_are_checked(name, make, exc, needle):
-    from lol_kernels.attention.triton_kernel import paged_attention_triton
+    from lol_kernels.attention.attention_triton import paged_attention_triton
 
     x, _ = paged_case()
     x.pop("table")
@@ -325,12 +325,13 @@ def test_caller_buffers_are_checked(name, make, exc, needle):
 def test_model_step_makes_no_host_sync(cache):
     """A whole cached forward (all layers, the write pass included) outside the ops' bodies:
     what a CUDA graph captures around the kernels."""
-    from lol_model.generate import StreamSettings, new_stream, step
-    from lol_model.model import cache_pools
+    from lol_model.model.transformer import cache_pools
+    from lol_model.streaming.settings import StreamSettings
+    from lol_model.streaming.stream import advance, new_stream
 
     st = new_stream(StreamSettings(blocks=6, cache=cache, decode=False))
     for _ in range(5):
-        step(st)
+        advance(st)
     rd = st.cache_cfg.read(st.cache, 3)
     x = torch.randn(st.latent_shape)
     t = torch.full((1, 3), 500.0)

@@ -14,15 +14,15 @@ from conftest import assert_close_rule, max_err
 
 import lol_kernels as lk
 from lol_kernels.attention import paged_attention_reference
-from lol_kernels.moc.attention import moc_attention, tile_means
-from lol_kernels.moc.attention_cpu import moc_attention_torch
-from lol_kernels.moc.attention_reference import moc_attention_reference
+from lol_kernels.moc.moc_attention_cpu import moc_attention_torch
+from lol_kernels.moc.moc_attention_op import moc_attention, tile_means
+from lol_kernels.moc.reference import moc_attention_reference
 
 
 def _triton_ok():
     try:
         from lol_kernels.common.triton_utils import is_interpreted
-        from lol_kernels.moc.attention_triton import moc_attn_fwd
+        from lol_kernels.moc.moc_attention_triton import moc_attn_fwd
     except Exception:
         return False
     return is_interpreted(moc_attn_fwd) or torch.cuda.is_available()
@@ -165,7 +165,7 @@ def test_triton_matches_float64(case, causal, dtype):
     ref64, lse64 = moc_attention_reference(*p64, **k64)
     pos, kw = split(x, opts, dtype)
     ref_lo, lse_lo = moc_attention_reference(*pos, **kw)
-    from lol_kernels.moc.attention_triton import moc_attention_triton
+    from lol_kernels.moc.moc_attention_triton import moc_attention_triton
     dpos, dkw = split(x, opts, dtype, DEV)
     out = torch.full_like(dpos[0], float("nan"))
     lse = torch.full(ref_lo.shape[:1] + (ref_lo.shape[2], ref_lo.shape[1]), float("nan"),
@@ -179,7 +179,7 @@ def test_triton_matches_float64(case, causal, dtype):
 def test_triton_backend_odd_head_dim_takes_torch_path():
     """D = 24 is not a tl.arange extent: backend="triton" answers through the torch path (the
     dispatcher routes it); the Triton wrapper called directly refuses it."""
-    from lol_kernels.moc.attention_triton import moc_attention_triton
+    from lol_kernels.moc.moc_attention_triton import moc_attention_triton
     x, opts = make_case(N=20, Hq=2, Hkv=1, D=24)
     pos, kw = split(x, opts)
     out, lse = moc_attention(*pos, **kw, backend="triton")
@@ -263,7 +263,7 @@ def test_routed_order_and_holes_do_not_matter():
 
 
 def test_custom_op_opcheck_and_compile():
-    from lol_kernels.moc.attention import _moc_attention_op
+    from lol_kernels.moc.moc_attention_op import _moc_attention_op
     x, opts = make_case(N=20, Hq=2, Hkv=1)
     pos, kw = split(x, opts)
     t = opts["table"]
@@ -289,8 +289,8 @@ def test_tile_means():
 
 
 def test_moc_route_tiles_feeds_attention():
-    pytest.importorskip("lol_kernels.moc.route")
-    from lol_kernels.moc.attention import moc_route_tiles
+    pytest.importorskip("lol_kernels.moc.moc_route_op")
+    from lol_kernels.moc.moc_attention_op import moc_route_tiles
     x, opts = make_case(N=40, Hq=4, Hkv=2, C=6, k=2)
     cm = torch.randn(2, 6, 2, 16)
     valid = torch.ones(2, 6, dtype=torch.bool)
@@ -383,7 +383,7 @@ def test_torch_path_fast_case_no_masks():
 def test_torch_path_batched_groups_equal_one_call_each(monkeypatch, dtype):
     """The CPU path attends a (head, chunk) group of tiles with one call, or batches groups of
     one size into one call (from BATCH_ROWS query rows on): both match the reference."""
-    from lol_kernels.moc import attention_cpu
+    from lol_kernels.moc import moc_attention_cpu
 
     x, opts = make_case(N=150, Hq=4, Hkv=2, C=6, Pc=2, k=3, tile=16, causal=True)
     pos, kw = split(x, opts, dtype)
@@ -392,7 +392,7 @@ def test_torch_path_batched_groups_equal_one_call_each(monkeypatch, dtype):
     ref_lo, lse_lo = moc_attention_reference(*pos, **kw)
     outs = []
     for rows in (10**9, 0):  # every group on its own, then every group batched
-        monkeypatch.setattr(attention_cpu, "BATCH_ROWS", rows)
+        monkeypatch.setattr(moc_attention_cpu, "BATCH_ROWS", rows)
         out, lse = moc_attention_torch(*pos, **kw)
         assert_close_rule(out, ref_lo, ref64)
         assert_close_rule(lse, lse_lo, lse64, what="lse")

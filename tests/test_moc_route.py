@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 
 import lol_kernels as lk
 from lol_kernels import _dispatch as dispatch
-from lol_kernels.moc import moc_route_reference, moc_scores_reference, route
+from lol_kernels.moc import moc_route_op as route
+from lol_kernels.moc import moc_route_reference, moc_scores_reference
 from lol_kernels.moc.reference import eligibility
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -18,8 +18,8 @@ import pytest
 from conftest import assert_close_rule, max_err
 
 import lol_kernels as lk
+from lol_kernels.attention import attention_triton as tk
 from lol_kernels.attention import paged_attention_reference
-from lol_kernels.attention import triton_kernel as tk
 from lol_kernels.common.triton_utils import is_interpreted
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -179,7 +179,7 @@ def test_autotune_key_has_no_token_counts():
 
     counts = {"N", "N_new", "M"}
     assert not counts & set(AUTOTUNE_KEY)
-    fn = compiled_module("lol_kernels.attention.triton_kernel").paged_rope_attn_fwd
+    fn = compiled_module("lol_kernels.attention.attention_triton").paged_rope_attn_fwd
     nospec = {p.name for p in fn.params if p.do_not_specialize}
     assert counts | {"stride_qpb", "stride_npb", "stride_lb", "stride_lh"} <= nospec
 
@@ -214,7 +214,7 @@ def test_one_fp32_dot_precision_in_both_kernels():
     import inspect
 
     from lol_kernels.common import triton_attention as ta
-    from lol_kernels.moc import attention_triton as mt
+    from lol_kernels.moc import moc_attention_triton as mt
 
     assert ta.dot_precision(torch.float32) == "tf32x3"
     for mod in (tk, mt):
@@ -296,7 +296,7 @@ def test_num_splits_heuristic():
     """Wave-filling split counts: the Wan block (444 programs of M = 128 on 132 SMs, 3.36
     waves) -> 2 parts (0.84 -> 0.96); one latent frame (156 programs, 1.18 waves) -> 5;
     a grid of whole waves or a short key range -> 1; no GPU -> 1."""
-    from lol_kernels.attention.triton_split import num_splits_for
+    from lol_kernels.attention.attention_triton_split import num_splits_for
     assert num_splits_for(444, 293 + 74, 132) == 2
     assert num_splits_for(156, 293 + 25, 132) == 5
     assert num_splits_for(264, 300, 132) == 1
@@ -350,7 +350,7 @@ def test_rotate_once_shift_invariance_2pow24_and_empty_rows():
 def test_rotate_once_dense_rope_attention():
     """rope_attention (no cache: only the block's own keys, N_new != N) on the rotate-once
     path equals the fused path up to one fp16 rounding."""
-    from lol_kernels.attention.triton_kernel import rope_attention_triton
+    from lol_kernels.attention.attention_triton import rope_attention_triton
     c, dt = make_case(B=1, N=24, Hq=2, Hkv=1, D=32, dtype=torch.float16)
     cd = _cast(c, dt)
     k, v, kpos = cd["k_new"][:, :17], cd["v_new"][:, :17], cd["q_pos"][:, 5:22]
@@ -364,7 +364,7 @@ def test_rope_keys_policy():
     """auto: rotate once when more than one 128-query tile reads every key and the scratch
     fits; fused for one query tile (each key tile read once anyway) or a huge scratch; any
     other value is refused naming the option."""
-    from lol_kernels.attention.triton_rotate import SCRATCH_LIMIT, choose_rope_keys
+    from lol_kernels.attention.attention_triton_rotate import SCRATCH_LIMIT, choose_rope_keys
     assert choose_rope_keys("auto", 4680, 1, 12, 19200 + 4736, 128, 2) == "once"
     assert choose_rope_keys("auto", 128, 1, 12, 19200, 128, 2) == "fused"
     assert choose_rope_keys("auto", 4680, 1, 12, SCRATCH_LIMIT, 128, 2) == "fused"
@@ -378,7 +378,7 @@ def test_rotated_kernel_token_counts_not_specialized():
     """Token counts and strides that scale with them stay runtime scalars in both
     rotate-once kernels (no recompile per block)."""
     from lol_kernels.common.aot import compiled_module
-    mod = compiled_module("lol_kernels.attention.triton_rotate")
+    mod = compiled_module("lol_kernels.attention.attention_triton_rotate")
     for fn, names in ((mod.paged_attn_rotated_fwd, {"N", "N_new", "M", "stride_rb",
                                                     "stride_wb", "stride_lb"}),
                       (mod.rotate_keys_fwd, {"M", "N_new", "Lc", "stride_rb", "stride_rob"})):

@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from conftest import assert_close_rule, max_err
 
 import lol_kernels as lk
-from lol_kernels.attention import dense
-from lol_kernels.attention import triton_kernel as tk
+from lol_kernels.attention import attention_triton as tk
+from lol_kernels.attention import rope_attention_op
 from lol_kernels.rope import apply_rope_reference, apply_rope_torch, rope_naive_fp32
 from lol_kernels.rope.reference import compute_dtype
-from lol_kernels.rope.triton_kernel import apply_rope_triton
+from lol_kernels.rope.rope_triton import apply_rope_triton
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 A = 3
@@ -100,7 +100,7 @@ def test_triton_parity_d128_no_jitter():
                          ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_torch_backend_parity(dtype, causal):
-    _check(dense.rope_attention_torch, make_dense(N=30, Nk=50), dtype, causal)
+    _check(rope_attention_op.rope_attention_torch, make_dense(N=30, Nk=50), dtype, causal)
 
 
 @pytest.mark.parametrize("gqa", [False, True], ids=["MHA-jitter", "GQA-nojitter"])
@@ -163,7 +163,7 @@ def test_public_op_triton_equals_kernel():
 def test_custom_op_fake_and_schema():
     """``lol::rope_attention`` has a fake implementation (torch.compile traces it)."""
     q, k, v, qp, kp, table = make_dense(B=1, N=8, Nk=12)
-    torch.library.opcheck(dense._rope_attention_op,
+    torch.library.opcheck(rope_attention_op._rope_attention_op,
                           (q, k, v, qp, kp, table.freqs, table.pair_axis, True, 0.125, "torch"),
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -233,7 +233,7 @@ def test_unsupported_head_dim_and_fp64_take_the_torch_path():
         q, k, v = (t.to(dt) for t in (q, k, v))
         o, lse = lk.rope_attention(q, k, v, qp, kp, table, causal=True, backend="triton",
                                    return_lse=True)
-        ref, ref_lse = dense.rope_attention_torch(q, k, v, qp, kp, table, causal=True)
+        ref, ref_lse = rope_attention_op.rope_attention_torch(q, k, v, qp, kp, table, causal=True)
         assert torch.equal(o, ref) and torch.equal(lse, ref_lse)
         y = lk.apply_rope(q, qp, table, backend="triton")
         assert torch.equal(y, apply_rope_torch(q, qp, table))

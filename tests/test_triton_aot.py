@@ -136,7 +136,7 @@ def test_rotated_kernel_compiles_without_spills(once_report):
     """Every config of the rotate-once kernel: HGMMA products, no calls, no spills at
     D <= 128, shared memory equal to its estimate (``rotated_shared_memory_bytes``, the
     autotune pruning's) and within sm_90's."""
-    from lol_kernels.attention.triton_rotate import rotated_shared_memory_bytes
+    from lol_kernels.attention.attention_triton_rotate import rotated_shared_memory_bytes
 
     assert len(once_report) == 2 * 2 * len(CONFIGS) + len(offered_configs(torch.bfloat16, 256))
     for r in once_report:

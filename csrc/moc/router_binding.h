@@ -1,6 +1,6 @@
 // Argument checks and input preparation shared by the CPU and CUDA bindings of lol_C::moc_route.
-// The public Python wrapper (lol_kernels/moc/route.py) validates with friendlier messages; these
-// checks keep a direct torch.ops.lol_C.moc_route call from reading out of bounds.
+// The public Python wrapper (lol_kernels/moc/moc_route_op.py) validates with friendlier messages;
+// these checks keep a direct torch.ops.lol_C.moc_route call from reading out of bounds.
 #pragma once
 
 #include <ATen/core/Tensor.h>

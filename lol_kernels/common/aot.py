@@ -31,13 +31,14 @@ from .triton_attention import CONFIGS, dot_precision, offered_configs
 #: every module that defines ``@triton.jit`` functions, helpers first: :func:`compiled_module`
 #: re-imports them all, so a compiled kernel never calls an interpreted helper
 KERNEL_MODULES = ("lol_kernels.common.triton_rope", "lol_kernels.common.triton_attention",
-                  "lol_kernels.attention.triton_split", "lol_kernels.attention.triton_rotate",
-                  "lol_kernels.attention.triton_kernel",
-                  "lol_kernels.moc.attention_triton", "lol_kernels.rope.triton_kernel")
+                  "lol_kernels.attention.attention_triton_split",
+                  "lol_kernels.attention.attention_triton_rotate",
+                  "lol_kernels.attention.attention_triton",
+                  "lol_kernels.moc.moc_attention_triton", "lol_kernels.rope.rope_triton")
 #: the attention kernels :func:`compile_attention_config` compiles: jit name -> its module
-ATTENTION_KERNELS = {"paged_rope_attn_fwd": "lol_kernels.attention.triton_kernel",
-                     "paged_attn_rotated_fwd": "lol_kernels.attention.triton_rotate",
-                     "moc_attn_fwd": "lol_kernels.moc.attention_triton"}
+ATTENTION_KERNELS = {"paged_rope_attn_fwd": "lol_kernels.attention.attention_triton",
+                     "paged_attn_rotated_fwd": "lol_kernels.attention.attention_triton_rotate",
+                     "moc_attn_fwd": "lol_kernels.moc.moc_attention_triton"}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 #: runtime scalars of the attention kernels (i32, except the fp32 qk_scale)
 SCALARS = {"N", "N_new", "M", "T", "Hq", "num_splits", "Lc"}
@@ -284,7 +285,7 @@ def _compile_small_kernel(fn, name: str, pointers: dict, const: dict, num_warps:
 
 def compile_rope_kernel(dtype: str, head_dim: int, module=None) -> dict:
     """Compile the ``apply_rope`` kernel for sm_90; same report as above."""
-    mod = module or compiled_module("lol_kernels.rope.triton_kernel")
+    mod = module or compiled_module("lol_kernels.rope.rope_triton")
     return _compile_small_kernel(
         mod.apply_rope_fwd, "apply_rope_fwd",
         {"X": f"*{dtype}", "Y": f"*{dtype}", "Turns": "*i64", "Pos": "*i32", "PairAxis": "*i32"},
@@ -294,9 +295,10 @@ def compile_rope_kernel(dtype: str, head_dim: int, module=None) -> dict:
 
 def compile_rotate_keys_kernel(dtype: str, head_dim: int, module=None, *, group: int = 1,
                                page_size: int = 64) -> dict:
-    """Compile the rotate-once prologue (``triton_rotate.rotate_keys_fwd``: keys rotated and
-    packed, values packed) for sm_90, with shifts and new keys; same report as above."""
-    mod = module or compiled_module("lol_kernels.attention.triton_rotate")
+    """Compile the rotate-once prologue (``attention_triton_rotate.rotate_keys_fwd``: keys
+    rotated and packed, values packed) for sm_90, with shifts and new keys; same report as
+    above."""
+    mod = module or compiled_module("lol_kernels.attention.attention_triton_rotate")
     t = f"*{dtype}"
     ptrs = {n: "*i32" for n in ("KPos", "PageLen", "PageTable", "PageShift", "RowOff", "NValid",
                                 "NewPos", "PairAxis")}
@@ -311,7 +313,7 @@ def compile_rotate_keys_kernel(dtype: str, head_dim: int, module=None, *, group:
 
 def compile_combine_kernel(dtype: str, head_dim: int, module=None) -> dict:
     """Compile the split-KV merge kernel for sm_90; same report as above."""
-    mod = module or compiled_module("lol_kernels.attention.triton_split")
+    mod = module or compiled_module("lol_kernels.attention.attention_triton_split")
     return _compile_small_kernel(
         mod.combine_splits_kernel, "combine_splits",
         {"OutPart": "*fp32", "LsePart": "*fp32", "Out": f"*{dtype}", "Lse": "*fp32"},

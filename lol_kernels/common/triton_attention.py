@@ -3,7 +3,8 @@
 Both kernels own ``BLOCK_M`` queries of one query head and stream key tiles through the same
 steps, so a routing that selects every MoC chunk computes exactly what the paged kernel does:
 
-* :func:`tile_offsets`: the program's query rows, key-tile rows and channels;
+* :func:`program_heads` / :func:`program_tile`: the program's batch row and heads, its row
+  block and offsets (the backward kernels' too);
 * :func:`start_program`: the head's frequency words, its query tile rotated once in registers
   (relative phases, :func:`lol_kernels.common.triton_rope.rope_phase`), the empty state;
 * :func:`load_page_tile`: one key tile of a list of pages laid end to end (``PAGE_SIZE``
@@ -239,11 +240,23 @@ def online_softmax(acc, m_i, l_i, b_qk, b_v, qk_scale, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
-def tile_offsets(i_m, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Offsets of query block ``i_m``: its rows ``o_m [BLOCK_M]`` (mask ``m_m``: rows < ``N``),
-    the rows of a key tile ``o_n [BLOCK_N]`` and the channels ``o_d [HEAD_DIM]``."""
+def program_heads(Hq, GROUP: tl.constexpr):
+    """The heads of this program (grid axis 1 runs over ``B * Hq``): ``i_bh``, its batch row
+    ``i_b`` (int64, for pointer offsets), query head ``i_h`` and KV head ``i_kvh``."""
+    i_bh = tl.program_id(1)
+    i_b = (i_bh // Hq).to(tl.int64)
+    i_h = i_bh % Hq
+    return i_bh, i_b, i_h, i_h // GROUP
+
+
+@triton.jit
+def program_tile(N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Row block ``i_m`` of this program (grid axis 0) and its offsets: its rows ``o_m
+    [BLOCK_M]`` (mask ``m_m``: rows < ``N``), the rows ``o_n [BLOCK_N]`` of a tile of the
+    other operand and the channels ``o_d [HEAD_DIM]``."""
+    i_m = tl.program_id(0)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    return o_m, tl.arange(0, BLOCK_N), tl.arange(0, HEAD_DIM), o_m < N
+    return i_m, o_m, tl.arange(0, BLOCK_N), tl.arange(0, HEAD_DIM), o_m < N
 
 
 @triton.jit
@@ -475,6 +488,6 @@ __all__ = ["ATTENTION_OPS", "AUTOTUNE_KEY", "CONFIGS", "INTERPRET_CONFIG", "LOG2
            "autotune_configs", "autotuned", "device_shared_memory", "dot_precision",
            "kernel_launchable", "launch_constants", "launch_refusal", "load_page_tile",
            "new_key_end", "new_tile_scores", "normalize_rows", "offered_configs",
-           "online_softmax", "prune_configs", "rotated_scores", "same_strides",
-           "shared_memory_bytes", "shared_memory_limit", "start_program", "store_out",
-           "tile_offsets", "warn_kernel_fallback"]
+           "online_softmax", "program_heads", "program_tile", "prune_configs",
+           "rotated_scores", "same_strides", "shared_memory_bytes", "shared_memory_limit",
+           "start_program", "store_out", "warn_kernel_fallback"]

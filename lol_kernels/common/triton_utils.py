@@ -1,9 +1,12 @@
-"""Host-side helpers of the Triton launchers: interpreter detection, device checks, layouts."""
+"""Host-side helpers of the Triton launchers: interpreter detection, device checks, layouts,
+the attention outputs."""
 
 from __future__ import annotations
 
 import torch
 import triton
+
+from .._checks import check_out_buffer
 
 
 def is_interpreted(kernel) -> bool:
@@ -53,5 +56,20 @@ def stride_args(*pairs) -> dict[str, int]:
             for x, names in pairs for d, name in enumerate(names.split())}
 
 
-__all__ = ["check_kernel_device", "fast_trig", "is_interpreted", "kernel_supports",
-           "last_contig", "stride_args"]
+def attention_outputs(q: torch.Tensor, out: torch.Tensor | None, lse: torch.Tensor | None):
+    """``out [B, N, Hq, D]`` in q's dtype and ``lse [B, Hq, N]`` fp32 on q's device for a
+    launch on ``q [B, N, Hq, D]``: the caller's buffers, checked (shape, dtype, device, a unit
+    last stride; ``ValueError``/``TypeError`` naming the buffer), or new contiguous ones, the
+    layout the custom ops' fake implementations promise."""
+    B, N, Hq, _ = q.shape
+    check_out_buffer("out", out, q.shape, q.dtype, q.device)
+    check_out_buffer("lse", lse, (B, Hq, N), torch.float32, q.device)
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if lse is None:
+        lse = torch.empty((B, Hq, N), dtype=torch.float32, device=q.device)
+    return out, lse
+
+
+__all__ = ["attention_outputs", "check_kernel_device", "fast_trig", "is_interpreted",
+           "kernel_supports", "last_contig", "stride_args"]

@@ -2,7 +2,7 @@
 
 LoL's Figure 3: at a collapse, many heads put most of their attention on the sink frames at the
 same time. Given the per-entry attention mass of one block
-(:func:`~lol_kernels.attention.page_mass.paged_attention_page_mass`, ``[B, Hq, N, M + 1]``)
+(:func:`~lol_kernels.diagnostics.page_mass.paged_attention_page_mass`, ``[B, Hq, N, M + 1]``)
 and which page-table entries hold sink pages, this module reports the per-head sink mass of the
 block and the fraction of heads above a threshold; stacking blocks gives the curve over a stream.
 """

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..attention.op import validate_paged_inputs
+from ..attention.paged_attention_op import validate_paged_inputs
 from ..attention.reference import gather_index, keys_and_mask, masked_softmax, rotated_scores
 from ..rope.reference import compute_dtype
 from ..rope.table import RopeTable

@@ -1,8 +1,8 @@
 """Per-head jittered 3D RoPE: tables, the float64 reference, the CPU path and ``apply_rope``."""
 
-from .op import apply_rope, check_table
 from .reference import apply_rope_reference, rope_angles, rope_naive_fp32
 from .rope_cpu import apply_rope_torch
+from .rope_op import apply_rope, check_table
 from .table import RopeTable, rope_frequencies, wan_axes
 
 __all__ = ["RopeTable", "apply_rope", "apply_rope_reference", "apply_rope_torch", "check_table",

@@ -16,7 +16,7 @@ from .._dispatch import resolve_backend
 from ..rope.table import RopeTable
 from .attention_cpu import rope_attention_torch
 from .backward import check_func_transform, rope_attention_backward_torch
-from .op import fake_attention, run_attention, validate_dense_inputs
+from .paged_attention_op import fake_attention, run_attention, validate_dense_inputs
 
 
 @torch.library.custom_op("lol::rope_attention", mutates_args=())
@@ -54,7 +54,10 @@ def _rope_attention_backward_op(
     table = RopeTable.from_tensors(freqs, pair_axis, axes)
     backward = rope_attention_backward_torch
     if backend == "triton":
-        from .triton_backward import backward_launchable, rope_attention_backward_triton
+        from .rope_attention_triton_backward import (
+            backward_launchable,
+            rope_attention_backward_triton,
+        )
         if backward_launchable(q.dtype, q.shape[-1]):  # else the forward ran torch too
             backward = rope_attention_backward_triton
     dq, dk, dv = backward(grad_out, grad_lse, q, k, v, q_pos, k_pos, table, out, lse,
@@ -114,7 +117,7 @@ def rope_attention(q, k, v, q_pos, k_pos, table, *, causal=False, scale=None, ba
     query heads, each un-rotated with its own head's frequencies. The backward reuses the
     saved ``out`` and ``lse`` and forms no ``[N, Nk]`` matrix: the Triton backend runs the
     fused FA2-style Triton kernels with RoPE in registers
-    (:mod:`lol_kernels.attention.triton_backward`); the torch backend one fused CPU
+    (:mod:`lol_kernels.attention.rope_attention_triton_backward`); the torch backend one fused CPU
     flash-attention backward on the re-rotated inputs, and elsewhere (and in fp64) a
     recompute of the scores a block of query rows at a time
     (:mod:`lol_kernels.attention.backward`).

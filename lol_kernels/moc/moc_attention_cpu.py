@@ -1,10 +1,10 @@
 """The CPU path of ``moc_attention`` (what ``backend="torch"`` runs); same key sets and
-outputs as :func:`~lol_kernels.moc.attention_reference.moc_attention_reference`.
+outputs as :func:`~lol_kernels.moc.reference.moc_attention_reference`.
 
 The mandatory part is one :func:`~lol_kernels.attention.attention_cpu.paged_attention_torch`
 call. The routed part rotates the union of routed chunks once, then the tiles of each head that
 chose a chunk attend it with fused flash calls (:func:`routed_part`); the parts merge by
-log-sum-exp (:func:`~lol_kernels.moc.attention_reference.merge_lse`).
+log-sum-exp (:func:`~lol_kernels.moc.reference.merge_lse`).
 
 Every buffer belongs to one call and torch's thread settings are left alone, so several Python
 threads may call :func:`moc_attention_torch` at once.
@@ -19,7 +19,7 @@ from ..attention.reference import paged_attention_reference
 from ..rope.reference import compute_dtype, rope_cos_sin, rotate_pairs
 from ..rope.rope_cpu import phasors, rope_phasor_tables
 from ..rope.table import RopeTable
-from .attention_reference import merge_lse
+from .reference import merge_lse
 
 # query rows from which groups of one size are batched into one call: the CPU flash kernel
 # then works in blocks of 256 rows, which one call a group would leave unevenly spread

@@ -1,4 +1,5 @@
-"""Static sm_90 figures of the fused backward kernels (:mod:`.triton_backward`), no GPU needed.
+"""Static sm_90 figures of the fused backward kernels (:mod:`.rope_attention_triton_backward`),
+no GPU needed.
 
 Each autotune config of the dq and dk/dv kernels (and the delta/lse preprocess) is compiled
 ahead of time for sm_90 with :func:`lol_kernels.common.aot.compile_sm90` and read with the
@@ -17,9 +18,9 @@ import os
 from ..common import aot
 from ..common.triton_attention import dot_precision
 
-#: the jit kernels of :mod:`.triton_backward`
+#: the jit kernels of :mod:`.rope_attention_triton_backward`
 BACKWARD_KERNELS = ("rope_attn_bwd_preprocess", "rope_attn_bwd_dq", "rope_attn_bwd_dkdv")
-MODULE = "lol_kernels.attention.triton_backward"
+MODULE = "lol_kernels.attention.rope_attention_triton_backward"
 #: pointer arguments that hold fp32 row statistics (every other tensor of rows: input dtype)
 FP32_POINTERS = {"Lse", "DLse", "Lse2", "Delta"}
 INT_POINTERS = {"QPos": "*i32", "KPos": "*i32", "PairAxis": "*i32", "Turns": "*i64"}
@@ -91,8 +92,8 @@ def backward_static_rows(dtypes=("bf16",), head_dims=(128,), *, configs: str = "
     """Compile the backward kernels for sm_90 for each dtype (``"fp16"``, ``"bf16"``,
     ``"fp32"``) and head dim (or each ``(dtype, head_dim)`` of ``pairs``): the preprocess and
     the dq and dk/dv configs ``configs``: ``"offered"`` (those the autotuner may pick,
-    ``triton_backward.backward_configs``), ``"first"`` (the first of these) or ``"all"``
-    (every autotune config, ``triton_backward.all_configs``).
+    ``rope_attention_triton_backward.backward_configs``), ``"first"`` (the first of these) or
+    ``"all"`` (every autotune config, ``rope_attention_triton_backward.all_configs``).
 
     Returns one dict per compile: ``kernel``, ``config`` (``M<BLOCK_M>-N<BLOCK_N>-w<warps>-
     s<stages>``), ``dtype``, ``head_dim``, ``registers`` a thread, ``shared_B`` a CTA,

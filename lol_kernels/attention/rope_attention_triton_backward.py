@@ -29,7 +29,7 @@ the MUFU sin/cos on a GPU and the portable polynomials under ``TRITON_INTERPRET=
 tiles that straddle the diagonal go through a masked loop of their own. Products take the
 input dtype (fp32: 3xTF32), accumulation is fp32, every output element is written.
 
-sm_90 compile (:mod:`.backward_aot`, GQA 3, causal): fp16/bf16 at D = 64 and 128 spill
+sm_90 compile (:mod:`.rope_attention_aot`, GQA 3, causal): fp16/bf16 at D = 64 and 128 spill
 nothing in any offered config under Triton 3.6 and 3.9. bf16 D = 128 (3.9 / 3.6): dq
 ``M128-N32-w8`` 255 / 255 registers, 97 KB shared; dk/dv ``M16-N64-w8-s2`` 224 / 253
 registers, 49 KB. The lean configs of fp32 and of D = 256
@@ -44,7 +44,7 @@ import triton.language as tl
 
 from .._checks import check_out_buffer
 from .._dispatch import kernel_input_error, launch_device
-from ..common.triton_attention import launch_constants
+from ..common.triton_attention import launch_constants, program_heads, program_tile
 from ..common.triton_rope import (
     interleave,
     load_head_rope,
@@ -257,13 +257,8 @@ def rope_attn_bwd_preprocess(
 ):
     """``Delta = rowsum(dO * out) - dlse`` and ``Lse2 = lse * log2 e`` (``+inf`` for rows
     that saw no key, so every recomputed ``p`` of theirs is 0), both ``[B * Hq, N]`` fp32."""
-    i_m = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    i_b = (i_bh // Hq).to(tl.int64)
-    i_h = i_bh % Hq
-    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_m = o_m < N
-    o_d = tl.arange(0, HEAD_DIM)
+    i_bh, i_b, i_h, _ = program_heads(Hq, 1)
+    _, o_m, _, o_d, m_m = program_tile(N, BLOCK_M, BLOCK_M, HEAD_DIM)
     b_delta = tl.zeros([BLOCK_M], dtype=tl.float32)
     if HAS_DO:
         b_o = load_rows(Out, i_b, i_h, o_m, m_m, o_d, stride_ob, stride_on, stride_oh)
@@ -291,18 +286,9 @@ def rope_attn_bwd_dq(
     FAST_TRIG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """``dq`` of ``BLOCK_M`` queries of one query head (grid ``[cdiv(N, BLOCK_M), B * Hq]``)."""
-    HALF: tl.constexpr = HEAD_DIM // 2
-    i_m = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    i_b = (i_bh // Hq).to(tl.int64)
-    i_h = i_bh % Hq
-    i_kvh = i_h // GROUP
-    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_m = o_m < N
-    o_n = tl.arange(0, BLOCK_N)
-    o_d = tl.arange(0, HEAD_DIM)
-    b_axis, b_thi, b_tlo = load_head_rope(Turns, PairAxis, i_h, HALF)
-
+    i_bh, i_b, i_h, i_kvh = program_heads(Hq, GROUP)
+    i_m, o_m, o_n, o_d, m_m = program_tile(N, BLOCK_M, BLOCK_N, HEAD_DIM)
+    b_axis, b_thi, b_tlo = load_head_rope(Turns, PairAxis, i_h, HEAD_DIM // 2)
     b_qr = load_rotated(Q, QPos, i_b, i_h, o_m, m_m, o_d, stride_qb, stride_qn, stride_qh,
                         stride_qpb, stride_qpn, b_axis, b_thi, b_tlo, NUM_AXES, FAST_TRIG)
     row0 = i_bh.to(tl.int64) * N
@@ -355,17 +341,9 @@ def rope_attn_bwd_dkdv(
     ``GROUP == 1``: ``DK, DV`` are the outputs; otherwise fp32 parts ``[B, Nk, Hq, D]``
     that the launcher sums over the group (one program per KV head looping over its query
     heads holds a second fp32 accumulator and spills at sm_90)."""
-    HALF: tl.constexpr = HEAD_DIM // 2
-    i_n = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    i_b = (i_bh // Hq).to(tl.int64)
-    i_h = i_bh % Hq
-    i_kvh = i_h // GROUP
-    o_t = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_t = o_t < Nk
-    o_m0 = tl.arange(0, BLOCK_M)
-    o_d = tl.arange(0, HEAD_DIM)
-    b_axis, b_thi, b_tlo = load_head_rope(Turns, PairAxis, i_h, HALF)
+    i_bh, i_b, i_h, i_kvh = program_heads(Hq, GROUP)
+    i_n, o_t, o_m0, o_d, m_t = program_tile(Nk, BLOCK_N, BLOCK_M, HEAD_DIM)
+    b_axis, b_thi, b_tlo = load_head_rope(Turns, PairAxis, i_h, HEAD_DIM // 2)
     b_kr = load_rotated(K, KPos, i_b, i_kvh, o_t, m_t, o_d, stride_kb, stride_kn, stride_kh,
                         stride_kpb, stride_kpn, b_axis, b_thi, b_tlo, NUM_AXES, FAST_TRIG)
     b_v = load_rows(V, i_b, i_kvh, o_t, m_t, o_d, stride_vb, stride_vn, stride_vh)

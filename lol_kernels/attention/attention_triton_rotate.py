@@ -1,6 +1,6 @@
-"""Rotate once per call: RoPE taken out of the paged kernel's key loop (issue 14).
+"""Rotate once per call: RoPE taken out of the paged kernel's key loop.
 
-The fused kernel (:mod:`.triton_kernel`) rotates every key tile in registers for every query
+The fused kernel (:mod:`.attention_triton`) rotates every key tile in registers for every query
 tile that reads it: ``cdiv(N, BLOCK_M)`` times per key and query head, with MUFU sin/cos and a
 dozen integer/float instructions per pair inside the key loop. Here the keys are rotated once:
 
@@ -24,7 +24,7 @@ dozen integer/float instructions per pair inside the key loop. Here the keys are
 One key copy per query head because the frequencies are per query head (jitter inside a GQA
 group stays exactly relative). Extra traffic at the Wan shape: K and V read once more and
 written packed (4 x ~58 MB, 78 us at 3 TB/s against ~0.8 ms of attention). The launcher
-(:func:`.triton_kernel.launch_paged`) picks this path when more than one query tile reads every
+(:func:`.attention_triton.launch_paged`) picks this path when more than one query tile reads every
 key (``N >= ONCE_MIN_QUERIES``) and the scratch stays under :data:`SCRATCH_LIMIT`
 (:func:`choose_rope_keys`); the fused path stays for a single query tile and for the MoC
 kernel, whose routed chunks differ per query tile. ``benchmarks/kernel_report.py`` compares
@@ -41,7 +41,7 @@ import triton.language as tl
 
 from ..common import triton_attention as ta
 from ..common.triton_rope import load_head_rope, load_pair_positions, rotate_tile
-from .triton_split import store_part
+from .attention_triton_split import store_part
 
 #: scratch rows are padded to a multiple of this: every key tile (``BLOCK_N`` divides it)
 #: reads written rows (zeros past the keys), so K/V loads need no mask
@@ -247,14 +247,8 @@ def paged_attn_rotated_fwd(
     grid, split-KV parts and epilogue, the query tile rotated once in the prologue, then a
     plain key loop (no positions, no page table, no trigonometry). ``PAGE_SIZE`` and
     ``HAS_SHIFT`` are unused here (autotune keys shared with the fused kernel)."""
-    i_m = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    i_sp = tl.program_id(2)
-    i_b = (i_bh // Hq).to(tl.int64)
-    i_h = i_bh % Hq
-    i_kvh = i_h // GROUP
-
-    o_m, o_n, o_d, m_m = ta.tile_offsets(i_m, N, BLOCK_M, BLOCK_N, HEAD_DIM)
+    i_bh, i_b, i_h, i_kvh = ta.program_heads(Hq, GROUP)
+    i_m, o_m, o_n, o_d, m_m = ta.program_tile(N, BLOCK_M, BLOCK_N, HEAD_DIM)
     b_axis, b_thi, b_tlo, b_q, m_i, l_i, acc = ta.start_program(
         Q, QPos, Turns, PairAxis, i_b, i_h, o_m, m_m, o_d, stride_qb, stride_qn, stride_qh,
         stride_qpb, stride_qpn, NUM_AXES, FAST_TRIG)
@@ -276,6 +270,7 @@ def paged_attn_rotated_fwd(
         hi = n_keys
         full_end = n_keys
     n_tiles = tl.cdiv(hi, BLOCK_N)
+    i_sp = tl.program_id(2)
     per = tl.cdiv(n_tiles, num_splits)
     t_lo = i_sp * per
     t_hi = tl.minimum(t_lo + per, n_tiles)
@@ -294,7 +289,7 @@ paged_attn_rotated_fwd_tuned = ta.autotuned(paged_attn_rotated_fwd, prune=prune_
 
 
 # ---------------------------------------------------------------------------------------------
-# launcher pieces (called by lol_kernels.attention.triton_kernel.launch_paged)
+# launcher pieces (called by lol_kernels.attention.attention_triton.launch_paged)
 # ---------------------------------------------------------------------------------------------
 
 

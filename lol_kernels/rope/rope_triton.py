@@ -60,7 +60,7 @@ def apply_rope_fwd(X, Pos, Turns, PairAxis, Y, R, stride_xr, stride_xh, stride_p
 
 
 # ---------------------------------------------------------------------------------------------
-# launcher and wrapper (validated by lol_kernels.rope.op)
+# launcher and wrapper (validated by lol_kernels.rope.rope_op)
 # ---------------------------------------------------------------------------------------------
 
 

@@ -33,10 +33,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .._checks import check_out_buffer
 from .._dispatch import kernel_input_error, launch_device
 from ..common import triton_attention as ta
 from ..common.triton_utils import (
+    attention_outputs,
     check_kernel_device,
     is_interpreted,
     kernel_supports,
@@ -82,14 +82,9 @@ def moc_attn_fwd(
     IS_CAUSAL: tl.constexpr, TILE: tl.constexpr, DOT_PREC: tl.constexpr,
     FAST_TRIG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    i_m = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    i_b = (i_bh // Hq).to(tl.int64)
-    i_h = i_bh % Hq
-    i_kvh = i_h // GROUP
-    i_t = (i_m * BLOCK_M) // TILE
-
-    o_m, o_n, o_d, m_m = ta.tile_offsets(i_m, N, BLOCK_M, BLOCK_N, HEAD_DIM)
+    _, i_b, i_h, i_kvh = ta.program_heads(Hq, GROUP)
+    i_m, o_m, o_n, o_d, m_m = ta.program_tile(N, BLOCK_M, BLOCK_N, HEAD_DIM)
+    i_t = (i_m * BLOCK_M) // TILE  # the routing tile of every row of this program
     b_axis, b_thi, b_tlo, b_q, m_i, l_i, acc = ta.start_program(
         Q, QPos, Turns, PairAxis, i_b, i_h, o_m, m_m, o_d, stride_qb, stride_qn, stride_qh,
         stride_qpb, stride_qpn, NUM_AXES, FAST_TRIG)
@@ -178,13 +173,7 @@ def launch_moc_attention(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_t
     BLOCK_M`` must be 0).
     """
     B, N, Hq, D = q.shape
-    dev = q.device
-    check_out_buffer("out", out, q.shape, q.dtype, dev)
-    check_out_buffer("lse", lse, (B, Hq, N), torch.float32, dev)
-    if out is None:  # contiguous, as the custom op's fake implementation promises
-        out = torch.empty(q.shape, dtype=q.dtype, device=dev)
-    if lse is None:
-        lse = torch.empty((B, Hq, N), dtype=torch.float32, device=dev)
+    out, lse = attention_outputs(q, out, lse)
     if B * N * Hq == 0:
         return out, lse
     with launch_device(q):
@@ -239,7 +228,7 @@ def launch_moc(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_table, tabl
 
 
 # ---------------------------------------------------------------------------------------------
-# public wrapper (validated by lol_kernels.moc.attention)
+# public wrapper (validated by lol_kernels.moc.moc_attention_op)
 # ---------------------------------------------------------------------------------------------
 
 

@@ -22,7 +22,7 @@ from .._checks import (
     value_checks_enabled,
 )
 from .._dispatch import resolve_backend, triton_kernel
-from ..rope.op import check_table
+from ..rope.rope_op import check_table
 from ..rope.table import RopeTable
 from .attention_cpu import empty_result, paged_attention_torch
 from .backward import check_func_transform, paged_attention_backward

@@ -1,7 +1,8 @@
 """Fused Triton kernel: per-head jittered RoPE in registers + paged sink/window attention.
 
 One program owns ``BLOCK_M`` queries of one query head ``h`` and one split-KV part of their keys
-(grid ``[cdiv(N, BLOCK_M), B*Hq, splits]``, :mod:`.triton_split`; one part by default off-GPU):
+(grid ``[cdiv(N, BLOCK_M), B*Hq, splits]``, :mod:`.attention_triton_split`; one part by default
+off-GPU):
 
 1. load the query tile, rotate it in registers with head ``h``'s frequencies at ``q_pos``;
 2. stream the cached keys: the page-table entries are laid end to end, ``S`` slots each. When
@@ -43,8 +44,8 @@ key tile; with two split-KV parts the prediction went 402 -> 633 TFLOP/s with pe
 Larger query tiles would amortize the rotation further but spill next to the
 ``[BLOCK_M, D]`` fp32 accumulator (M256 with 8 or 16 warps: 264-304 bytes of stack).
 
-Rotate once (issue 14, :mod:`.triton_rotate`, the default when more than one query tile reads
-the keys): a prologue rotates and packs every valid key once per call and query head (the same
+Rotate once (:mod:`.attention_triton_rotate`, the default when more than one query tile reads the
+keys): a prologue rotates and packs every valid key once per call and query head (the same
 operands, bit for bit), then a standard attention loop reads them: no RoPE MUFU, 361 / 373
 SASS instructions a key tile at M128-N64-w8 / M64-N64-w4 (11.3 / 11.7 per query-key pair
 against 21.4 / 34.0 here), 3 / 2 CTA-wide barriers against 5 / 5. The launcher's
@@ -54,22 +55,32 @@ query tile, a scratch too large, and as the MoC kernel's per-tile steps.
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from .._checks import check_out_buffer
 from .._dispatch import kernel_input_error, launch_device
 from ..common import triton_attention as ta
-from ..common.triton_utils import is_interpreted, kernel_supports, last_contig, stride_args
-from .triton_rotate import (
+from ..common.triton_utils import (
+    attention_outputs,
+    is_interpreted,
+    kernel_supports,
+    last_contig,
+    stride_args,
+)
+from .attention_triton_rotate import (
     choose_rope_keys,
     launch_rotated,
     paged_attn_rotated_fwd_tuned,
     rotate_keys,
     scratch_rows,
 )
-from .triton_split import combine_splits, device_sms, num_splits_for, split_buffers, store_part
+from .attention_triton_split import (
+    combine_splits,
+    device_sms,
+    num_splits_for,
+    split_buffers,
+    store_part,
+)
 
 # ---------------------------------------------------------------------------------------------
 # jit kernels (configs and steps: lol_kernels.common.triton_attention, shared with MoC)
@@ -94,14 +105,8 @@ def paged_rope_attn_fwd(
     DOT_PREC: tl.constexpr, FAST_TRIG: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    i_m = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    i_sp = tl.program_id(2)
-    i_b = (i_bh // Hq).to(tl.int64)
-    i_h = i_bh % Hq
-    i_kvh = i_h // GROUP
-
-    o_m, o_n, o_d, m_m = ta.tile_offsets(i_m, N, BLOCK_M, BLOCK_N, HEAD_DIM)
+    i_bh, i_b, i_h, i_kvh = ta.program_heads(Hq, GROUP)
+    i_m, o_m, o_n, o_d, m_m = ta.program_tile(N, BLOCK_M, BLOCK_N, HEAD_DIM)
     b_axis, b_thi, b_tlo, b_q, m_i, l_i, acc = ta.start_program(
         Q, QPos, Turns, PairAxis, i_b, i_h, o_m, m_m, o_d, stride_qb, stride_qn, stride_qh,
         stride_qpb, stride_qpn, NUM_AXES, FAST_TRIG)
@@ -112,6 +117,7 @@ def paged_rope_attn_fwd(
     if HAS_NEW:
         hi_new, _ = ta.new_key_end(N_new, i_m, IS_CAUSAL, BLOCK_M)
         n_tiles += tl.cdiv(hi_new, BLOCK_N)
+    i_sp = tl.program_id(2)
     per = tl.cdiv(n_tiles, num_splits)
     t_lo = i_sp * per
     t_hi = tl.minimum(t_lo + per, n_tiles)
@@ -167,22 +173,18 @@ def launch_rope_attention(q, q_pos, table, *, cache=None, new=None, causal=False
             anything else raises ``ValueError``/``TypeError`` naming the buffer).
             config: ``{"BLOCK_M", "BLOCK_N"[, "num_warps", "num_stages"]}`` skips autotuning;
             ``{"num_splits": s}`` (alone or with tiles) sets the split-KV parts
-            (:mod:`.triton_split`; default: :func:`num_splits_for` on a GPU, 1 elsewhere);
+            (:mod:`.attention_triton_split`; default: :func:`num_splits_for` on a GPU, 1
+            elsewhere);
             ``{"rope_keys": "once" | "fused" | "auto"}`` rotates the keys once into a scratch
-            before a plain paged loop (:mod:`.triton_rotate`) or in the key loop (this
-            kernel); ``"auto"`` (default): :func:`.triton_rotate.choose_rope_keys`.
+            before a plain paged loop (:mod:`.attention_triton_rotate`) or in the key loop
+            (this kernel); ``"auto"`` (default):
+            :func:`.attention_triton_rotate.choose_rope_keys`.
 
     Returns:
         ``(out, lse)``.
     """
     B, N, Hq, _ = q.shape
-    dev = q.device
-    check_out_buffer("out", out, q.shape, q.dtype, dev)
-    check_out_buffer("lse", lse, (B, Hq, N), torch.float32, dev)
-    if out is None:  # contiguous, as the custom op's fake implementation promises
-        out = torch.empty(q.shape, dtype=q.dtype, device=dev)
-    if lse is None:
-        lse = torch.empty((B, Hq, N), dtype=torch.float32, device=dev)
+    out, lse = attention_outputs(q, out, lse)
     if B * N * Hq == 0:
         return out, lse
     with launch_device(q):
@@ -272,7 +274,7 @@ def launch_paged(q, q_pos, table, cache, new, causal, scale, out, lse, config):
 
 
 # ---------------------------------------------------------------------------------------------
-# public wrappers (validated by lol_kernels.attention.op / .dense)
+# public wrappers (validated by lol_kernels.attention.paged_attention_op / .rope_attention_op)
 # ---------------------------------------------------------------------------------------------
 
 

@@ -28,11 +28,11 @@ from .._checks import (
 )
 from .._dispatch import resolve_backend
 from ..attention.backward import attention_backward, check_func_transform, paged_keys
-from ..attention.op import fake_attention, run_attention, validate_paged_inputs
+from ..attention.paged_attention_op import fake_attention, run_attention, validate_paged_inputs
 from ..rope.table import RopeTable
-from .attention_cpu import moc_attention_torch
-from .attention_reference import gather_chunks, moc_dense_mask
-from .route import moc_route
+from .moc_attention_cpu import moc_attention_torch
+from .moc_route_op import moc_route
+from .reference import gather_chunks, moc_dense_mask
 
 TILE_MULTIPLE = 16  # smallest query block of the kernel (tl.dot needs >= 16 rows)
 
