@@ -1,7 +1,7 @@
 """``lol diagnose``: predict sink-collapse from a RoPE configuration, measure it on latents.
 
-Wiring: ``lol_model/cli.py`` calls :func:`add_diagnose_parser` on its subparsers and dispatches
-to :func:`run_diagnose`; ``python -m lol_kernels.diagnostics [diagnose] ...`` runs it alone.
+Wiring: ``lol_model.cli`` (its ``COMMANDS`` table) calls :func:`add_diagnose_parser` on its
+subparsers and dispatches to :func:`run_diagnose`; ``python -m lol_kernels.diagnostics [diagnose] ...`` runs it alone.
 
 Outputs (under ``--out``): ``summary.json``, ``coherence.png`` (coherence with and without
 jitter), ``synchronization.png`` (synchronized distances per sigma) and, with ``--latents``,

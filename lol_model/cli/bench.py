@@ -143,7 +143,7 @@ def update_readme(readme: Path, report: dict, info: dict) -> list[str]:
         title, _, rest = body.partition("\n")
         sections[name] = f"{title}\n\n*{machine_line(info)}*\n\n{rest.strip()}"
     if head.startswith("Machine:") and all("\n*Machine:" in v for v in sections.values()):
-        head = ""  # every section now names its own machine
+        head = ""  # every section names its own machine
     order = [n for n in BENCHMARKS if n in sections] + [n for n in sections if n not in BENCHMARKS]
     parts = ([head] if head else []) + [sections[n] for n in order]
     block = start + "\n" + "\n\n".join(parts) + "\n" + end

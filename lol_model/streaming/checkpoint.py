@@ -23,8 +23,9 @@ Format versions:
 * ``lol-stream/2`` (read, without checksums): nothing is verified; segments were recorded as a
   count (``latent_segments``: ``[count, frames]``), so ``--resume`` keeps that many segments as
   they are and measures them. The next checkpoint is written as ``lol-stream/3``.
-* ``lol-stream/1`` (not readable): the cache's private attributes were saved as they were; they
-  no longer exist, so such a checkpoint is refused with an error that names its version.
+* ``lol-stream/1`` (not readable): it holds the cache's private attributes as they were, which
+  this version's caches do not have, so such a checkpoint is refused with an error that names
+  its version.
 """
 
 from __future__ import annotations
