@@ -1,4 +1,4 @@
-"""Kernel report of the fused paged RoPE attention (issue 3) at the Wan shape.
+"""Kernel report of the fused paged RoPE attention at the Wan shape.
 
 Shape (:data:`SHAPE`): one block of ``Nq = 4680`` queries (3 latent frames of 1560 tokens) over
 ``Nk = 18720`` cached keys (LongLive's 12 frames) laid out as ``PagedKVCache`` stores them: each

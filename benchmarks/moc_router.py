@@ -1,6 +1,6 @@
 """MoC chunk router on the CPU: the C++ extension against the torch reference.
 
-Shape of issue 4: B = 1, T = 37 query tiles, H = 12, D = 128, k = 8, C in {256, 1024, 4096,
+The router's shape at Wan-1.3B: B = 1, T = 37 query tiles, H = 12, D = 128, k = 8, C in {256, 1024, 4096,
 16384} chunks, no masks. Columns:
 
 * ``cpp_ms``: ``lk.moc_route(..., backend="cpp")`` (csrc/moc/router_cpu.cpp, OpenMP).

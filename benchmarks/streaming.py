@@ -13,7 +13,7 @@ wall time also measures the neighbours' load, the CPU time (1 thread) only the b
 
 Modes (``--modes``, one run per cache and mode): ``eager`` (the default generator),
 ``validate`` (eager with ``LOL_VALIDATE=1``: every op reads its ids and positions on the host,
-as every call did before issue 13), ``compile`` (``lol generate --compile``: each block's
+the cost of checking values on every call), ``compile`` (``lol generate --compile``: each block's
 forwards as two ``torch.compile(fullgraph=True)`` graphs, backend ``--compile-backend``; the
 first block pays the compilation, reported as ``compile s``). With the tiny model on the CPU
 the block's time is host time: Python, dispatch and small kernels, what CUDA graphs remove on a
