@@ -1,17 +1,20 @@
 """CPU path of ``paged_attention`` against SDPA on keys already rotated and contiguous.
 
 Scaled-down Wan shape: one block of 3 frames x 390 tokens (1170 queries) over a cache of
-12 frames (4680 keys: 3 sink + 9 window) plus the block's own keys, 12 heads, D = 128, fp32.
+12 frames (4680 keys: 3 sink + 9 window) plus the block's own keys, 12 heads, D = 128, fp32;
+the cache on 128-token pages (``wan-page128``) or 64-token pages (``wan-page64``: 84 pages
+per read instead of 48). Rows are labelled by ``shape``.
 
 * ``sdpa_prerotated``: the floor: ``scaled_dot_product_attention`` on rotated contiguous K/V.
 * ``paged``: ``lk.paged_attention`` (gather pages, rotate in place of read, one fused call):
-  the CPU path rotates every key once per call, as the GPU's rotate-once path does (issue 14:
-  target within about 1.05x of ``sdpa_prerotated``; ``ratio_of_minima`` is the figure to
-  read on a shared machine, the medians move with the load).
-* ``rerotate_sdpa``: what streaming code does today: re-rotate the dense window with a RoPE
-  table (float32 angles), then SDPA.
+  the CPU path rotates every key once per call, as the GPU's rotate-once path does (target:
+  within about 1.05x of ``sdpa_prerotated``; ``ratio_of_minima`` is the figure to read on a
+  shared machine, the medians move with the load).
+* ``rerotate_sdpa``: what streaming code without this project does: re-rotate the dense
+  window with a RoPE table (float32 angles), then SDPA.
 
     python benchmarks/paged_attention_cpu.py --out results
+    python benchmarks/paged_attention_cpu.py --out /tmp/x --repeats 3 --shapes wan-page64
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ from harness import bench_interleaved, markdown_table, write_results  # noqa: E4
 import lol_kernels as lk  # noqa: E402
 from lol_kernels.cache import PagedKVCache, read_cache, token_positions  # noqa: E402
 from lol_kernels.rope import apply_rope_torch, rope_naive_fp32  # noqa: E402
+
+#: name -> keyword arguments of :func:`setup`
+SHAPES = {"wan-page128": {"page_size": 128}, "wan-page64": {"page_size": 64}}
 
 
 def setup(frame_tokens=390, grid=(15, 26), cached=12, sink=3, block=3, H=12, D=128,
@@ -50,21 +56,18 @@ def setup(frame_tokens=390, grid=(15, 26), cached=12, sink=3, block=3, H=12, D=1
     return cache, table, read, q, q_pos, k_new, v_new
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="results")
-    ap.add_argument("--repeats", type=int, default=15)
-    args = ap.parse_args(argv)
-    cache, table, read, q, q_pos, k_new, v_new = setup()
+def run_shape(name, repeats, **kw):
+    """Rows of one shape (labelled ``name``), its shape record and max |paged - SDPA|."""
+    cache, table, read, q, q_pos, k_new, v_new = setup(**kw)
+    H, D = cache.num_kv_heads, cache.head_dim
 
     # the dense data a user without this project would hold
-    frames = cache.frames()
-    idx = torch.cat([torch.cat([(fr.pages[0][:, None] * cache.page_size
-                                 + torch.arange(cache.page_size)).reshape(-1)[:cache.frame_tokens]])
-                     for fr in frames])
-    k_win = cache.k[0].view(-1, 12, 128)[idx][None]
-    v_win = cache.v[0].view(-1, 12, 128)[idx][None]
-    k_pos = cache.pos.view(-1, 3)[idx][None]
+    idx = torch.cat([(fr.pages[0][:, None] * cache.page_size
+                      + torch.arange(cache.page_size)).reshape(-1)[:cache.frame_tokens]
+                     for fr in cache.frames()])
+    k_win = cache.k[0].view(-1, H, D)[idx][None]
+    v_win = cache.v[0].view(-1, H, D)[idx][None]
+    k_pos = cache.pos.view(-1, cache.pos.shape[-1])[idx][None]
     K = torch.cat([k_win, k_new], 1)
     V = torch.cat([v_win, v_new], 1)
     KP = torch.cat([k_pos, q_pos], 1)
@@ -86,21 +89,36 @@ def main(argv=None):
         return F.scaled_dot_product_attention(a, b, V.transpose(1, 2))
 
     err = (paged()[0].transpose(1, 2) - sdpa_prerotated()).abs().max().item()
-    flops = 4 * q.shape[1] * K.shape[1] * 12 * 128
+    flops = 4 * q.shape[1] * K.shape[1] * H * D
     stats = bench_interleaved({"sdpa_prerotated": sdpa_prerotated, "paged": paged,
-                               "rerotate_sdpa": rerotate_sdpa}, repeats=args.repeats)
+                               "rerotate_sdpa": rerotate_sdpa}, repeats=repeats)
     floor = stats["sdpa_prerotated"]
-    rows = [{"method": name, **r, "gflops": flops / r["median_s"] / 1e9,
+    rows = [{"shape": name, "method": m, **r, "gflops": flops / r["median_s"] / 1e9,
              "ratio_vs_sdpa": r["median_s"] / floor["median_s"],
-             "ratio_of_minima": r["min_s"] / floor["min_s"]} for name, r in stats.items()]
-    shape = {"N": q.shape[1], "Nk_cache": k_win.shape[1], "Nk_total": K.shape[1], "H": 12,
-             "D": 128, "dtype": "float32", "page_size": cache.page_size}
-    table_md = markdown_table(rows, ["method", "median_s", "min_s", "gflops", "ratio_vs_sdpa",
-                                     "ratio_of_minima"])
+             "ratio_of_minima": r["min_s"] / floor["min_s"]} for m, r in stats.items()]
+    shape = {"N": q.shape[1], "Nk_cache": k_win.shape[1], "Nk_total": K.shape[1], "H": H,
+             "D": D, "dtype": "float32", "page_size": cache.page_size,
+             "pages_read": read.page_table.shape[1]}
+    return rows, shape, err
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="results")
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    args = ap.parse_args(argv)
+    rows, shapes, errs = [], {}, {}
+    for name in args.shapes:
+        shape_rows, shapes[name], errs[name] = run_shape(name, args.repeats, **SHAPES[name])
+        rows += shape_rows
+    table_md = markdown_table(rows, ["shape", "method", "median_s", "min_s", "gflops",
+                                     "ratio_vs_sdpa", "ratio_of_minima"])
     path = write_results(args.out, "paged_attention_cpu",
-                         {"shape": shape, "max_abs_diff_paged_vs_sdpa": err, "rows": rows},
+                         {"shape": shapes, "max_abs_diff_paged_vs_sdpa": errs, "rows": rows},
                          table_md)
-    print(f"shape {shape}\nmax |paged - sdpa| = {err:.2e}\n\n{table_md}\nwrote {path}")
+    errs_txt = ", ".join(f"{n} {e:.2e}" for n, e in errs.items())
+    print(f"shapes {shapes}\nmax |paged - sdpa| = {errs_txt}\n\n{table_md}\nwrote {path}")
 
 
 if __name__ == "__main__":
