@@ -59,7 +59,7 @@ checks the kernel's first queries against the float64 reference (docs/design.md 
 ``--tiny`` without a GPU runs the Triton kernel in the interpreter (fp16: the interpreter's
 bf16 products are wrong) and times it on the host: the numbers mean nothing, but every shape
 and call of the measured path runs, so a shape bug shows without a GPU
-(``tests/test_kernel_report.py``).
+(``tests/benchmarks/test_kernel_report.py``).
 """
 
 from __future__ import annotations

@@ -64,6 +64,8 @@ from lol_kernels.rope import apply_rope_torch  # noqa: E402
 C, CHUNK, PAGE, GRID = 128, 512, 256, (16, 32)
 MANDATORY = (0, 126, 127)
 K_FOR_SPARSITY = {50: 61, 75: 29, 85: 16, 95: 3}
+#: defaults of --heads, --head-dim, --queries, --tile; --quick's queries
+HEADS, HEAD_DIM, QUERIES, TILE, QUICK_QUERIES = 4, 128, 2048, 128, 512
 
 
 def slow_pairs(table, spans):
@@ -106,8 +108,19 @@ def make_history(H, D, N, kind, tile, table, g):
                 all_pages=pages.reshape(1, -1), summary=summary, k=k, v=v, pos=pos)
 
 
-def measure(x, table, tile, repeats, timed):
-    """Errors at every sparsity and, when ``timed``, the timing rows of one history."""
+def histories(H, D, N, tile):
+    """``(kind, x, table)`` of the clustered history, then of the random one, with the jittered
+    RoPE table (sigma 0.8): one generator seeded 0, so every run sees the same data."""
+    g = torch.Generator().manual_seed(0)
+    table = lk.rope_frequencies(D, H, jitter_sigma=0.8)
+    for kind in ("clustered", "random"):
+        yield kind, make_history(H, D, N, kind, tile, table, g), table
+
+
+def ops(x, table, tile):
+    """The three operations on history ``x``: ``dense_paged()``, ``route(k)`` (routed chunk
+    indices of ``k`` chunks per tile and head) and ``moc(idx)``; each attention returns
+    ``(out [1, N, H, D], lse)``."""
     common = (x["q"], x["q_pos"], x["cache_k"], x["cache_v"], x["cache_pos"], x["page_len"])
 
     def dense_paged():
@@ -120,31 +133,48 @@ def measure(x, table, tile, repeats, timed):
         return lk.moc_attention(*common, x["page_table"], table, chunk_pages=x["chunk_pages"],
                                 routed=idx, tile_size=tile, backend="torch")
 
-    ref, ref_lse = dense_paged()
-    errors, rows = [], []
-    for k in K_FOR_SPARSITY.values():
-        out, lse = moc(route(k))
-        d = (out - ref).double()
-        # MoC's keys are a subset of the dense ones: exp(lse - lse_dense) is the dense softmax
-        # mass that the sparse key set keeps
-        errors.append({"sparsity_pct": 100 * (1 - (3 + k) / C), "k": k,
-                       "rel_err": float(d.norm() / ref.double().norm()),
-                       "max_abs_err": float(d.abs().max()),
-                       "mass_kept": float(torch.exp(lse.double() - ref_lse.double()).mean())})
-    if not timed:
-        return errors, rows
+    return dense_paged, route, moc
+
+
+def cases(x, table, tile):
+    """The timed calls on history ``x``, ``{method: zero-argument callable}`` in timing order:
+    ``dense_sdpa`` (returns ``[1, H, N, D]``), ``dense_paged``, and per sparsity ``s``
+    ``route_s{s}`` (the routing) and ``moc_s{s}`` (the attention on indices routed once)."""
+    dense_paged, route, moc = ops(x, table, tile)
     qr = apply_rope_torch(x["q"], x["q_pos"], table).transpose(1, 2).contiguous()
     kr = apply_rope_torch(x["k"][None], x["pos"][None], table).transpose(1, 2).contiguous()
     vt = x["v"][None].transpose(1, 2).contiguous()
     fns = {"dense_sdpa": lambda: F.scaled_dot_product_attention(qr, kr, vt),
            "dense_paged": dense_paged}
-    idx = {s: route(k) for s, k in K_FOR_SPARSITY.items()}
     for s, k in K_FOR_SPARSITY.items():
+        idx = route(k)
         fns[f"route_s{s}"] = lambda k=k: route(k)
-        fns[f"moc_s{s}"] = lambda i=idx[s]: moc(i)
+        fns[f"moc_s{s}"] = lambda idx=idx: moc(idx)
+    return fns
+
+
+def error(result, reference, k):
+    """Error of MoC's ``(out, lse)`` at ``k`` routed chunks against the dense ``(out, lse)``."""
+    (out, lse), (ref, ref_lse) = result, reference
+    d = (out - ref).double()
+    # MoC's keys are a subset of the dense ones: exp(lse - lse_dense) is the dense softmax
+    # mass that the sparse key set keeps
+    return {"sparsity_pct": 100 * (1 - (3 + k) / C), "k": k,
+            "rel_err": float(d.norm() / ref.double().norm()),
+            "max_abs_err": float(d.abs().max()),
+            "mass_kept": float(torch.exp(lse.double() - ref_lse.double()).mean())}
+
+
+def measure(x, table, tile, repeats, timed):
+    """Errors at every sparsity and, when ``timed``, the timing rows of one history."""
+    dense_paged, route, moc = ops(x, table, tile)
+    ref = dense_paged()
+    errors = [error(moc(route(k)), ref, k) for k in K_FOR_SPARSITY.values()]
+    if not timed:
+        return errors, []
     # round-robin timing: load from other jobs on the shared machine falls on every method
-    st = bench_interleaved(fns, repeats=repeats)
-    rows += [{"method": m, "sparsity_pct": 0.0, **st[m]} for m in ("dense_sdpa", "dense_paged")]
+    st = bench_interleaved(cases(x, table, tile), repeats=repeats)
+    rows = [{"method": m, "sparsity_pct": 0.0, **st[m]} for m in ("dense_sdpa", "dense_paged")]
     for s, k in K_FOR_SPARSITY.items():
         ra, rr = st[f"moc_s{s}"], st[f"route_s{s}"]
         rows.append({"method": f"moc_s{s}", "sparsity_pct": 100 * (1 - (3 + k) / C), "k": k,
@@ -156,24 +186,21 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="results")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--queries", type=int, default=2048)
-    ap.add_argument("--tile", type=int, default=128)
+    ap.add_argument("--heads", type=int, default=HEADS)
+    ap.add_argument("--head-dim", type=int, default=HEAD_DIM)
+    ap.add_argument("--queries", type=int, default=QUERIES)
+    ap.add_argument("--tile", type=int, default=TILE)
     ap.add_argument("--threads", type=int, default=0,
                     help="torch intra-op threads for every method (0 = torch's default)")
     ap.add_argument("--quick", action="store_true", help="512 queries, 1 repeat (about a minute)")
     args = ap.parse_args(argv)
     if args.quick:
-        args.queries, args.repeats = min(args.queries, 512), 1
+        args.queries, args.repeats = min(args.queries, QUICK_QUERIES), 1
     if args.threads:
         torch.set_num_threads(args.threads)
     H, D, N, tile = args.heads, args.head_dim, args.queries, args.tile
-    g = torch.Generator().manual_seed(0)
-    table = lk.rope_frequencies(D, H, jitter_sigma=0.8)
     errors, rows = [], []
-    for kind in ("clustered", "random"):  # timings are data-independent: clustered only
-        x = make_history(H, D, N, kind, tile, table, g)
+    for kind, x, table in histories(H, D, N, tile):  # timings are data-independent: clustered only
         e, r = measure(x, table, tile, args.repeats, timed=kind == "clustered")
         errors += [{"data": kind, **row} for row in e]
         rows += r

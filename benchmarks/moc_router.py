@@ -30,6 +30,11 @@ from harness import bench, markdown_table, write_results  # noqa: E402
 import lol_kernels as lk  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: the router's sizes at Wan-1.3B (``C``, the number of chunks, varies)
+B, T, H, D, K = 1, 37, 12, 128, 8
+CHUNKS = (256, 1024, 4096, 16384)
+#: methods whose indices follow the contract's summation order (identical to each other)
+EXACT = ("cpp", "torch")
 
 
 def cpu_time(fn, repeats):
@@ -47,33 +52,45 @@ def matmul_topk(q, c, k):
     return s.topk(min(k, s.shape[-1]), dim=-1).indices.sort(dim=-1).values
 
 
+def inputs(C, dtype="fp32", seed=None):
+    """Random queries ``q [B, T, H, D]`` and chunk summaries ``c [B, C, H, D]`` in ``dtype``
+    (from torch's global generator unless ``seed`` is given)."""
+    g = None if seed is None else torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, D, generator=g).to(DTYPES[dtype])
+    c = torch.randn(B, C, H, D, generator=g).to(DTYPES[dtype])
+    return q, c
+
+
+def cases(q, c):
+    """The timed calls on :func:`inputs`, ``{method: zero-argument callable}`` returning the
+    routed chunk indices ``[B, T, H, K]``."""
+    return {"cpp": lambda: lk.moc_route(q, c, K, backend="cpp"),
+            "torch": lambda: lk.moc_route(q, c, K, backend="torch"),
+            "matmul_topk": lambda: matmul_topk(q, c, K)}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="results")
-    ap.add_argument("--chunks", default="256,1024,4096,16384")
+    ap.add_argument("--chunks", default=",".join(map(str, CHUNKS)))
     ap.add_argument("--dtypes", default="fp32", help="comma list of fp32, bf16, fp16")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--ref-repeats", type=int, default=3, help="repeats of the slow reference")
     args = ap.parse_args(argv)
-    B, T, H, D, k = 1, 37, 12, 128, 8
     if lk.moc.extension_error() is not None:
         sys.exit(f"the C++ extension is not available: {lk.moc.extension_error()}")
 
     rows = []
     for name in args.dtypes.split(","):
         for C in (int(x) for x in args.chunks.split(",")):
-            q = torch.randn(B, T, H, D).to(DTYPES[name])
-            c = torch.randn(B, C, H, D).to(DTYPES[name])
-            idx_cpp = lk.moc_route(q, c, k, backend="cpp")
-            idx_ref = lk.moc_route(q, c, k, backend="torch")
-            assert torch.equal(idx_cpp, idx_ref), "cpp and torch disagree"
-            cpp = bench(lambda: lk.moc_route(q, c, k, backend="cpp"), repeats=args.repeats)  # noqa: B023
-            ref = bench(lambda: lk.moc_route(q, c, k, backend="torch"),  # noqa: B023
-                        warmup=0, repeats=args.ref_repeats)
-            mm = bench(lambda: matmul_topk(q, c, k), repeats=args.repeats)  # noqa: B023
-            cpp_cpu = cpu_time(lambda: lk.moc_route(q, c, k, backend="cpp"), args.repeats)  # noqa: B023
-            ref_cpu = cpu_time(lambda: lk.moc_route(q, c, k, backend="torch"), 1)  # noqa: B023
-            row = {"dtype": name, "B": B, "T": T, "H": H, "D": D, "C": C, "k": k,
+            fns = cases(*inputs(C, name))
+            assert torch.equal(fns["cpp"](), fns["torch"]()), "cpp and torch disagree"
+            cpp = bench(fns["cpp"], repeats=args.repeats)
+            ref = bench(fns["torch"], warmup=0, repeats=args.ref_repeats)
+            mm = bench(fns["matmul_topk"], repeats=args.repeats)
+            cpp_cpu = cpu_time(fns["cpp"], args.repeats)
+            ref_cpu = cpu_time(fns["torch"], 1)
+            row = {"dtype": name, "B": B, "T": T, "H": H, "D": D, "C": C, "k": K,
                    "cpp_ms": cpp["median_s"] * 1e3, "torch_ms": ref["median_s"] * 1e3,
                    "ratio": ref["median_s"] / cpp["median_s"],
                    "matmul_topk_ms": mm["median_s"] * 1e3,

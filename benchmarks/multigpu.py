@@ -128,13 +128,13 @@ def measured_a2a(world: int, repeats: int) -> dict:
 
 
 def measured_stream(world: int) -> float:
-    """Seconds for tests/test_parallel.py's tiny 12-head streams (4 caches x 8 blocks) on
-    ``world`` processes (for ``world > 1`` including the processes' start, about 3 s)."""
+    """Seconds for tests/parallel/test_parallel.py's tiny 12-head streams (4 caches x 8 blocks)
+    on ``world`` processes (for ``world > 1`` including the processes' start, about 3 s)."""
     import subprocess
 
     root = Path(__file__).resolve().parent.parent
     code = (f"import time, sys; sys.path.insert(0, {str(root)!r}); "
-            "import tests.test_parallel as T; "
+            "import tests.parallel.test_parallel as T; "
             "from lol_model.streaming.stream import new_stream; T.PRESETS['tiny12'] = T.TINY12; "
             "T.register_test_caches(); import torch; torch.set_num_threads(1); "
             "t0 = time.perf_counter(); [T.stream_latents(new_stream(s)) for s in "
@@ -144,7 +144,7 @@ def measured_stream(world: int) -> float:
                            check=True, cwd=root)
         return float(r.stdout.split()[-1])
     code = (f"import time, sys, tempfile; sys.path.insert(0, {str(root)!r}); "
-            "import tests.test_parallel as T; t0 = time.perf_counter(); "
+            "import tests.parallel.test_parallel as T; t0 = time.perf_counter(); "
             f"T.spawn(T.worker_parity, {world}, tempfile.mkdtemp()); "
             "print(time.perf_counter() - t0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

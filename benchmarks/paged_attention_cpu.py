@@ -56,8 +56,9 @@ def setup(frame_tokens=390, grid=(15, 26), cached=12, sink=3, block=3, H=12, D=1
     return cache, table, read, q, q_pos, k_new, v_new
 
 
-def run_shape(name, repeats, **kw):
-    """Rows of one shape (labelled ``name``), its shape record and max |paged - SDPA|."""
+def cases(**kw):
+    """The timed calls of one shape (keyword arguments of :func:`setup`): ``{method:
+    zero-argument callable}`` in timing order, and the shape's record."""
     cache, table, read, q, q_pos, k_new, v_new = setup(**kw)
     H, D = cache.num_kv_heads, cache.head_dim
 
@@ -88,17 +89,38 @@ def run_shape(name, repeats, **kw):
         b = rope_naive_fp32(K, KP, table).transpose(1, 2)
         return F.scaled_dot_product_attention(a, b, V.transpose(1, 2))
 
-    err = (paged()[0].transpose(1, 2) - sdpa_prerotated()).abs().max().item()
-    flops = 4 * q.shape[1] * K.shape[1] * H * D
-    stats = bench_interleaved({"sdpa_prerotated": sdpa_prerotated, "paged": paged,
-                               "rerotate_sdpa": rerotate_sdpa}, repeats=repeats)
-    floor = stats["sdpa_prerotated"]
-    rows = [{"shape": name, "method": m, **r, "gflops": flops / r["median_s"] / 1e9,
-             "ratio_vs_sdpa": r["median_s"] / floor["median_s"],
-             "ratio_of_minima": r["min_s"] / floor["min_s"]} for m, r in stats.items()]
     shape = {"N": q.shape[1], "Nk_cache": k_win.shape[1], "Nk_total": K.shape[1], "H": H,
              "D": D, "dtype": "float32", "page_size": cache.page_size,
              "pages_read": read.page_table.shape[1]}
+    return {"sdpa_prerotated": sdpa_prerotated, "paged": paged,
+            "rerotate_sdpa": rerotate_sdpa}, shape
+
+
+def output(result):
+    """Attention output ``[B, H, N, D]`` of any method's return value (``paged`` returns
+    ``(out [B, N, H, D], lse)``, the SDPA methods the output itself)."""
+    return result[0].transpose(1, 2) if isinstance(result, tuple) else result
+
+
+def max_abs_diff(result, reference):
+    """max |output - reference output| of two methods' return values."""
+    return (output(result) - output(reference)).abs().max().item()
+
+
+def flops(shape):
+    """Floating-point operations of one attention call of ``shape`` (a :func:`cases` record)."""
+    return 4 * shape["N"] * shape["Nk_total"] * shape["H"] * shape["D"]
+
+
+def run_shape(name, repeats):
+    """Rows of shape ``name``, its shape record and max |paged - SDPA|."""
+    fns, shape = cases(**SHAPES[name])
+    err = max_abs_diff(fns["paged"](), fns["sdpa_prerotated"]())
+    stats = bench_interleaved(fns, repeats=repeats)
+    floor = stats["sdpa_prerotated"]
+    rows = [{"shape": name, "method": m, **r, "gflops": flops(shape) / r["median_s"] / 1e9,
+             "ratio_vs_sdpa": r["median_s"] / floor["median_s"],
+             "ratio_of_minima": r["min_s"] / floor["min_s"]} for m, r in stats.items()]
     return rows, shape, err
 
 
@@ -110,7 +132,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     rows, shapes, errs = [], {}, {}
     for name in args.shapes:
-        shape_rows, shapes[name], errs[name] = run_shape(name, args.repeats, **SHAPES[name])
+        shape_rows, shapes[name], errs[name] = run_shape(name, args.repeats)
         rows += shape_rows
     table_md = markdown_table(rows, ["shape", "method", "median_s", "min_s", "gflops",
                                      "ratio_vs_sdpa", "ratio_of_minima"])

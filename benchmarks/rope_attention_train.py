@@ -86,27 +86,50 @@ def steps(q, k, v, pos, table, do, *, causal, backend, split=False):
     return fns
 
 
-def run_shape(name, spec, *, dtype, device, backend, causal, repeats, warmup, split=False):
+def cases(spec, *, dtype=torch.float32, device="cpu", backend="torch", causal=False,
+          split=False):
+    """The timed calls of shape ``spec`` (a :data:`SHAPES` value), ``{method: zero-argument
+    callable}``: :func:`steps` on :func:`make_inputs`."""
     B, frames, grid, H, D = spec
     q, k, v, pos, table, do = make_inputs(B, frames, grid, H, D, dtype, device)
-    fns = steps(q, k, v, pos, table, do, causal=causal, backend=backend, split=split)
-    ref, got = fns["rotate_sdpa"](), fns["rope_attention"]()
-    diff = max(float((a.float() - b.float()).abs().max() / b.float().abs().max())
+    return steps(q, k, v, pos, table, do, causal=causal, backend=backend, split=split)
+
+
+def baseline(method):
+    """The method that ``method`` is compared with: the rotate + SDPA step or forward."""
+    return "rotate_sdpa_fwd" if method.endswith("_fwd") else "rotate_sdpa"
+
+
+def comparable(method, result):
+    """``method``'s result as a tuple of tensors laid out alike in every method: the gradients
+    ``(dq, dk, dv)`` of a step, or the output ``[B, H, N, D]`` of a forward."""
+    if isinstance(result, torch.Tensor):
+        result = (result.transpose(1, 2) if method == "rope_attention_fwd" else result,)
+    return tuple(t.detach() for t in result)
+
+
+def max_rel_diff(got, ref):
+    """Largest ``max |a - b| / max |b|`` over the paired tensors of two comparable results."""
+    return max(float((a.float() - b.float()).abs().max() / b.float().abs().max())
                for a, b in zip(got, ref))
+
+
+def run_shape(name, spec, *, dtype, device, backend, causal, repeats, warmup, split=False):
+    B, frames, grid, H, D = spec
+    fns = cases(spec, dtype=dtype, device=device, backend=backend, causal=causal, split=split)
+    ref = fns["rotate_sdpa"]()
+    diff = max_rel_diff(fns["rope_attention"](), ref)
     stats = bench_interleaved(fns, warmup=warmup, repeats=repeats)
-    N = q.shape[1]
+    N = frames * grid[0] * grid[1]
     # fwd 2 matmuls + bwd 5 matmuls of N x N x D per head (causal: about half of them)
     flops = 2 * B * H * N * N * D * (0.5 if causal else 1.0)
-
-    def base(m):
-        return stats["rotate_sdpa_fwd" if m.endswith("_fwd") else "rotate_sdpa"]
-
     return [{"shape": name, "B": B, "N": N, "H": H, "D": D, "dtype": str(dtype)[6:],
              "device": device, "backend": backend if m.startswith("rope_attention") else "sdpa",
              "causal": causal, "method": m, **r,
              "gflops": (2 if m.endswith("_fwd") else 7) * flops / r["median_s"] / 1e9,
-             "ratio": r["median_s"] / base(m)["median_s"],
-             "ratio_of_minima": r["min_s"] / base(m)["min_s"], "max_rel_grad_diff": diff}
+             "ratio": r["median_s"] / stats[baseline(m)]["median_s"],
+             "ratio_of_minima": r["min_s"] / stats[baseline(m)]["min_s"],
+             "max_rel_grad_diff": diff}
             for m, r in stats.items()]
 
 

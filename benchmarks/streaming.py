@@ -50,24 +50,34 @@ def rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def new_run(cache: str, blocks: int, *, latent: int = 8, mode: str = "eager",
+            compile_backend: str = "inductor"):
+    """The tiny random model's stream with cache configuration ``cache`` (VAE decode off) and
+    its timed call: ``(stream, step)``, ``step()`` generating the next block's latents. Mode
+    ``validate`` is eager with ``LOL_VALIDATE=1`` in the environment, which the caller sets."""
+    from lol_model.streaming.settings import StreamSettings
+    from lol_model.streaming.stream import advance, new_stream
+
+    s = StreamSettings(blocks=blocks, cache=cache, latent_height=latent, latent_width=latent,
+                       decode=False, seed=0,
+                       compile=compile_backend if mode == "compile" else None)
+    st = new_stream(s)
+    return st, lambda: advance(st)
+
+
 def worker(args) -> None:
     """One configuration in this process: per-block seconds and RSS, JSON to ``args.result``."""
     if args.mode == "validate":
         os.environ["LOL_VALIDATE"] = "1"
     import torch
 
-    from lol_model.streaming.settings import StreamSettings
-    from lol_model.streaming.stream import advance, new_stream
-
     torch.set_num_threads(args.threads)
-    s = StreamSettings(blocks=args.blocks, cache=args.cache, latent_height=args.latent,
-                       latent_width=args.latent, decode=False, seed=0,
-                       compile=args.compile_backend if args.mode == "compile" else None)
-    st = new_stream(s)
+    st, step = new_run(args.cache, args.blocks, latent=args.latent, mode=args.mode,
+                       compile_backend=args.compile_backend)
     times, cpu, rss, peak, cache_mib = [], [], [], [], []
     for _ in range(args.blocks):
         t0, c0 = time.perf_counter(), time.process_time()
-        advance(st)
+        step()
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
         rss.append(rss_mib())

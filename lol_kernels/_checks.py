@@ -7,6 +7,7 @@ device or range) with a message that names the argument and states what was expe
 from __future__ import annotations
 
 import math
+import operator
 import os
 from collections.abc import Sequence
 
@@ -186,6 +187,53 @@ def check_positions_fit(name: str, pos: torch.Tensor, limit: int = INT32_MAX) ->
         raise ValueError(f"{name} must hold positions in [-{limit}, {limit}] (int32 in the "
                          f"kernels), got range [{lo}, {hi}]")
     return max(hi, -lo)
+
+
+def check_host_positions(name: str, pos: torch.Tensor, limit: int = INT32_MAX) -> None:
+    """Positions wider than int32 on the host (an int64 CPU tensor) are checked always: reading
+    them costs no sync, and the int32 arithmetic of the kernels would wrap them. Device tensors
+    are read only by the value checks (:func:`value_checks_enabled`)."""
+    if pos.device.type == "cpu" and pos.dtype == torch.int64:
+        check_positions_fit(name, pos, limit)
+
+
+def check_frame_times(name: str, t, limit: int = POS_LIMIT) -> torch.Tensor:
+    """Frame times given on the host (a tensor, a sequence or a number) as an int64 CPU tensor
+    of the same shape, each within ``+-limit`` (stored and read as int32 by the kernels): a
+    ``ValueError`` naming ``name`` otherwise, checked before any narrowing cast could wrap
+    them."""
+    if isinstance(t, torch.Tensor):
+        x = t.detach().cpu()
+        if x.dtype == torch.bool or x.is_complex():
+            raise TypeError(f"{name} must hold integer frame times, got {x.dtype}")
+    else:
+        try:
+            x = torch.as_tensor(t)
+        except (RuntimeError, OverflowError, ValueError) as e:  # a Python int beyond int64
+            raise ValueError(f"{name} must hold frame times in [-{limit}, {limit}] (int32 in "
+                             f"the kernels), got {t!r}") from e
+    if x.numel():
+        lo, hi = torch.stack(torch.aminmax(x.reshape(-1))).tolist()
+        if not (-limit <= lo and hi <= limit):  # also refuses NaN
+            raise ValueError(f"{name} must hold frame times in [-{limit}, {limit}] (int32 in "
+                             f"the kernels), got range [{lo}, {hi}]")
+    return x.to(torch.int64)
+
+
+#: the seeds torch.Generator.manual_seed accepts
+SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
+def check_seed(name: str, seed) -> int:
+    """``seed`` as an int in :data:`SEED_RANGE`; ``TypeError``/``ValueError`` naming ``name``."""
+    try:
+        v = operator.index(seed)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(seed).__name__}") from None
+    if not SEED_RANGE[0] <= v <= SEED_RANGE[1]:
+        raise ValueError(f"{name} must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] (what "
+                         f"torch.Generator.manual_seed accepts), got {v}")
+    return v
 
 
 def check_shifted_fit(pos_name: str, pos_abs: int, shift_name: str, shift_abs: int):

@@ -18,7 +18,7 @@ Each block is one :func:`lol_kernels.rope_attention` call (RoPE with the model's
 inside the op, differentiable in ``q``, ``k``, ``v``) over exactly the keys it sees, so the
 cost is what streaming pays and no mask is built. Teacher forcing with clean context
 (``context_timestep=0``) reproduces, block for block, what the streaming generator predicts
-after writing the clean blocks (tests/test_training.py).
+after writing the clean blocks (tests/training/test_training.py).
 
 Flow matching as :mod:`lol_model.streaming.sampling`: ``x_t = (1 - sigma) x0 + sigma noise`` with
 ``sigma = t / 1000``; the model predicts the flow ``noise - x0`` (:func:`flow_matching_loss`).

@@ -1,4 +1,5 @@
-"""Shared test helpers: fresh random inputs, NaN poisoning, the parity rule of docs/design.md §5."""
+"""Fixtures of every test: fresh random inputs, one torch thread, a fresh torch.compile state;
+the Triton interpreter on a machine without CUDA. Helpers live in tests/support/."""
 
 import os
 import zlib
@@ -13,12 +14,18 @@ if not torch.cuda.is_available():
     # The sm_90 compile test re-imports the kernels with it off (common.aot.compiled_module).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# the helpers' asserts report their operands, like the tests' own
+pytest.register_assert_rewrite("tests.support")
+
 
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
-    """Each test draws fresh inputs, reproducible run to run (seeded by a stable hash of its
-    node id; Python's ``hash`` of a string changes every process)."""
-    seed = zlib.crc32(request.node.nodeid.encode())
+    """Each test draws fresh inputs, reproducible run to run: seeded by a stable hash (Python's
+    ``hash`` of a string changes every process) of its node id as if its file sat at the top of
+    tests/ (``tests/<file>::<test>``), so a test draws the same inputs whichever folder holds
+    its file."""
+    path, _, test = request.node.nodeid.partition("::")
+    seed = zlib.crc32(f"tests/{os.path.basename(path)}::{test}".encode())
     torch.manual_seed(seed)
     yield
 
@@ -35,16 +42,13 @@ one_thread = pytest.fixture(_one_torch_thread)  # one test
 one_thread_module = pytest.fixture(scope="module")(_one_torch_thread)  # a whole test file
 
 
-def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Max absolute difference, with -inf == -inf counted as equal."""
-    a, b = a.double(), b.double()
-    both_inf = torch.isinf(a) & torch.isinf(b) & (torch.sign(a) == torch.sign(b))
-    d = torch.where(both_inf, 0.0, (a - b).abs())
-    return float(d.max()) if d.numel() else 0.0
+@pytest.fixture
+def fresh_dynamo(one_thread):
+    """torch.compile's caches and counters reset before and after the test (one thread)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
 
-
-def assert_close_rule(out, ref_low, ref64, what="out", slack=1e-5):
-    """docs/design.md §5: ``|out - ref64| <= 2 |ref_low - ref64| + 1e-5`` (max over elements)."""
-    assert not torch.isnan(out).any(), f"{what} has NaN (unwritten or invalid)"
-    e_out, e_ref = max_err(out, ref64), max_err(ref_low, ref64)
-    assert e_out <= 2 * e_ref + slack, f"{what}: error {e_out:.3e} > 2 * {e_ref:.3e} + {slack}"
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()

@@ -304,3 +304,124 @@ def test_lol_help_imports_no_torch():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]", r.stdout
+
+
+# --------------------------------------------------------------------------- tests/ mirrors them
+#: folders of tests/ that mirror no package: the shared helpers, the tests of benchmarks/ scripts
+UNMIRRORED = ("support", "benchmarks")
+#: the files at the top of tests/ (every other test sits in the folder of the package it tests)
+TOP_FILES = ("__init__.py", "conftest.py", "test_seams.py")
+#: an import of conftest or of a test module (helpers live in tests/support/)
+TEST_MODULE_IMPORT = re.compile(
+    r"^\s*(?:from|import)\s+((?:tests\.)?(?:\w+\.)*(?:conftest|test_\w+))\b", re.M)
+
+
+def _package_of(folder: tuple[str, ...]) -> Path | None:
+    """The package a test folder names: ``kernels/<x>`` -> ``lol_kernels/<x>``, any other
+    ``<a>/<b>`` -> ``lol_model/<a>/<b>`` (a subpackage, or a module ``<b>.py``); ``None`` for
+    the unmirrored folders."""
+    if folder[0] in UNMIRRORED:
+        return None
+    if folder[0] == "kernels":
+        return ROOT.joinpath("lol_kernels", *folder[1:])
+    return ROOT.joinpath("lol_model", *folder)
+
+
+def tree_violations(files: dict[str, str]) -> list[str]:
+    """What breaks the layout of tests/ (docs/design.md §8) in ``files`` (path under tests/ ->
+    text): a folder of ``tests/kernels/`` that names no folder of ``lol_kernels/``, another
+    folder that names no subpackage or module of ``lol_model/`` (``support/`` and
+    ``benchmarks/`` aside), a folder on the way to a Python file without ``__init__.py`` (same
+    file names in two folders would clash), a file at the top of tests/ besides
+    :data:`TOP_FILES`, and an import of conftest or of a test module."""
+    bad = []
+    folders = set()
+    for path, text in sorted(files.items()):
+        parts = tuple(path.split("/"))
+        if len(parts) == 1 and parts[0] not in TOP_FILES:
+            bad.append(f"tests/{path} is at the top of tests/: put it in the folder of the "
+                       "package it tests (helpers: tests/support/)")
+        folders.update(parts[:i] for i in range(1, len(parts)))
+        if path.endswith(".py"):
+            for i in range(len(parts)):
+                init = "/".join((*parts[:i], "__init__.py"))
+                if init not in files:
+                    bad.append(f"tests/{path}: tests/{init} is missing (no __init__.py)")
+            for m in TEST_MODULE_IMPORT.finditer(text):
+                bad.append(f"tests/{path} imports {m[1]}: import helpers from tests.support")
+    for folder in sorted(folders):
+        package = _package_of(folder)
+        if package is None or package.is_dir() or package.with_suffix(".py").is_file():
+            continue
+        where = "/".join(folder)
+        if folder[0] == "kernels":
+            bad.append(f"tests/{where} names no folder of lol_kernels ({package.name}/)")
+        else:
+            bad.append(f"tests/{where} names no subpackage or module of lol_model "
+                       f"({package.name}/ or {package.name}.py)")
+    return sorted(set(bad))
+
+
+def _test_tree() -> dict[str, str]:
+    tests = ROOT / "tests"
+    return {p.relative_to(tests).as_posix(): p.read_text() if p.suffix == ".py" else ""
+            for p in sorted(tests.rglob("*")) if p.is_file() and p.suffix != ".pyc"
+            and not any(part == "__pycache__" or part.startswith(".")
+                        for part in p.relative_to(tests).parts)}
+
+
+def test_tests_mirror_the_packages():
+    bad = tree_violations(_test_tree())
+    assert not bad, "tests/ does not mirror the packages (docs/design.md §8):\n" + "\n".join(bad)
+
+
+def _planted(*paths: str, text: str = "", inits: bool = True) -> dict[str, str]:
+    """A minimal tests/ tree holding ``paths`` (each with ``text``, and with the __init__.py
+    files of its folders when ``inits``)."""
+    files = dict.fromkeys(TOP_FILES, "")
+    for path in paths:
+        parts = path.split("/")
+        if inits:
+            files.update(("/".join((*parts[:i], "__init__.py")), "") for i in range(1, len(parts)))
+        files[path] = text
+    return files
+
+
+@pytest.mark.parametrize("files,why", [
+    pytest.param(_planted("kernels/nope/test_x.py"), "tests/kernels/nope names no folder",
+                 id="kernels-folder"),
+    pytest.param(_planted("kernels/rope/nope/test_x.py"), "tests/kernels/rope/nope names no",
+                 id="kernels-subfolder"),
+    pytest.param(_planted("gui/test_x.py"), "tests/gui names no subpackage or module",
+                 id="model-folder"),
+    pytest.param(_planted("streaming/nope/test_x.py"), "tests/streaming/nope names no",
+                 id="model-subfolder"),
+    pytest.param(_planted("test_presets.py"), "tests/test_presets.py is at the top",
+                 id="top-file"),
+    pytest.param(_planted("tiny_wan.py"), "tests/tiny_wan.py is at the top", id="top-helper"),
+    pytest.param(_planted("model/test_x.py", inits=False), "tests/model/__init__.py is missing",
+                 id="no-init"),
+    pytest.param(_planted("model/test_x.py", text="import torch\nfrom conftest import max_err\n"),
+                 "imports conftest", id="conftest"),
+    pytest.param(_planted("cli/test_x.py", text="def f():\n    import conftest\n"),
+                 "imports conftest", id="conftest-in-function"),
+    pytest.param(_planted("kernels/cache/test_x.py", text="from test_cache import push\n"),
+                 "imports test_cache", id="flat-test-module"),
+    pytest.param(_planted("streaming/test_x.py",
+                          text="from tests.kernels.cache.test_cache import push\n"),
+                 "imports tests.kernels.cache.test_cache", id="test-module"),
+])
+def test_tree_rule_catches_a_planted_file(files, why):
+    """The rule can fail: each planted file or import is reported, with its reason."""
+    bad = tree_violations(files)
+    assert len(bad) == 1 and why in bad[0], bad
+
+
+def test_tree_rule_allows_the_layout():
+    """Tests of a whole package (tests/kernels/), of a module (training), of benchmark scripts,
+    helpers in tests/support/ and their imports are all in place."""
+    files = _planted("kernels/test_threads.py", "kernels/rope/test_rope.py",
+                     "training/test_training.py", "integrations/diffusers/test_x.py",
+                     "benchmarks/test_kernel_report.py", "support/cuda_emu/emu.cpp",
+                     text="from tests.support import max_err\nfrom tests.support.x import y\n")
+    assert tree_violations(files) == []

@@ -14,7 +14,7 @@
 namespace lol {
 namespace moc {
 
-// The tests' CPU emulation of this kernel (tests/cuda_emu/) supplies its own dynamic smem.
+// The tests' CPU emulation of this kernel (tests/support/cuda_emu/) supplies its own dynamic smem.
 #ifndef LOL_DYNAMIC_SMEM
 #define LOL_DYNAMIC_SMEM(T, name) extern __shared__ T name[]
 #endif

@@ -58,8 +58,8 @@ ROPE_KEYS = ("auto", "once", "fused")
 def rotated_shared_memory_bytes(block_m: int, block_n: int, num_stages: int, num_warps: int,
                                 head_dim: int, elem: int) -> int:
     """Shared memory of one CTA of :func:`paged_attn_rotated_fwd`, in bytes (equal to the sm_90
-    compile for every config of ``tests/test_triton_aot.py``): the query tile (twice for fp32:
-    the low half of 3xTF32), ``num_stages`` K and V tiles (no positions, unlike
+    compile for every config of ``tests/kernels/common/test_triton_aot.py``): the query tile
+    (twice for fp32: the low half of 3xTF32), ``num_stages`` K and V tiles (no positions, unlike
     :func:`lol_kernels.common.triton_attention.shared_memory_bytes`), the ``P`` tile when two
     warpgroups share 64 query rows (``P V`` then takes P from shared memory), 1 KiB scratch."""
     q = block_m * head_dim * (2 * elem if elem == 4 else elem)

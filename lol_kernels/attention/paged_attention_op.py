@@ -10,6 +10,7 @@ import torch
 
 from .._checks import (
     POS_LIMIT,
+    check_host_positions,
     check_keys_values,
     check_page_ids,
     check_positions_fit,
@@ -139,6 +140,10 @@ def validate_paged_inputs(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_
     check_table(table, Hq, D, A, heads_name="q")
     scale = check_scale(scale, D)
     if not value_checks_enabled(validate):
+        check_host_positions("q_pos", q_pos, POS_LIMIT)
+        check_host_positions("cache_pos", cache_pos, POS_LIMIT)
+        if page_shift is not None:
+            check_host_positions("page_shift", page_shift, POS_LIMIT)
         return scale
     check_page_ids("page_table", page_table, P)
     if page_len.numel():
@@ -174,6 +179,9 @@ def validate_dense_inputs(q, k, v, q_pos, k_pos, table, causal, scale, validate=
     if value_checks_enabled(validate):
         check_positions_fit("q_pos", q_pos, POS_LIMIT)
         check_positions_fit("k_pos", k_pos, POS_LIMIT)
+    else:
+        check_host_positions("q_pos", q_pos, POS_LIMIT)
+        check_host_positions("k_pos", k_pos, POS_LIMIT)
     return scale
 
 

@@ -7,7 +7,7 @@ ahead of time for sm_90 with :func:`lol_kernels.common.aot.compile_sm90` and rea
 (spills), HGMMA count. Compiles run in ``spawn`` worker processes started with
 ``TRITON_INTERPRET=0`` (a process that imported Triton in interpreter mode cannot compile for a
 GPU), so this works inside a test session that runs the kernels in the interpreter. Used by
-``tests/test_attention_grad_triton.py`` and ``benchmarks/kernel_report.py``.
+``tests/kernels/attention/test_attention_grad_triton.py`` and ``benchmarks/kernel_report.py``.
 """
 
 from __future__ import annotations

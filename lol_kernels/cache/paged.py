@@ -35,7 +35,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .._checks import POS_LIMIT, check_positions_fit, check_shape, check_tensor
+from .._checks import (
+    POS_LIMIT,
+    check_frame_times,
+    check_positions_fit,
+    check_shape,
+    check_tensor,
+)
 from .policies import read_cache
 from .read import CacheRead
 
@@ -215,15 +221,14 @@ class PagedKVCache:
         group (sink or window) but becomes the frame of serial ``serials[i]`` at temporal
         position ``t[i]`` (its tokens' stored ``pos[..., 0]`` is rewritten). Their K/V are stale
         until :meth:`write` with the returned :class:`FrameBlock`; blocks made before for the
-        old frames are refused from now on. ``ValueError`` if a frame is not cached here, or a
-        serial is repeated or held by another cached frame."""
+        old frames are refused from now on. ``ValueError`` if a frame is not cached here, a
+        serial is repeated or held by another cached frame, or a ``t`` lies outside ``+-2^30``."""
         old = self.rewrite_block(frames).frames  # checks that every frame is cached here
-        t, serials = [int(x) for x in t], [int(x) for x in serials]
+        t = check_frame_times("t", t).reshape(-1).tolist()
+        serials = [int(x) for x in serials]
         if len(t) != len(old) or len(serials) != len(old):
             raise ValueError(f"t and serials must give one value per frame ({len(old)}), got "
                              f"{len(t)} and {len(serials)}")
-        if any(abs(x) >= POS_LIMIT for x in t):
-            raise ValueError(f"t must lie within +-{POS_LIMIT}, got {t}")
         if len({fr.fid for fr in old}) != len(old):
             raise ValueError("frames must be distinct")
         where = {id(g): (group, i) for group in (self.sink, self.window) for i, g in

@@ -28,6 +28,7 @@ from dataclasses import replace
 
 import torch
 
+from .._checks import POS_LIMIT, check_frame_times
 from .read import CacheRead, build_read
 
 
@@ -46,6 +47,11 @@ def relativistic(cache, num_new: int, *, max_frames: int | None = None,
     frames = cache.frames()
     n = len(frames)
     n_max = n + num_new if max_frames is None else max_frames
+    if max_frames is not None and not isinstance(max_frames, int):
+        raise ValueError(f"max_frames must be an int, got {max_frames!r}")
+    if n_max - 1 > POS_LIMIT:  # the block's last frame is read at n_max - 1
+        raise ValueError(f"max_frames must be <= {POS_LIMIT + 1} (frame times are int32 in the "
+                         f"kernels), got {n_max}")
     if n_max < n + num_new:
         raise ValueError(f"max_frames must be >= cached frames + new frames = {n + num_new}, "
                          f"got {max_frames}")
@@ -58,6 +64,9 @@ def bounded(cache, num_new: int, *, limit: int | None = None, **kw) -> CacheRead
     ``[L - F, L)``; window frames are right-aligned just before it (newest at ``L - F - 1``),
     and older window frames that would fall below the sink clamp to ``#sink``."""
     L = cache.sink_frames + cache.window_frames if limit is None else limit
+    if not isinstance(L, int) or L - 1 > POS_LIMIT:  # the block's last frame is read at L - 1
+        raise ValueError(f"limit must be an int <= {POS_LIMIT + 1} (frame times are int32 in "
+                         f"the kernels), got {limit!r}")
     ns = len(cache.sink)
     if L < ns + num_new + 1:
         raise ValueError(f"limit must leave room for sink, block and one window frame: "
@@ -84,6 +93,9 @@ def cut(read: CacheRead, *, start: int = 45) -> CacheRead:
     if not isinstance(start, int) or start <= top:
         raise ValueError(f"start must be an int after every cached position (> {top}), "
                          f"got {start!r}")
+    if start + read.q_t.numel() - 1 > POS_LIMIT:
+        raise ValueError(f"start must leave the block's frames within {POS_LIMIT} (frame times "
+                         f"are int32 in the kernels), got {start}")
     return replace(read, q_t=torch.arange(start, start + read.q_t.numel()))
 
 
@@ -102,8 +114,9 @@ def read_cache(cache, num_new: int, policy: str = "absolute", **kw) -> CacheRead
 def token_positions(frame_t, grid_h: int, grid_w: int, batch_size: int = 1) -> torch.Tensor:
     """Positions ``[B, F * grid_h * grid_w, 3]`` int32 of the patch tokens of frames at
     temporal positions ``frame_t [F]``: ``(t, row, col)``, frame-major then row-major (the
-    order of Wan's patch embedding)."""
-    t = torch.as_tensor(frame_t, dtype=torch.int64).reshape(-1)
+    order of Wan's patch embedding). Each ``frame_t`` within ``+-2^30`` (int32 in the
+    kernels; ``ValueError`` naming ``frame_t`` otherwise)."""
+    t = check_frame_times("frame_t", frame_t).reshape(-1)  # before the int32 cast below
     F = t.numel()
     tt = t.view(F, 1, 1).expand(F, grid_h, grid_w)
     hh = torch.arange(grid_h).view(1, grid_h, 1).expand(F, grid_h, grid_w)

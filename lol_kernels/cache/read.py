@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .._checks import POS_LIMIT, check_frame_times, check_positions_fit
+
 
 @dataclass
 class CacheRead:
@@ -71,11 +73,13 @@ def build_read(cache, frames, read_t, q_t, *, width: int | None = None) -> Cache
     ``page_shift`` is ``read_t - stored t`` on axis 0 (``None`` when all shifts are zero). The
     table is padded with ``-1`` to ``width`` entries (default ``cache.max_read_pages``, so that
     the op sees one shape for the whole stream; ``0``: exactly the frames' pages), or more if
-    the frames need it.
+    the frames need it. ``read_t``, ``q_t`` and the shifts must lie within ``+-2^30`` (int32
+    in the kernels): a ``ValueError`` naming them otherwise.
     """
     B, ppf, dev = cache.batch_size, cache.pages_per_frame, cache.device
     n = len(frames)
-    read_t = torch.as_tensor(read_t, dtype=torch.int64).reshape(n)
+    read_t = check_frame_times("read_t", read_t).reshape(n)
+    q_t = check_frame_times("q_t", q_t).reshape(-1)
     M = n * ppf
     width = max(M, cache.max_read_pages if width is None else width)
     # built on the host (frames' pages live there), moved in one copy each: no sync
@@ -86,9 +90,9 @@ def build_read(cache, frames, read_t, q_t, *, width: int | None = None) -> Cache
         table[:, :M] = torch.cat([fr.pages for fr in frames], dim=1).to(torch.int32)
         stored = torch.tensor([fr.t for fr in frames], dtype=torch.int64)
         d = (read_t - stored).repeat_interleave(ppf)
+        check_positions_fit("page shift (read_t - stored t)", d, POS_LIMIT)  # before int32
         shift[:, :M, 0] = d.to(torch.int32)
         entry[:M] = torch.arange(n).repeat_interleave(ppf)
     any_shift = bool((shift != 0).any())
-    return CacheRead(table.to(dev), shift.to(dev) if any_shift else None,
-                     torch.as_tensor(q_t, dtype=torch.int64).reshape(-1),
+    return CacheRead(table.to(dev), shift.to(dev) if any_shift else None, q_t,
                      [fr.fid for fr in frames], read_t, entry)

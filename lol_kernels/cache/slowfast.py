@@ -45,6 +45,7 @@ from dataclasses import replace
 
 import torch
 
+from .._checks import POS_LIMIT, check_positions_fit
 from .paged import Frame, PagedKVCache
 from .read import CacheRead, build_read
 
@@ -188,6 +189,9 @@ class SlowFastCache(PagedKVCache):
         if not isinstance(L, int) or L < ns + num_new + 1:
             raise ValueError(f"limit must leave room for sink, block and one more frame: "
                              f">= {ns + num_new + 1}, got {L}")
+        if L - 1 > POS_LIMIT:  # the block's last frame is read at L - 1
+            raise ValueError(f"limit must be <= {POS_LIMIT + 1} (frame times are int32 in the "
+                             f"kernels), got {L}")
         fast_t = torch.clamp(torch.arange(L - num_new - nf, L - num_new), min=ns)
         lo = ns
         hi = max(lo, L - num_new - nf)  # slow frames use [lo, hi)
@@ -224,7 +228,9 @@ class SlowFastCache(PagedKVCache):
         if n:
             chunk_pages[:, :n] = torch.stack([fr.pages for fr in self.slow], 1).to(torch.int32)
             stored = torch.tensor([fr.t for fr in self.slow], dtype=torch.int64)
-            chunk_shift[:, :n, 0] = (slow_t - stored).to(torch.int32)
+            d = slow_t - stored
+            check_positions_fit("chunk shift (slow read t - stored t)", d, POS_LIMIT)  # int32
+            chunk_shift[:, :n, 0] = d.to(torch.int32)
             valid[:, :n] = True
         any_shift = bool((chunk_shift != 0).any())
         dev = self.device

@@ -3,8 +3,8 @@
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` runs the whole Triton
 pipeline down to a cubin with the ``ptxas`` shipped in the triton wheel; ``cuobjdump`` (also in
 the wheel) then reports registers, shared/local memory and stack, and disassembles the SASS.
-Used by ``tests/test_triton_aot.py``, ``tests/test_moc_attention.py`` and
-``benchmarks/kernel_report.py``.
+Used by ``tests/kernels/common/test_triton_aot.py``, ``tests/kernels/moc/test_moc_attention.py``
+and ``benchmarks/kernel_report.py``.
 
 One signature builder (:func:`attention_signature`) serves both attention kernels
 (:data:`ATTENTION_KERNELS`); :func:`sm90_report` compiles in ``spawn`` worker processes started

@@ -47,10 +47,10 @@ RESCALE_SLACK = tl.constexpr(8.0)
 M_INIT = tl.constexpr(-1.0e30)
 
 #: (BLOCK_M, BLOCK_N, num_warps, num_stages) the autotuner may pick on a GPU (sm_90 compile,
-#: tests/test_triton_aot.py). M128 with two warpgroups rotates each key tile once for 128
-#: queries (the fewest instructions per FLOP); M64 with one warpgroup fits two CTAs per SM,
-#: whose softmax and tensor-core phases can interleave (more instructions per FLOP, less idle
-#: issue: only a GPU run can rank them). BLOCK_N = 128 or 3 stages at BLOCK_M = 128 spill.
+#: tests/kernels/common/test_triton_aot.py). M128 with two warpgroups rotates each key tile
+#: once for 128 queries (the fewest instructions per FLOP); M64 with one warpgroup fits two CTAs
+#: per SM, whose softmax and tensor-core phases can interleave (more instructions per FLOP, less
+#: idle issue: only a GPU run can rank them). BLOCK_N = 128 or 3 stages at BLOCK_M = 128 spill.
 #: :func:`offered_configs` picks the ones a dtype and head dim may use.
 CONFIGS = [
     (128, 64, 8, 2),
@@ -86,8 +86,8 @@ def shared_memory_bytes(block_m: int, block_n: int, num_stages: int, head_dim: i
 
     The one estimate behind :func:`offered_configs`, the autotune pruning and the dispatcher's
     refusal (:func:`launch_refusal`). It equals what the sm_90 compile reports for every
-    offered config (Triton 3.6 and 3.9; ``tests/test_triton_aot.py`` records the agreement)
-    and errs high on the few others checked (``num_stages = 1``)."""
+    offered config (Triton 3.6 and 3.9; ``tests/kernels/common/test_triton_aot.py`` records the
+    agreement) and errs high on the few others checked (``num_stages = 1``)."""
     q = block_m * head_dim * (2 * elem if elem == 4 else elem)
     kv = block_n * (2 * num_stages * head_dim * elem + POS_BYTES)
     return q + kv + SCRATCH_BYTES
@@ -113,7 +113,8 @@ def offered_configs(dtype: torch.dtype, head_dim: int,
     D <= 128, and nothing for fp32 at D = 256 (every config needs 395-526 KB of shared
     memory). fp32 at D = 128 spills, 255 registers and 128-192 bytes of stack (3.9 / 3.6; MoC
     160 / 144): every tile, warp and stage count tried spills 80-784 bytes
-    (``tests/test_triton_aot.py`` pins it). fp32 is the accuracy path, not the fast one."""
+    (``tests/kernels/common/test_triton_aot.py`` pins it). fp32 is the accuracy path, not the
+    fast one."""
     elem = dtype.itemsize
     fits = [c for c in CONFIGS
             if shared_memory_bytes(c[0], c[1], c[3], head_dim, elem) <= shared_limit]

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .._checks import SEED_RANGE
 from ..rope.table import rope_frequencies
 from .coherence import (
     axis_frequencies,
@@ -183,7 +184,6 @@ def check_memory(args) -> None:
                          f"--max-delta, --heads or --head-dim")
 
 
-SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 
 
 def check_args(args) -> None:

@@ -19,6 +19,7 @@ import torch
 
 from .._checks import (
     POS_LIMIT,
+    check_host_positions,
     check_page_ids,
     check_positions_fit,
     check_shape,
@@ -140,6 +141,8 @@ def validate_moc_inputs(q, q_pos, cache_k, cache_v, cache_pos, page_len, page_ta
     if chunk_shift is not None:
         check_tensor("chunk_shift", chunk_shift, ndim=3, kind="int")
         check_shape("chunk_shift", chunk_shift, (B, C, A), "[B, C, A]")
+    if chunk_shift is not None and not values:
+        check_host_positions("chunk_shift", chunk_shift, POS_LIMIT)
     if chunk_shift is not None and values:
         shift = check_positions_fit("chunk_shift", chunk_shift, POS_LIMIT)
         stored = check_positions_fit("cache_pos", cache_pos, POS_LIMIT)

@@ -16,7 +16,8 @@ routing tile ``t = i_m * BLOCK_M // tile_size`` and share one key list:
 
 Resolving chunk -> page inside the loop instead (a three-level chain of dependent loads per
 key row) spilled registers at sm_90 (104-1048 bytes of stack); with the lists it compiles with
-no spills, like the paged kernel (``tests/test_moc_attention.py::test_sm90_compile...``).
+no spills, like the paged kernel
+(``tests/kernels/moc/test_moc_attention.py::test_sm90_compile_no_spills_hgmma``).
 
 Every key tile goes through the steps the paged kernel uses (``load_page_tile``,
 ``rotated_scores``, ``online_softmax`` of :mod:`lol_kernels.common.triton_attention`: fp32

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from .._checks import (
+    check_host_positions,
     check_no_grad_transform,
     check_positions_fit,
     check_same_device,
@@ -86,6 +87,8 @@ def apply_rope(x: torch.Tensor, pos: torch.Tensor, table: RopeTable, *,
     check_table(table, x.shape[-2], x.shape[-1], pos.shape[-1])
     if value_checks_enabled(validate):
         check_positions_fit("pos", pos)
+    else:
+        check_host_positions("pos", pos)
     backend = resolve_backend("apply_rope", backend, x)
     t = table.to(x.device)
     check_no_grad_transform("lol::apply_rope", x)

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .._checks import check_seed
+
 
 def wan_axes(head_dim: int) -> tuple[int, int, int]:
     """Wan's real-channel split of ``head_dim`` over (t, h, w): ``d - 4(d//6), 2(d//6), 2(d//6)``."""
@@ -147,7 +149,7 @@ def rope_frequencies(head_dim: int, num_heads: int, *, theta: float = 10000.0,
     if any(a < 0 or a >= len(axes) for a in jitter_axes):
         raise ValueError(f"jitter_axes must index axes 0..{len(axes) - 1}, got {jitter_axes}")
 
-    g = torch.Generator().manual_seed(int(seed))
+    g = torch.Generator().manual_seed(check_seed("seed", seed))
     eps = torch.rand(num_heads, generator=g, dtype=torch.float64) * 2 - 1
     theta_h = torch.full((num_heads, len(axes)), float(theta), dtype=torch.float64)
     for a in jitter_axes:

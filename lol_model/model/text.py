@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from ..errors import first_line
+from ..errors import check_seed, first_line
 from .tensor_files import load_tensor_file
 
 
@@ -69,6 +69,7 @@ class TextEncoder:
     def tiny(cls, text_dim: int, *, text_len: int = 32, seed: int = 0, num_layers: int = 2,
              device="cpu", dtype=torch.float32) -> TextEncoder:
         """A small random umT5 encoder (width ``text_dim``), identical for the same ``seed``."""
+        check_seed("seed", seed)
         from transformers import UMT5Config, UMT5EncoderModel
 
         heads = 4 if text_dim % 4 == 0 else 1

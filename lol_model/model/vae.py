@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from ..errors import first_line
+from ..errors import check_seed, first_line
 
 TINY_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
                 temperal_downsample=[False, True, True])
@@ -27,6 +27,7 @@ TINY_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, a
 
 def tiny_vae(*, seed: int = 0, dtype=torch.float32, device="cpu"):
     """A small random ``AutoencoderKLWan`` (z_dim 16, stride 4x8x8), the same for one ``seed``."""
+    check_seed("seed", seed)
     from diffusers import AutoencoderKLWan
 
     with torch.random.fork_rng(devices=[]):

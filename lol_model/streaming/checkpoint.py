@@ -206,10 +206,117 @@ def save_stream(st: Stream, folder: str) -> str:
     return save_checkpoint(folder, meta, tensors)
 
 
-def resume_stream(st: Stream, folder: str) -> None:
-    """Load a checkpoint into a freshly built stream with the same settings."""
-    meta, tensors = load_checkpoint(folder)
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _int_list(v) -> bool:
+    return isinstance(v, list) and all(_is_int(x) for x in v)
+
+
+def _records(v) -> bool:
+    return isinstance(v, list) and all(
+        isinstance(r, dict) and set(r) == {"file", "sha256", "frames"}
+        and isinstance(r["file"], str) and isinstance(r["sha256"], str) and _is_int(r["frames"])
+        and r["frames"] >= 0 for r in v)
+
+
+# key -> (check, what it must be); "decoder" is present exactly when video is decoded
+SCHEMA = {
+    "format": (lambda v: v in READABLE, f"one of {list(READABLE)}"),
+    "fingerprint": (lambda v: isinstance(v, dict), "an object of settings"),
+    "block": (lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    "segment": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+    "pending_cut": (lambda v: isinstance(v, bool), "true or false"),
+    "cache": (lambda v: isinstance(v, dict) and set(v) == {"class"}
+              and isinstance(v["class"], str), 'an object {"class": name}'),
+    "frames_out": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+    "latent_fids": (lambda v: _int_list(v) and len(set(v)) == len(v) and min(v, default=0) >= 0,
+                    "a list of distinct ints >= 0"),
+    "recent": (lambda v: isinstance(v, list) and all(_int_list(p) and len(p) == 2 for p in v),
+               "a list of [serial, t] pairs of ints"),
+    "video_segments": (lambda v: v is None or _records(v) or (_is_int(v) and v >= 0),
+                       "null or a list of segment records"),
+    "latent_segments": (lambda v: v is None or _records(v) or (_is_int(v) and v >= 0),
+                        "null or a list of segment records"),
+    "decoder": (lambda v: v is None or (isinstance(v, dict) and isinstance(v.get("feat"), list)
+                                        and _is_int(v.get("frames_in"))),
+                "null or the decoder's state"),
+}
+OPTIONAL = {"decoder"}
+
+
+def check_meta(meta: dict, tensors: dict[str, torch.Tensor], st: Stream, where: str) -> None:
+    """``ValueError`` naming the field unless the checkpoint document ``meta`` has exactly the
+    keys of :data:`SCHEMA`, each of its type, was written by a run with ``st``'s settings
+    (:func:`check_fingerprint`), and its counters agree with each other, with the tensors they
+    describe and with the stream ``st`` it is loaded into. Checked before anything
+    is loaded, so a document edited (and re-signed) into nonsense is refused, not half-applied.
+    """
+    bad = f"{where}: cannot resume from this checkpoint:"
+    missing = sorted(set(SCHEMA) - OPTIONAL - set(meta))
+    unknown = sorted(set(meta) - set(SCHEMA))
+    if missing or unknown:
+        raise ValueError(f"{bad} its document lacks {missing} / has unknown keys {unknown}")
+    for key, value in meta.items():
+        check, what = SCHEMA[key]
+        if not check(value):
+            raise ValueError(f"{bad} {key!r} must be {what}, got {value!r:.80}")
     check_fingerprint(meta["fingerprint"], st.settings.fingerprint())
+    s, F = st.settings, st.settings.block_frames
+    block = meta["block"]
+    for key in ("video_segments", "latent_segments"):  # a count: unchecked lol-stream/2 only
+        n = meta[key]
+        if _is_int(n) and (meta["format"] != UNCHECKED or n > block):
+            raise ValueError(f"{bad} {key!r} must be a list of segment records, got {n!r:.80}"
+                             if meta["format"] != UNCHECKED else
+                             f"{bad} {key!r} counts {n} segments for {block} blocks")
+    if block * F != int(tensors.get(CACHE + "frames_written", torch.tensor(-1))):
+        raise ValueError(f"{bad} 'block' {block} x {F} frames disagrees with the "
+                         f"{int(tensors.get(CACHE + 'frames_written', torch.tensor(-1)))} frames "
+                         f"its cache has written")
+    want = st.schedule.segment_index(block - 1)
+    if meta["segment"] != want:
+        raise ValueError(f"{bad} 'segment' {meta['segment']} is not the prompt segment of block "
+                         f"{block} ({want}) in the run's schedule")
+    fids = [f"latents.{fid}" for fid in meta["latent_fids"]]
+    lost = [k for k in fids if k not in tensors]
+    cached = {int(r[0]) for g in ("sink", "window", "slow")
+              for r in tensors.get(f"{CACHE}{g}.frames", torch.zeros(0, 4)).tolist()}
+    if lost or set(meta["latent_fids"]) != cached:
+        raise ValueError(f"{bad} 'latent_fids' {meta['latent_fids']} must name the cached frames "
+                         f"{sorted(cached)}, each with its latent tensor (missing: {lost})")
+    rec = meta["recent"]
+    if any(f"recent.{i}" not in tensors for i in range(len(rec))) or \
+            any(not 0 <= sr < block * F for sr, _ in rec):
+        raise ValueError(f"{bad} 'recent' {rec!r:.80} names frames the stream has not written "
+                         f"or that have no latent tensor")
+    if "rng.noise" not in tensors:
+        raise ValueError(f"{bad} it holds no noise generator state ('rng.noise')")
+    decoded = meta.get("decoder") is not None
+    if decoded != (meta["video_segments"] is not None):
+        raise ValueError(f"{bad} 'decoder' and 'video_segments' disagree on whether video was "
+                         f"decoded")
+    video = meta["video_segments"]
+    if isinstance(video, list) and sum(r["frames"] for r in video) != meta["frames_out"]:
+        raise ValueError(f"{bad} 'frames_out' {meta['frames_out']} is not the "
+                         f"{sum(r['frames'] for r in video)} frames its 'video_segments' hold")
+    lat = meta["latent_segments"]
+    if isinstance(lat, list) and sum(r["frames"] for r in lat) != block * F:
+        raise ValueError(f"{bad} its 'latent_segments' hold {sum(r['frames'] for r in lat)} "
+                         f"frames; {block} blocks make {block * F}")
+    if block > s.blocks:
+        raise ValueError(f"{where} holds {block} blocks, more than the {s.blocks} this run asks "
+                         f"for; resume it with at least --blocks {block + 1} to continue it")
+
+
+def resume_stream(st: Stream, folder: str) -> None:
+    """Load a checkpoint into a freshly built stream with the same settings. ``ValueError``
+    before anything changes when the checkpoint does not describe a state of this run
+    (:func:`check_meta`), or holds more blocks than the run asks for."""
+    meta, tensors = load_checkpoint(folder)
+    check_meta({"format": FORMAT, **meta}, tensors, st,
+               os.path.join(folder, FILE) if os.path.isdir(folder) else folder)
     load_cache_state(st.cache, meta["cache"], tensors)
     st.generator.set_state(tensors["rng.noise"])
     st.latents = {fid: tensors[f"latents.{fid}"].to(st.device) for fid in meta["latent_fids"]}

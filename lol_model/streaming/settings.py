@@ -8,13 +8,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..errors import SEED_RANGE as SEED_RANGE
 from .presets import CacheConfig, get_cache_config
 from .sampling import SHIFT
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
           "float64": torch.float64, "fp64": torch.float64}
-SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 MAX_LATENT_FRAMES = 2**30  # frame times must stay far inside int32 (RoPE cuts jump ahead)
 MAX_STEPS = 1000  # denoising steps a block may take: the scheduler's 1000 timesteps
 DEFAULT_BLOCKS = 40  # tiny defaults: 30 s of 128x128 video at 16 fps in about a minute on a CPU

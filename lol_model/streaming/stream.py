@@ -21,7 +21,7 @@ import torch
 
 from lol_kernels.cache import PagedKVCache
 
-from ..errors import GenerationError
+from ..errors import GenerationError, check_seed
 from ..model.config import ModelConfig
 from ..model.text import encode_prompt, load_text_encoder
 from ..model.transformer import CausalWanModel, TextKV
@@ -92,6 +92,8 @@ def new_stream(s: StreamSettings, *, model: StreamModel | None = None,
     dtype = s.torch_dtype()
     if not isinstance(s.blocks, int) or s.blocks < 1:
         raise ValueError(f"blocks must be an int >= 1, got {s.blocks!r}")
+    check_seed("seed", s.seed)
+    check_seed("jitter_seed", s.jitter_seed)
     device = torch.device(s.device)
     schedule = parse_schedule(s.prompt, block_frames=s.block_frames)
     model = model if model is not None else build_model(s, dtype, device)

@@ -29,7 +29,7 @@ import os
 
 import torch
 
-from ...errors import first_line
+from ...errors import check_seed, first_line
 from ...model.config import ModelConfig
 from ...model.text import TextEncoder, hf_tokenize
 from ...model.vae import load_vae
@@ -247,6 +247,8 @@ class LolStreamingPipeline:
         bad = sorted(set(cache_options) - known)
         if bad:
             raise TypeError(f"unknown arguments {bad}; cache options are {sorted(known)}")
+        check_seed("seed", seed)
+        check_seed("jitter_seed", jitter_seed)
         scale = self.vae_scale()
         _, ph, pw = self.model.cfg.patch_size
         for name, v, p in (("height", height, ph), ("width", width, pw)):

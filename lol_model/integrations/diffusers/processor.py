@@ -43,6 +43,9 @@ import torch
 
 import lol_kernels as lk
 
+from ...errors import check_seed
+from ...streaming.settings import MAX_LATENT_FRAMES
+
 BACKENDS = ("auto", "torch", "triton")
 STATE_ATTR = "lol_state"  # attribute of the transformer that holds its LolState
 WAN_THETA = 10000.0  # diffusers' WanRotaryPosEmbed is always built with this base
@@ -75,6 +78,11 @@ def video_positions(frames: int, grid_h: int, grid_w: int, *, batch_size: int = 
     """``[B, frames * grid_h * grid_w, 3]`` int32 positions ``(t, row, col)``, frame-major
     then row-major (diffusers' Wan token order; :func:`lol_kernels.token_positions` with
     ``frame_t = 0..frames-1``), built on ``device`` without a host copy."""
+    for name, n in (("frames", frames), ("grid_h", grid_h), ("grid_w", grid_w)):
+        # positions run to n - 1 and are int32 in the kernels
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_LATENT_FRAMES:
+            raise ValueError(f"{name} must be an int in [0, {MAX_LATENT_FRAMES}] (positions are "
+                             f"int32 in the kernels), got {n!r}")
     ax = [torch.arange(n, device=device, dtype=torch.int32) for n in (frames, grid_h, grid_w)]
     t, h, w = torch.meshgrid(*ax, indexing="ij")
     pos = torch.stack([t, h, w], dim=-1).reshape(1, -1, 3)
@@ -229,8 +237,7 @@ def apply_lol(transformer, jitter_sigma: float = 0.8, *, seed: int = 0, backend:
                         f"{type(jitter_sigma).__name__}")
     if not (math.isfinite(jitter_sigma) and 0.0 <= jitter_sigma < 1.0):
         raise ValueError(f"jitter_sigma must be in [0, 1) (LoL: 0.8), got {jitter_sigma!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    check_seed("seed", seed)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     for model in models:
