@@ -225,7 +225,10 @@ SEED_RANGE = (-(2**63), 2**64 - 1)
 
 
 def check_seed(name: str, seed) -> int:
-    """``seed`` as an int in :data:`SEED_RANGE`; ``TypeError``/``ValueError`` naming ``name``."""
+    """``seed`` as an int in :data:`SEED_RANGE`; ``TypeError``/``ValueError`` naming ``name``
+    otherwise (torch's own refusal names no argument)."""
+    if isinstance(seed, bool):
+        raise TypeError(f"{name} must be an int, got bool")
     try:
         v = operator.index(seed)
     except TypeError:

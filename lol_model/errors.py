@@ -1,5 +1,4 @@
-"""The exceptions a run raises, the one-line texts that describe failures, and the seed
-range every seeded builder checks (:func:`check_seed`).
+"""The exceptions a run raises and the one-line texts that describe failures.
 
 The bottom layer of ``lol_model``: every other module may import it; it imports nothing of
 the project. ``lol`` maps them to exit codes: :class:`GenerationError` (and its
@@ -53,18 +52,3 @@ def exit_status(code: int) -> str:
         return f"killed by signal {-code}, {signal.Signals(-code).name}"
     except ValueError:
         return f"killed by signal {-code}"
-
-
-#: the seeds torch.Generator.manual_seed accepts
-SEED_RANGE = (-(2**63), 2**64 - 1)
-
-
-def check_seed(name: str, seed) -> int:
-    """``seed`` as an int in :data:`SEED_RANGE`: ``TypeError``/``ValueError`` naming ``name``
-    otherwise (torch's own refusal names no argument)."""
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"{name} must be an int, got {type(seed).__name__}")
-    if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
-        raise ValueError(f"{name} must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] (what "
-                         f"torch.Generator.manual_seed accepts), got {seed}")
-    return seed

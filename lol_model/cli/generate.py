@@ -29,7 +29,7 @@ from ..parallel import runner
 from ..parallel.liveness import spawn_ranks
 from ..parallel.ulysses import DEFAULT_TIMEOUT_S, check_degree
 from ..streaming.checkpoint import FILE, resume_stream
-from ..streaming.driver import keep_written, run_to_outputs
+from ..streaming.driver import interrupted, run_to_outputs
 from ..streaming.memory import check_memory
 from ..streaming.outputs import attach_outputs, latents_folder
 from ..streaming.presets import get_cache_config
@@ -360,8 +360,7 @@ def stream_to_outputs(args: argparse.Namespace, s: StreamSettings, ckpt: str) ->
         if st is None:
             raise Interrupted("interrupted before the first block; nothing was written") \
                 from None
-        raise Interrupted(f"interrupted at block {min(st.block + 1, s.blocks)}; "
-                          f"{keep_written(st, ckpt if every else None)}") from None
+        raise interrupted(st, ckpt if every else None) from None
     start = st.block
     out = run_to_outputs(st, checkpoint_dir=ckpt, checkpoint_every=every,
                          progress=not args.quiet and main,

@@ -19,7 +19,9 @@ import os
 
 import torch
 
-from ..errors import check_seed, first_line
+from lol_kernels.rope import check_seed
+
+from ..errors import first_line
 from .tensor_files import load_tensor_file
 
 

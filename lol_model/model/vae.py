@@ -19,7 +19,9 @@ import os
 
 import torch
 
-from ..errors import check_seed, first_line
+from lol_kernels.rope import check_seed
+
+from ..errors import first_line
 
 TINY_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
                 temperal_downsample=[False, True, True])

@@ -271,9 +271,10 @@ def check_meta(meta: dict, tensors: dict[str, torch.Tensor], st: Stream, where: 
             raise ValueError(f"{bad} {key!r} must be a list of segment records, got {n!r:.80}"
                              if meta["format"] != UNCHECKED else
                              f"{bad} {key!r} counts {n} segments for {block} blocks")
-    if block * F != int(tensors.get(CACHE + "frames_written", torch.tensor(-1))):
-        raise ValueError(f"{bad} 'block' {block} x {F} frames disagrees with the "
-                         f"{int(tensors.get(CACHE + 'frames_written', torch.tensor(-1)))} frames "
+    written = tensors.get(CACHE + "frames_written")
+    written = int(written) if isinstance(written, torch.Tensor) and written.numel() == 1 else None
+    if block * F != written:
+        raise ValueError(f"{bad} 'block' {block} x {F} frames disagrees with the {written} frames "
                          f"its cache has written")
     want = st.schedule.segment_index(block - 1)
     if meta["segment"] != want:

@@ -121,5 +121,11 @@ def run_to_outputs(st: Stream, *, checkpoint_dir: str | None = None, checkpoint_
         raise GenerationError(f"{what}. {kept[0].upper()}{kept[1:]}",
                               block=getattr(e, "block", None)) from None
     except KeyboardInterrupt:
-        at = min(st.block + 1, st.settings.blocks)
-        raise Interrupted(f"interrupted at block {at}; {keep_written(st, ckpt)}") from None
+        raise interrupted(st, ckpt) from None
+
+
+def interrupted(st: Stream, checkpoint_dir: str | None) -> Interrupted:
+    """The :class:`Interrupted` of a Ctrl-C during block ``st.block + 1``, saying what was kept
+    (:func:`keep_written` closes the open segments)."""
+    at = min(st.block + 1, st.settings.blocks)
+    return Interrupted(f"interrupted at block {at}; {keep_written(st, checkpoint_dir)}")

@@ -8,7 +8,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..errors import SEED_RANGE as SEED_RANGE
+from lol_kernels.rope import SEED_RANGE as SEED_RANGE
+
 from .presets import CacheConfig, get_cache_config
 from .sampling import SHIFT
 

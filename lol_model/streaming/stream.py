@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 import torch
 
 from lol_kernels.cache import PagedKVCache
+from lol_kernels.rope import check_seed
 
-from ..errors import GenerationError, check_seed
+from ..errors import GenerationError
 from ..model.config import ModelConfig
 from ..model.text import encode_prompt, load_text_encoder
 from ..model.transformer import CausalWanModel, TextKV

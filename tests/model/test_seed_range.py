@@ -2,7 +2,7 @@
 naming ``seed``, before building anything."""
 import pytest
 
-from lol_model.errors import SEED_RANGE, check_seed
+from lol_kernels.rope import SEED_RANGE, check_seed
 from lol_model.model.text import TextEncoder
 from lol_model.model.vae import tiny_vae
 

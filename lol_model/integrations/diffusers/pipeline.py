@@ -29,7 +29,9 @@ import os
 
 import torch
 
-from ...errors import check_seed, first_line
+from lol_kernels.rope import check_seed
+
+from ...errors import first_line
 from ...model.config import ModelConfig
 from ...model.text import TextEncoder, hf_tokenize
 from ...model.vae import load_vae

@@ -42,8 +42,8 @@ from dataclasses import dataclass, field
 import torch
 
 import lol_kernels as lk
+from lol_kernels.rope import check_seed
 
-from ...errors import check_seed
 from ...streaming.settings import MAX_LATENT_FRAMES
 
 BACKENDS = ("auto", "torch", "triton")

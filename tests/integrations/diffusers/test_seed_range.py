@@ -3,7 +3,7 @@ naming the argument: ``apply_lol`` (seed), ``LolStreamingPipeline.__call__`` (se
 jitter_seed) and ``video_positions`` (frames, grid_h, grid_w)."""
 import pytest
 
-from lol_model.errors import SEED_RANGE
+from lol_kernels.rope import SEED_RANGE
 from lol_model.integrations.diffusers.pipeline import LolStreamingPipeline
 from lol_model.integrations.diffusers.processor import apply_lol, video_positions
 from lol_model.streaming.settings import MAX_LATENT_FRAMES
